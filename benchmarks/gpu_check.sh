@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command: build, GPU tests, full benchmarks, a markdown table.
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+# Writes OUT_DIR/{build.log,tests.log,bench.json,bench.log,results.md} (default OUT_DIR: $OUT or ./out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-out}}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 DDPM_FAST_REQUIRE_EXT=1 DDPM_FAST_REQUIRE_CUDA_EXT=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python -m pip install --no-build-isolation --no-deps . >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+grep "ddpm_fast setup" "$out/build.log"
+python -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+DDPM_FAST_BENCH_SIZE=full python -m pytest benchmarks/ --benchmark-only -q \
+  --benchmark-json="$out/bench.json" 2>&1 | tee "$out/bench.log" | tail -40
+bench_rc=${PIPESTATUS[0]}
+python benchmarks/report.py "$out/bench.json" | tee "$out/results.md"
+exit $(( tests_rc || bench_rc ))

@@ -1,0 +1,36 @@
+// The DDPM/DDIM reverse-step update, shared by the CPU and CUDA kernels.
+//
+// Every sampler step is one linear form over per-timestep coefficients (a row of the table
+// that ddpm_fast.samplers builds in float64 and hands over as fp32):
+//   eps     = eps_u + w (eps_c - eps_u)                 (classifier-free guidance, optional)
+//   x0_hat  = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps   (optionally clipped to [-1, 1])
+//   x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + sigma z
+// DDPM uses (c_x0, c_xt) = posterior mean coefficients, c_eps = 0; DDIM uses c_x0 = sqrt(abar_prev),
+// c_xt = 0, c_eps = sqrt(1 - abar_prev - sigma^2). Keeping one form keeps one kernel.
+#pragma once
+
+#ifdef __CUDACC__
+#define DDPM_HD __host__ __device__ __forceinline__
+#else
+#define DDPM_HD inline
+#endif
+
+namespace ddpm_fast {
+
+enum Coef : int {
+  kSqrtRecipAcp = 0,
+  kSqrtRecipm1Acp = 1,
+  kCoefX0 = 2,
+  kCoefXt = 3,
+  kCoefEps = 4,
+  kSigma = 5,
+  kNumCoefs = 6,
+};
+
+DDPM_HD float reverse_step_element(const float* row, float x, float eps, float z, bool clip) {
+  float x0 = row[kSqrtRecipAcp] * x - row[kSqrtRecipm1Acp] * eps;
+  if (clip) x0 = x0 < -1.f ? -1.f : (x0 > 1.f ? 1.f : x0);
+  return row[kCoefX0] * x0 + row[kCoefXt] * x + row[kCoefEps] * eps + row[kSigma] * z;
+}
+
+}  // namespace ddpm_fast

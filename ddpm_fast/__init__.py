@@ -1,0 +1,27 @@
+"""ddpm_fast: a fast, trustworthy DDPM engine (Ho et al. 2020).
+
+Public API: schedules, the U-Net and its presets, samplers, the training loss, checkpoints.
+"""
+
+from ddpm_fast.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from ddpm_fast.config import PRESETS, UNetConfig
+from ddpm_fast.losses import training_loss
+from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
+from ddpm_fast.schedule import NoiseSchedule
+from ddpm_fast.unet import UNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "DDIMSampler",
+    "DDPMSampler",
+    "NoiseSchedule",
+    "UNet",
+    "UNetConfig",
+    "load_pretrained",
+    "save_pretrained",
+    "to_uint8",
+    "training_loss",
+]

@@ -1,0 +1,333 @@
+"""Weights in and out: diffusers UNet2DModel folders, pytorch_diffusion .ckpt files, our own format.
+
+Our own format *is* the diffusers one (config.json + diffusion_pytorch_model.safetensors), so what
+save_pretrained writes, diffusers reads, and the reverse. Every load is strict: a missing, extra or
+mis-shaped key, an unsupported config option or an unreadable file raises CheckpointError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+from ddpm_fast.config import UNetConfig
+from ddpm_fast.unet import UNet
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the problem."""
+
+
+# ---- diffusers config <-> UNetConfig ----------------------------------------------------------
+
+_DIFFUSERS_FIXED = {
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "act_fn": "silu",
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "mid_block_scale_factor": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+}
+
+
+def to_diffusers_config(cfg: UNetConfig) -> dict:
+    levels = len(cfg.ch_mult)
+    attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": cfg.sample_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if attn[levels - 1 - i] else "UpBlock2D" for i in range(levels)],
+        "freq_shift": cfg.freq_shift,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "downsample_padding": cfg.downsample_padding,
+        "dropout": cfg.dropout,
+        "attention_head_dim": cfg.attention_head_dim,
+        "norm_num_groups": cfg.num_groups,
+        "attn_norm_num_groups": None,
+        "norm_eps": cfg.norm_eps,
+        "num_class_embeds": None if cfg.num_classes is None else cfg.num_classes + 1,
+        **_DIFFUSERS_FIXED,
+    }
+
+
+def from_diffusers_config(d: dict, source: str = "config") -> UNetConfig:
+    def fail(msg):
+        raise CheckpointError(f"{source}: {msg}")
+
+    if d.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        fail(f"_class_name is {d['_class_name']!r}; only UNet2DModel is supported")
+    for key, want in _DIFFUSERS_FIXED.items():
+        if key in d and d[key] != want and not (key == "mid_block_scale_factor" and float(d[key]) == 1.0):
+            fail(f"unsupported {key}={d[key]!r} (supported: {want!r})")
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if key not in d:
+            fail(f"missing key {key!r}")
+    chans = list(d["block_out_channels"])
+    ch = chans[0]
+    if any(c % ch for c in chans):
+        fail(f"block_out_channels {chans} are not multiples of the first")
+    down, up = list(d["down_block_types"]), list(d["up_block_types"])
+    levels = len(chans)
+    if len(down) != levels or len(up) != levels:
+        fail("down_block_types / up_block_types must have one entry per block_out_channels entry")
+    for kind in down:
+        if kind not in ("DownBlock2D", "AttnDownBlock2D"):
+            fail(f"unsupported down block type {kind!r}")
+    for i, kind in enumerate(up):
+        if kind not in ("UpBlock2D", "AttnUpBlock2D"):
+            fail(f"unsupported up block type {kind!r}")
+        if (kind == "AttnUpBlock2D") != (down[levels - 1 - i] == "AttnDownBlock2D"):
+            fail("attention must sit at the same resolutions on the down and up paths")
+    attn_groups = d.get("attn_norm_num_groups")
+    groups = d.get("norm_num_groups", 32)
+    if attn_groups not in (None, groups):
+        fail(f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={groups}")
+    sample = d.get("sample_size", 32)
+    if isinstance(sample, (list, tuple)):
+        if len(set(sample)) != 1:
+            fail(f"non-square sample_size {sample} is not supported")
+        sample = sample[0]
+    n_cls = d.get("num_class_embeds")
+    try:
+        return UNetConfig(
+            sample_size=int(sample),
+            in_channels=d.get("in_channels", 3),
+            out_channels=d.get("out_channels", 3),
+            ch=ch,
+            ch_mult=tuple(c // ch for c in chans),
+            num_res_blocks=d.get("layers_per_block", 2),
+            attn_resolutions=tuple(int(sample) // 2**i for i, k in enumerate(down) if k == "AttnDownBlock2D"),
+            dropout=d.get("dropout", 0.0),
+            num_groups=groups,
+            norm_eps=d.get("norm_eps", 1e-5),
+            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
+            freq_shift=d.get("freq_shift", 0),
+            downsample_padding=d.get("downsample_padding", 1),
+            attention_head_dim=d.get("attention_head_dim"),
+            num_classes=None if n_cls is None else n_cls - 1,
+        )
+    except ValueError as exc:
+        fail(str(exc))
+
+
+# ---- key layouts --------------------------------------------------------------------------------
+
+_OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _from_diffusers_keys(sd: dict) -> dict:
+    """Old diffusers attention naming (query/key/value/proj_attn) -> to_q/to_k/to_v/to_out.0."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$", k)
+        if m:
+            k = f"{m.group(1)}.{_OLD_ATTN[m.group(2)]}.{m.group(3)}"
+        out[k] = v
+    return out
+
+
+def _from_pytorch_diffusion_keys(sd: dict, levels: int) -> dict:
+    """pytorch_diffusion (pesser) layout -> ours. Its up.i is level i, i.e. our up_blocks.(L-1-i)."""
+    prefixes = [
+        (r"temb\.dense\.0\.", lambda m: "time_embedding.linear_1."),
+        (r"temb\.dense\.1\.", lambda m: "time_embedding.linear_2."),
+        (r"norm_out\.", lambda m: "conv_norm_out."),
+        (r"mid\.block_(\d)\.", lambda m: f"mid_block.resnets.{int(m.group(1)) - 1}."),
+        (r"mid\.attn_1\.", lambda m: "mid_block.attentions.0."),
+        (r"down\.(\d+)\.block\.(\d+)\.", lambda m: f"down_blocks.{m.group(1)}.resnets.{m.group(2)}."),
+        (r"down\.(\d+)\.attn\.(\d+)\.", lambda m: f"down_blocks.{m.group(1)}.attentions.{m.group(2)}."),
+        (r"down\.(\d+)\.downsample\.", lambda m: f"down_blocks.{m.group(1)}.downsamplers.0."),
+        (r"up\.(\d+)\.block\.(\d+)\.",
+         lambda m: f"up_blocks.{levels - 1 - int(m.group(1))}.resnets.{m.group(2)}."),
+        (r"up\.(\d+)\.attn\.(\d+)\.",
+         lambda m: f"up_blocks.{levels - 1 - int(m.group(1))}.attentions.{m.group(2)}."),
+        (r"up\.(\d+)\.upsample\.", lambda m: f"up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0."),
+    ]
+    leaf = {
+        "resnets": {"nin_shortcut": "conv_shortcut", "temb_proj": "time_emb_proj"},
+        "attentions": {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"},
+    }
+    out = {}
+    for k, v in sd.items():
+        new = k
+        for pattern, rep in prefixes:
+            m = re.match(pattern, k)
+            if m:
+                new = rep(m) + k[m.end():]
+                break
+        m = re.match(r"(.*\.(resnets|attentions)\.\d+)\.(\w+)\.(weight|bias)$", new)
+        if m:
+            new = f"{m.group(1)}.{leaf[m.group(2)].get(m.group(3), m.group(3))}.{m.group(4)}"
+        out[new] = v
+    return out
+
+
+def _infer_pytorch_diffusion_config(sd: dict, source: str) -> UNetConfig:
+    try:
+        ch, in_ch = sd["conv_in.weight"].shape[:2]
+        out_ch = sd["conv_out.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: missing key {exc.args[0]!r}") from None
+    levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
+    ch_mult = tuple(sd[f"down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    n_res = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down.0.block."))
+    sample = {4: 32, 6: 256}.get(levels)
+    if sample is None:
+        raise CheckpointError(f"{source}: cannot tell the image size of a {levels}-level pytorch_diffusion "
+                              "model; pass config=UNetConfig(...)")
+    attn_res = tuple(sample // 2**i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd)
+    return UNetConfig(sample_size=sample, in_channels=in_ch, out_channels=out_ch, ch=ch, ch_mult=ch_mult,
+                      num_res_blocks=n_res, attn_resolutions=attn_res, dropout=0.0)
+
+
+# ---- reading files ------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_torch(path: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read JSON config ({exc})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: config must be a JSON object")
+    return d
+
+
+def load_state_dict_strict(model: UNet, sd: dict, source: str) -> None:
+    """Load with every mismatch reported by name; 1x1-conv attention weights are squeezed to 2-D."""
+    own = model.state_dict()
+    fixed = {}
+    for k, v in sd.items():
+        if k in own and v.dim() == 4 and own[k].dim() == 2 and v.shape[2:] == (1, 1):
+            v = v[:, :, 0, 0]
+        fixed[k] = v
+    missing = sorted(set(own) - set(fixed))
+    extra = sorted(set(fixed) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(fixed[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(fixed)) if fixed[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", shapes)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source}: does not match the model config; " + "; ".join(problems))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in fixed.items()}, strict=True)
+
+
+def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet:
+    """Load a U-Net from a diffusers/ddpm_fast folder, a pytorch_diffusion .ckpt, or a .safetensors file.
+
+    ``config`` overrides what the checkpoint says (needed for .ckpt files of unusual sizes).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"{path}: no {CONFIG_NAME} (not a diffusers/ddpm_fast model folder)")
+        cfg = config or from_diffusers_config(_read_json(cfg_path), cfg_path)
+        st, binf = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
+        if os.path.isfile(st):
+            sd, source = _read_safetensors(st)[0], st
+        elif os.path.isfile(binf):
+            sd, source = _read_torch(binf), binf
+        else:
+            raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} is there")
+        sd = _from_diffusers_keys(sd)
+    elif path.endswith(".safetensors"):
+        sd, meta = _read_safetensors(path)
+        source = path
+        if config is None:
+            if "unet_config" not in meta:
+                raise CheckpointError(f"{path}: no 'unet_config' in the file's metadata; pass config=")
+            try:
+                config = UNetConfig.from_dict(json.loads(meta["unet_config"]))
+            except (ValueError, TypeError) as exc:
+                raise CheckpointError(f"{path}: bad 'unet_config' metadata ({exc})") from None
+        cfg = config
+        sd = _from_diffusers_keys(sd)
+    else:
+        sd, source = _read_torch(path), path
+        if "temb.dense.0.weight" in sd:
+            cfg = config or _infer_pytorch_diffusion_config(sd, path)
+            sd = _from_pytorch_diffusion_keys(sd, len(cfg.ch_mult))
+        elif config is not None:
+            cfg = config
+            sd = _from_diffusers_keys(sd)
+        else:
+            raise CheckpointError(f"{path}: not a pytorch_diffusion checkpoint and no config given")
+    model = UNet(cfg)
+    load_state_dict_strict(model, sd, source)
+    model.eval()
+    return model if device is None else model.to(device)
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: UNet, path) -> None:
+    """Write config.json + diffusion_pytorch_model.safetensors (readable by load_pretrained and diffusers)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    text = json.dumps(to_diffusers_config(model.config), indent=2, sort_keys=True) + "\n"
+
+    def write_json(p):
+        with open(p, "w") as f:
+            f.write(text)
+
+    _atomic_write(os.path.join(path, CONFIG_NAME), write_json)

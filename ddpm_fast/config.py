@@ -1,0 +1,110 @@
+"""UNetConfig: the DDPM U-Net's hyper-parameters, with named presets.
+
+The presets follow Ho et al. 2020 (cifar10: 35.7M parameters; celebahq256 / lsun256: 113.7M). The
+remaining knobs exist to reproduce diffusers UNet2DModel DDPM checkpoints exactly: time-embedding
+layout (flip_sin_to_cos, freq_shift), downsample padding, norm eps and groups, class conditioning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    sample_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_groups: int = 32
+    norm_eps: float = 1e-6
+    # Sinusoidal embedding: half = ch // 2 frequencies exp(-ln(10000) * i / (half - freq_shift));
+    # [sin, cos] order unless flip_sin_to_cos. The DDPM original is freq_shift=1, no flip.
+    flip_sin_to_cos: bool = False
+    freq_shift: int = 1
+    # 0: pad (0, 1, 0, 1) then a stride-2 3x3 conv (the original checkpoints); 1: conv with padding 1.
+    downsample_padding: int = 0
+    attention_head_dim: int | None = None  # None: one head over all channels, as in DDPM
+    # Class conditioning: an embedding of num_classes + 1 rows; the last row is the null label
+    # that classifier-free guidance uses for the unconditional half.
+    num_classes: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        errors = []
+        if self.sample_size < 1:
+            errors.append(f"sample_size must be positive, got {self.sample_size}")
+        if not self.ch_mult:
+            errors.append("ch_mult must not be empty")
+        if self.sample_size % (2 ** (len(self.ch_mult) - 1)):
+            errors.append(f"sample_size {self.sample_size} must be divisible by 2**(levels-1)")
+        for m in self.ch_mult:
+            if (self.ch * m) % self.num_groups:
+                errors.append(f"channels {self.ch * m} not divisible by num_groups {self.num_groups}")
+        if self.ch % 2:
+            errors.append(f"ch must be even for the sinusoidal embedding, got {self.ch}")
+        if self.num_res_blocks < 1:
+            errors.append("num_res_blocks must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.downsample_padding not in (0, 1):
+            errors.append(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        if self.num_classes is not None and self.num_classes < 1:
+            errors.append(f"num_classes must be positive or None, got {self.num_classes}")
+        if errors:
+            raise ValueError("invalid UNetConfig: " + "; ".join(errors))
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return tuple(self.sample_size // 2**i for i in range(len(self.ch_mult)))
+
+    @property
+    def temb_dim(self) -> int:
+        return self.ch * 4
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> UNetConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ch_mult"] = list(self.ch_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig keys {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, UNetConfig] = {
+    "cifar10": UNetConfig(),
+    "celebahq256": UNetConfig(sample_size=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+    "lsun256": UNetConfig(sample_size=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+    # The embedded default model: 1-channel digits at 16x16, 10 classes for guidance.
+    "digits": UNetConfig(
+        sample_size=16, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+        attn_resolutions=(8,), dropout=0.0, num_groups=8, num_classes=10,
+    ),
+    # Small enough for CPU tests, yet every block kind appears (attention, up/down, shortcut convs).
+    "tiny": UNetConfig(
+        sample_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+        num_groups=4,
+    ),
+}

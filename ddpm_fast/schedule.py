@@ -1,0 +1,191 @@
+"""Noise schedules: betas and every derived table, in float64 on the host.
+
+A NoiseSchedule owns the forward process q(x_t | x_0) and the closed-form posterior q(x_{t-1} | x_t, x_0)
+(Ho et al. 2020, eq. 4, 6, 7). Tables stay float64 here; samplers cast what they need to fp32 on the
+device once. Respacing keeps a subsequence of timesteps and recomputes betas from alphas_cumprod, as
+improved-diffusion does, so DDIM and shortened DDPM run on the same tables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ddpm_fast import ops
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+_TABLES = (
+    "betas",
+    "alphas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+
+class NoiseSchedule:
+    """Betas plus derived float64 tables.
+
+    ``timestep_map[i]`` is the model timestep of schedule index i: the identity for a full schedule,
+    the kept timesteps for a respaced one (the model is always called with original timesteps).
+    """
+
+    def __init__(self, betas, *, timestep_map=None, name: str = "custom"):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.dim() != 1 or betas.numel() == 0:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
+            raise ValueError("betas must be finite and in (0, 1]")
+        self.name = name
+        self.num_timesteps = betas.numel()
+        if timestep_map is None:
+            timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
+        self.timestep_map = torch.as_tensor(timestep_map, dtype=torch.int64).cpu()
+        if self.timestep_map.shape != betas.shape:
+            raise ValueError("timestep_map must have one entry per beta")
+
+        b = betas
+        self.betas = b
+        self.alphas = 1.0 - b
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([b.new_ones(1), self.alphas_cumprod[:-1]])
+        acp, acp_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        self.sqrt_alphas_cumprod = acp.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - acp).sqrt()
+        self.log_one_minus_alphas_cumprod = torch.log1p(-acp)
+        self.sqrt_recip_alphas_cumprod = (1.0 / acp).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / acp - 1.0).sqrt()
+        self.posterior_variance = b * (1.0 - acp_prev) / (1.0 - acp)
+        # posterior_variance[0] is 0: the log is clipped by reusing index 1 (improved-diffusion).
+        pv = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])) if pv.numel() > 1 else (
+            torch.log(b)
+        )
+        self.posterior_mean_coef1 = b * acp_prev.sqrt() / (1.0 - acp)
+        self.posterior_mean_coef2 = (1.0 - acp_prev) * self.alphas.sqrt() / (1.0 - acp)
+
+    # ---- constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        _check_steps(num_timesteps)
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        return cls(betas, name="linear")
+
+    @classmethod
+    def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        _check_steps(num_timesteps)
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+        return cls(betas, name="scaled_linear")
+
+    @classmethod
+    def sigmoid(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        _check_steps(num_timesteps)
+        x = torch.linspace(-6.0, 6.0, num_timesteps, dtype=torch.float64)
+        return cls(torch.sigmoid(x) * (beta_end - beta_start) + beta_start, name="sigmoid")
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999):
+        """Nichol & Dhariwal 2021: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), betas clipped."""
+        _check_steps(num_timesteps)
+
+        def alpha_bar(u):
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [
+            min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+            for i in range(num_timesteps)
+        ]
+        return cls(torch.tensor(betas, dtype=torch.float64), name="cosine")
+
+    @classmethod
+    def from_name(cls, name: str, num_timesteps: int = 1000, **kwargs) -> NoiseSchedule:
+        makers = {
+            "linear": cls.linear,
+            "cosine": cls.cosine,
+            "squaredcos_cap_v2": cls.cosine,
+            "scaled_linear": cls.scaled_linear,
+            "sigmoid": cls.sigmoid,
+        }
+        if name not in makers:
+            raise ValueError(f"unknown beta schedule {name!r}; choose one of {sorted(makers)}")
+        return makers[name](num_timesteps, **kwargs)
+
+    # ---- respacing ----------------------------------------------------------------------------
+
+    def respace(self, timesteps) -> NoiseSchedule:
+        """Keep only ``timesteps`` (original indices); betas recomputed so alphas_cumprod is preserved."""
+        ts = sorted({int(t) for t in timesteps})
+        if not ts:
+            raise ValueError("respace needs at least one timestep")
+        if ts[0] < 0 or ts[-1] >= self.num_timesteps:
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got {ts[0]}..{ts[-1]}")
+        acp = self.alphas_cumprod[ts]
+        prev = torch.cat([acp.new_ones(1), acp[:-1]])
+        return NoiseSchedule(1.0 - acp / prev, timestep_map=self.timestep_map[ts], name=f"{self.name}-respaced")
+
+    def space_timesteps(self, num_steps: int, spacing: str = "leading") -> list[int]:
+        """Ascending indices of ``num_steps`` kept timesteps (diffusers' spacing conventions)."""
+        return space_timesteps(self.num_timesteps, num_steps, spacing)
+
+    # ---- forward process ----------------------------------------------------------------------
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, per-sample t (reference implementation)."""
+        t = self._check_t(x0, t)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+        return ops.q_sample_ref(x0, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, noise)
+
+    def _check_t(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 1:
+            raise TypeError("x0 must be a floating-point tensor with a batch dimension")
+        if not torch.is_tensor(t) or t.dtype not in (torch.int64, torch.int32) or t.shape != (x.shape[0],):
+            got = f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"t must be an integer tensor of shape ({x.shape[0]},), got {got}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}]")
+        return t.to(device=x.device, dtype=torch.int64)
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in _TABLES}
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.name!r}, num_timesteps={self.num_timesteps})"
+
+
+def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
+    _check_steps(num_steps)
+    if num_steps > num_timesteps:
+        raise ValueError(f"cannot take {num_steps} steps from a {num_timesteps}-step schedule")
+    if spacing == "leading":
+        ratio = num_timesteps // num_steps
+        ts = [i * ratio for i in range(num_steps)]
+    elif spacing == "trailing":
+        ratio = num_timesteps / num_steps
+        ts = sorted(round(num_timesteps - i * ratio) - 1 for i in range(num_steps))
+    elif spacing == "linspace":
+        ts = [round(v) for v in torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).tolist()]
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    if len(set(ts)) != num_steps:
+        raise ValueError(f"spacing {spacing!r} gives repeated timesteps for {num_steps} of {num_timesteps}")
+    return ts
+
+
+def _check_steps(n) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"number of timesteps must be a positive int, got {n!r}")

@@ -1,0 +1,264 @@
+"""The DDPM U-Net (Ho et al. 2020): ResBlocks with GroupNorm + SiLU, sinusoidal time embedding,
+single-head self-attention at chosen resolutions, dropout.
+
+Parameter names follow diffusers' UNet2DModel (down_blocks.i.resnets.j.norm1, ..., to_q/to_k/to_v/to_out.0)
+so its checkpoints load without renaming, and the pytorch_diffusion layout maps onto them one to one.
+Every GroupNorm(+SiLU)(+time-embedding add) goes through ddpm_fast.ops.group_norm_silu, so the same
+module runs the reference ops or the fused ones by backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm_fast import ops
+from ddpm_fast.config import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (N,) -> (N, dim), fp32, in the layout of the DDPM/diffusers code."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool, add: torch.Tensor | None = None) -> torch.Tensor:
+    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_norm(self.norm1, x, silu=True))
+        h = _norm(self.norm2, h, silu=True, add=self.time_emb_proj(temb_act))
+        h = self.conv2(self.dropout(h))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions, residual; one head unless head_dim says otherwise."""
+
+    def __init__(self, ch: int, groups: int, eps: float, head_dim: int | None = None):
+        super().__init__()
+        head_dim = head_dim or ch
+        if ch % head_dim:
+            raise ValueError(f"attention: {ch} channels not divisible by head dim {head_dim}")
+        self.heads = ch // head_dim
+        self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, hgt, wid = x.shape
+        h = _norm(self.group_norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)
+
+        def heads(t):
+            return t.reshape(n, hgt * wid, self.heads, c // self.heads).transpose(1, 2)
+
+        q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
+        scale = 1.0 / math.sqrt(c // self.heads)
+        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).to(v.dtype)
+        o = (w @ v).transpose(1, 2).reshape(n, hgt * wid, c)
+        o = self.to_out[0](o).transpose(1, 2).reshape(n, c, hgt, wid)
+        return x + o
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: resnets, optional attentions after each, optional resampler."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(f"UNet needs a UNetConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        ch, groups, eps, temb = cfg.ch, cfg.num_groups, cfg.norm_eps, cfg.temb_dim
+        chans = [ch * m for m in cfg.ch_mult]
+        levels = len(chans)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.time_embedding = nn.Module()
+        self.time_embedding.linear_1 = nn.Linear(ch, temb)
+        self.time_embedding.linear_2 = nn.Linear(temb, temb)
+        self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes else None
+
+        def block(cin, cout):
+            return ResnetBlock(cin, cout, temb, groups, eps, cfg.dropout)
+
+        def attn(c):
+            return AttentionBlock(c, groups, eps, cfg.attention_head_dim)
+
+        self.down_blocks = nn.ModuleList()
+        cin = ch
+        for i, cout in enumerate(chans):
+            lvl = _Level()
+            for j in range(cfg.num_res_blocks):
+                lvl.resnets.append(block(cin if j == 0 else cout, cout))
+                if cfg.resolutions[i] in cfg.attn_resolutions:
+                    lvl.attentions.append(attn(cout))
+            lvl.downsamplers = nn.ModuleList([Downsample(cout, cfg.downsample_padding)] if i < levels - 1 else [])
+            self.down_blocks.append(lvl)
+            cin = cout
+
+        self.mid_block = _Level()
+        self.mid_block.resnets.extend([block(chans[-1], chans[-1]), block(chans[-1], chans[-1])])
+        self.mid_block.attentions.append(attn(chans[-1]))
+
+        # Skip channels, in the order the up path pops them (diffusers' UpBlock2D arithmetic).
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(chans))
+        prev_out = rev[0]
+        for i, cout in enumerate(rev):
+            skip_in = rev[min(i + 1, levels - 1)]
+            lvl = _Level()
+            for j in range(cfg.num_res_blocks + 1):
+                skip = skip_in if j == cfg.num_res_blocks else cout
+                lvl.resnets.append(block((prev_out if j == 0 else cout) + skip, cout))
+                if cfg.resolutions[levels - 1 - i] in cfg.attn_resolutions:
+                    lvl.attentions.append(attn(cout))
+            lvl.upsamplers = nn.ModuleList([Upsample(cout)] if i < levels - 1 else [])
+            self.up_blocks.append(lvl)
+            prev_out = cout
+
+        self.conv_norm_out = nn.GroupNorm(groups, ch, eps=eps)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self._zero_init_outputs()
+
+    def _zero_init_outputs(self):
+        # Each residual branch starts as the identity and the output as zero (improved-diffusion).
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                nn.init.zeros_(m.conv2.weight)
+                nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, AttentionBlock):
+                nn.init.zeros_(m.to_out[0].weight)
+                nn.init.zeros_(m.to_out[0].bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def _check_inputs(self, x, t, class_labels):
+        cfg = self.config
+        if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+            desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"UNet: x must be a floating (N, C, H, W) tensor, got {desc}")
+        n, c, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"UNet: x has {c} channels, the model takes {cfg.in_channels}")
+        factor = 2 ** (len(cfg.ch_mult) - 1)
+        if h % factor or w % factor:
+            raise ValueError(f"UNet: H and W ({h}x{w}) must be divisible by {factor}")
+        if not torch.is_tensor(t):
+            t = torch.as_tensor(t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"UNet: t must be an integer tensor, got {t.dtype}")
+        if t.dim() == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"UNet: t must have shape ({n},) (or be a scalar), got {tuple(t.shape)}")
+        t = t.to(x.device)
+        if cfg.num_classes:
+            if class_labels is None:
+                raise ValueError("UNet: this model is class-conditional; pass class_labels "
+                                 f"(use {cfg.num_classes} for the null label)")
+            class_labels = torch.as_tensor(class_labels, device=x.device)
+            if class_labels.dim() == 0:
+                class_labels = class_labels.expand(n)
+            if class_labels.shape != (n,) or class_labels.is_floating_point():
+                raise ValueError(f"UNet: class_labels must be integers of shape ({n},)")
+            if int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes:
+                raise ValueError(f"UNet: class_labels must lie in [0, {cfg.num_classes}]")
+        elif class_labels is not None:
+            raise ValueError("UNet: class_labels given, but this model is unconditional")
+        return t, class_labels
+
+    def time_features(self, t: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype):
+        """SiLU(temb): the shared input of every ResBlock's time_emb_proj."""
+        cfg = self.config
+        emb = timestep_embedding(t, cfg.ch, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype)
+        emb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb)))
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(class_labels.long()).to(emb.dtype)
+        return F.silu(emb)
+
+    def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        t, class_labels = self._check_inputs(x, t, class_labels)
+        temb = self.time_features(t, class_labels, self.conv_in.weight.dtype)
+        h = self.conv_in(x)
+        skips = [h]
+        for lvl in self.down_blocks:
+            for j, res in enumerate(lvl.resnets):
+                h = res(h, temb)
+                if len(lvl.attentions):
+                    h = lvl.attentions[j](h)
+                skips.append(h)
+            for down in lvl.downsamplers:
+                h = down(h)
+                skips.append(h)
+        h = self.mid_block.resnets[0](h, temb)
+        h = self.mid_block.attentions[0](h)
+        h = self.mid_block.resnets[1](h, temb)
+        for lvl in self.up_blocks:
+            for j, res in enumerate(lvl.resnets):
+                h = res(torch.cat([h, skips.pop()], dim=1), temb)
+                if len(lvl.attentions):
+                    h = lvl.attentions[j](h)
+            for up in lvl.upsamplers:
+                h = up(h)
+        h = _norm(self.conv_norm_out, h, silu=True)
+        return self.conv_out(h)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

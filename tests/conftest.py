@@ -1,0 +1,41 @@
+"""Shared test setup: seeding, the GPU marker, the Triton interpreter on CPU-only machines."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when ddpm_fast.ops is imported:
+# set it before any test module imports the package.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Fresh random values in every parameter (the zero-initialised outputs would hide bugs)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module

@@ -1,0 +1,140 @@
+"""ops.reverse_step on each backend vs reverse_step_ref, on fresh random inputs."""
+
+import os
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, ops
+from ddpm_fast.ops import reverse_step, reverse_step_ref
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5)}
+
+
+def test_extension_is_built_when_required():
+    # CI sets DDPM_FAST_REQUIRE_EXT=1 so a broken build cannot hide behind the torch fallback.
+    if os.environ.get("DDPM_FAST_REQUIRE_EXT") != "1":
+        pytest.skip("DDPM_FAST_REQUIRE_EXT is not set")
+    ext = ops.extension()
+    assert ext is not None, "ddpm_fast._C did not import"
+    if os.environ.get("DDPM_FAST_REQUIRE_CUDA_EXT") == "1":
+        assert ext.with_cuda(), "ddpm_fast._C was built without its CUDA sources"
+
+
+def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7):
+    g = torch.Generator().manual_seed(hash((shape, str(dtype), channels_last, guided, with_noise)) % 2**31)
+
+    def r(dt=torch.float32, scale=1.0):
+        t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dt)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+    coefs = torch.rand(rows, 6, generator=g).to(device) * 2
+    index = torch.randint(0, rows, (shape[0],), generator=g).to(device)
+    return dict(
+        x_t=r(scale=2.0), model_output=r(dtype), coefs=coefs, index=index,
+        noise=r() if with_noise else None,
+        model_output_uncond=r(dtype) if guided else None,
+        guidance_scale=3.5 if guided else 1.0,
+    )
+
+
+def _native_available(device):
+    return ops.backend_unavailable_reason("cuda", torch.device(device)) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 384, 17, 17), (2, 4, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("guided, with_noise, clip", [(False, True, True), (True, False, False), (True, True, True)])
+def test_native_matches_ref(device, shape, dtype, channels_last, guided, with_noise, clip):
+    if not _native_available(device):
+        pytest.skip("ddpm_fast._C not available here")
+    kw = _inputs(shape, dtype, channels_last, guided, with_noise, device)
+    want = reverse_step_ref(clip_denoised=clip, **kw)
+    with ops.use_backend("cuda"):
+        got = reverse_step(clip_denoised=clip, **kw)
+    assert got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def test_ref_clips_x0_and_uses_all_coefficients():
+    x = torch.tensor([[[[3.0]]]])
+    eps = torch.tensor([[[[0.5]]]])
+    z = torch.tensor([[[[2.0]]]])
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.05]])
+    idx = torch.zeros(1, dtype=torch.int64)
+    # x0 = 2*3 - 0.5 = 5.5 -> clipped to 1
+    want = 0.3 * 1.0 + 0.2 * 3.0 + 0.1 * 0.5 + 0.05 * 2.0
+    assert reverse_step_ref(x, eps, coefs, idx, z).item() == pytest.approx(want)
+    assert reverse_step_ref(x, eps, coefs, idx, z, clip_denoised=False).item() == pytest.approx(
+        0.3 * 5.5 + 0.2 * 3.0 + 0.1 * 0.5 + 0.05 * 2.0)
+
+
+@pytest.mark.parametrize("sampler", [
+    DDPMSampler(NoiseSchedule.linear(50)),
+    DDPMSampler(NoiseSchedule.cosine(50), variance="fixed_large", clip_denoised=False),
+    DDIMSampler(NoiseSchedule.linear(100), 10, eta=0.5),
+])
+def test_sampler_native_path_matches_reference_step_by_step(sampler):
+    if not _native_available("cpu"):
+        pytest.skip("ddpm_fast._C not available here")
+    x = torch.randn(2, 3, 8, 8)
+    for t in sampler.timesteps.tolist():
+        eps, noise = torch.randn_like(x), torch.randn_like(x)
+        with ops.use_backend("torch"):
+            want = sampler.step(eps, t, x, noise=noise)
+        with ops.use_backend("cuda"):
+            got = sampler.step(eps, t, x, noise=noise)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        x = want
+
+
+def test_native_rejects_bad_input():
+    if not _native_available("cpu"):
+        pytest.skip("ddpm_fast._C not available here")
+    ext = ops.extension()
+    x = torch.randn(2, 3, 4, 4)
+    coefs = torch.rand(5, 6)
+    idx = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="outside the coefficient table"):
+        ext.reverse_step(x, x, None, coefs, torch.tensor([0, 5]), None, 1.0, True)
+    with pytest.raises(RuntimeError, match="must be float32"):
+        ext.reverse_step(x.double(), x, None, coefs, idx, None, 1.0, True)
+    with pytest.raises(RuntimeError, match="same memory format"):
+        ext.reverse_step(x, x.contiguous(memory_format=torch.channels_last), None, coefs, idx, None, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"coefs must be a contiguous float32 \(S, 6\)"):
+        ext.reverse_step(x, x, None, torch.rand(5, 4), idx, None, 1.0, True)
+    with pytest.raises(RuntimeError, match="index must be int64"):
+        ext.reverse_step(x, x, None, coefs, idx.int(), None, 1.0, True)
+
+
+def test_python_entry_rejects_bad_input():
+    x = torch.randn(2, 3, 4, 4)
+    coefs, idx = torch.rand(5, 6), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="x_t must be a float32"):
+        reverse_step(x.half(), x, coefs, idx)
+    with pytest.raises(ValueError, match="noise shape"):
+        reverse_step(x, x, coefs, idx, noise=torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="model_output must be float32/float16/bfloat16"):
+        reverse_step(x, x.double(), coefs, idx)
+    with pytest.raises(ValueError, match=r"index must be int64 of shape \(2,\)"):
+        reverse_step(x, x, coefs, torch.tensor([0]))
+
+
+def test_backend_switch():
+    with pytest.raises(ValueError, match="not one of"):
+        with ops.use_backend("fastest"):
+            pass
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with ops.use_backend("triton"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=triton cannot run"):
+            ops.resolve_backend("reverse_step", torch.device("cpu"), ("triton", "torch"))
+    assert ops.resolve_backend("reverse_step", torch.device("cpu"), ("cuda", "torch")) == "torch"
+
+
+@pytest.mark.gpu
+def test_cuda_extension_built_with_cuda():
+    assert ops.extension() is not None and ops.extension().with_cuda()

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from conftest import randomize_
+
+from ddpm_fast import UNet, UNetConfig
+from ddpm_fast.checkpoint import to_diffusers_config
+
+
+@pytest.mark.parametrize("name, count", [("cifar10", 35_746_307), ("celebahq256", 113_673_219),
+                                         ("lsun256", 113_673_219)])
+def test_preset_parameter_counts(name, count):
+    # Ho et al. 2020 report 35.7M (CIFAR10) and 114M (256x256) parameters.
+    with torch.device("meta"):
+        model = UNet(UNetConfig.from_name(name))
+    assert model.num_parameters() == count
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown UNet preset 'imagenet'"):
+        UNetConfig.from_name("imagenet")
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="not divisible by num_groups"):
+        UNetConfig(ch=48, num_groups=32)
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*"):
+        UNetConfig(sample_size=30)
+
+
+def _diffusers_twin(model: UNet):
+    from diffusers import UNet2DModel
+
+    cfg = {k: v for k, v in to_diffusers_config(model.config).items() if k != "_class_name"}
+    twin = UNet2DModel(**cfg).eval()
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin
+
+
+SMALL_256_STYLE = UNetConfig(sample_size=64, ch=32, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                             attn_resolutions=(16,), dropout=0.0)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pytest.param(UNetConfig.from_name("cifar10", dropout=0.0), id="cifar10"),
+        pytest.param(SMALL_256_STYLE, id="6-level-256-style"),
+        pytest.param(UNetConfig.from_name("tiny", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+                                          norm_eps=1e-5), id="tiny-diffusers-knobs"),
+        pytest.param(UNetConfig.from_name("digits"), id="digits-class-conditional"),
+        pytest.param(UNetConfig.from_name("tiny", attention_head_dim=8), id="tiny-multihead"),
+    ],
+)
+def test_matches_diffusers_unet2dmodel(cfg):
+    model = randomize_(UNet(cfg).eval())
+    twin = _diffusers_twin(model)
+    n = 2
+    x = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    t = torch.tensor([3, 917])
+    labels = torch.tensor([1, cfg.num_classes]) if cfg.num_classes else None
+    with torch.no_grad():
+        ours = model(x, t, labels)
+        theirs = twin(x, t, class_labels=labels).sample
+    print("max |ours - diffusers|:", (ours - theirs).abs().max().item(), "scale:", theirs.abs().max().item())
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_dropout_active_only_in_training():
+    model = randomize_(UNet(UNetConfig.from_name("tiny", dropout=0.5)))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, t), model(x, t))
+        model.train()
+        assert not torch.equal(model(x, t), model(x, t))
+
+
+def test_backward_reaches_every_parameter():
+    model = randomize_(UNet(UNetConfig.from_name("tiny")))
+    model(torch.randn(2, 3, 8, 8), torch.tensor([5, 6])).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_scalar_t_broadcasts():
+    model = randomize_(UNet(UNetConfig.from_name("tiny"))).eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.tensor(7)), model(x, torch.full((3,), 7)))
+
+
+def test_bad_inputs_name_the_problem():
+    model = UNet(UNetConfig.from_name("tiny"))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="4 channels, the model takes 3"):
+        model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        model(torch.randn(3, 8, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model(torch.randn(2, 3, 7, 7), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        model(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(x, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="unconditional"):
+        model(x, torch.tensor([1, 2]), torch.tensor([0, 1]))
+    cond = UNet(UNetConfig.from_name("digits"))
+    xd = torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="class-conditional; pass class_labels"):
+        cond(xd, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 10\]"):
+        cond(xd, torch.tensor([1, 2]), torch.tensor([0, 11]))
+    with pytest.raises(TypeError, match="UNetConfig"):
+        UNet("cifar10")
