@@ -60,3 +60,35 @@ def record(benchmark, **info):
 
 def mean_seconds(benchmark) -> float:
     return benchmark.stats.stats.mean
+
+
+_COPY_GBPS: dict[str, float] = {}
+
+
+def copy_bandwidth_gbps() -> float:
+    """The device's measured copy bandwidth (read + write bytes per second), measured once per session."""
+    key = str(DEVICE)
+    if key not in _COPY_GBPS:
+        import time
+
+        numel = (256 << 20) if DEVICE.type == "cuda" else (8 << 20)
+        src = torch.empty(numel, dtype=torch.float32, device=DEVICE).normal_()
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        sync()
+        reps = 20 if DEVICE.type == "cuda" else 5
+        start = time.perf_counter()
+        for _ in range(reps):
+            dst.copy_(src)
+        sync()
+        seconds = (time.perf_counter() - start) / reps
+        _COPY_GBPS[key] = 2 * src.numel() * src.element_size() / seconds / 1e9
+    return _COPY_GBPS[key]
+
+
+def record_bandwidth(benchmark, bytes_moved: int, **info):
+    gbps = bytes_moved / mean_seconds(benchmark) / 1e9
+    copy = copy_bandwidth_gbps()
+    record(benchmark, gb_per_s=round(gbps, 1), copy_gb_per_s=round(copy, 1),
+           frac_of_copy=round(gbps / copy, 3), **info)

@@ -39,21 +39,22 @@ def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7):
     )
 
 
-def _native_available(device):
-    return ops.backend_unavailable_reason("cuda", torch.device(device)) is None
+def _native_available(device, backend="cuda"):
+    return ops.backend_unavailable_reason(backend, torch.device(device)) is None
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 384, 17, 17), (2, 4, 32, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("guided, with_noise, clip", [(False, True, True), (True, False, False), (True, True, True)])
-def test_native_matches_ref(device, shape, dtype, channels_last, guided, with_noise, clip):
-    if not _native_available(device):
-        pytest.skip("ddpm_fast._C not available here")
+def test_kernel_matches_ref(backend, device, shape, dtype, channels_last, guided, with_noise, clip):
+    if not _native_available(device, backend):
+        pytest.skip(f"{backend} backend not available here")
     kw = _inputs(shape, dtype, channels_last, guided, with_noise, device)
     want = reverse_step_ref(clip_denoised=clip, **kw)
-    with ops.use_backend("cuda"):
+    with ops.use_backend(backend):
         got = reverse_step(clip_denoised=clip, **kw)
     assert got.dtype == torch.float32
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -74,23 +75,75 @@ def test_ref_clips_x0_and_uses_all_coefficients():
         0.3 * 5.5 + 0.2 * 3.0 + 0.1 * 0.5 + 0.05 * 2.0)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("sampler", [
     DDPMSampler(NoiseSchedule.linear(50)),
     DDPMSampler(NoiseSchedule.cosine(50), variance="fixed_large", clip_denoised=False),
     DDIMSampler(NoiseSchedule.linear(100), 10, eta=0.5),
 ])
-def test_sampler_native_path_matches_reference_step_by_step(sampler):
-    if not _native_available("cpu"):
-        pytest.skip("ddpm_fast._C not available here")
+def test_sampler_fast_path_matches_reference_step_by_step(sampler, backend):
+    if not _native_available("cpu", backend):
+        pytest.skip(f"{backend} backend not available here")
     x = torch.randn(2, 3, 8, 8)
     for t in sampler.timesteps.tolist():
         eps, noise = torch.randn_like(x), torch.randn_like(x)
         with ops.use_backend("torch"):
             want = sampler.step(eps, t, x, noise=noise)
-        with ops.use_backend("cuda"):
+        with ops.use_backend(backend):
             got = sampler.step(eps, t, x, noise=noise)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         x = want
+
+
+def _in_kernel_noise(backend, device, shape, seed, step):
+    """With every coefficient 0 but sigma = 1, the step returns its noise z."""
+    x = torch.randn(shape, device=device)
+    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], device=device)
+    index = torch.zeros(shape[0], dtype=torch.int64, device=device)
+    with ops.use_backend(backend):
+        return reverse_step(x, torch.randn_like(x), coefs, index, noise_seed=seed, step=step)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_kernel_noise_statistics(backend, device):
+    if not _native_available(device, backend):
+        pytest.skip(f"{backend} backend not available here")
+    shape = (4, 4, 32, 32)
+    z = _in_kernel_noise(backend, device, shape, 42, 7)
+    assert torch.equal(z, _in_kernel_noise(backend, device, shape, 42, 7)), "deterministic by (seed, step)"
+    step_tensor = torch.tensor([7], device=device)
+    assert torch.equal(z, _in_kernel_noise(backend, device, shape, 42, step_tensor)), "step as a device tensor"
+    z_next = _in_kernel_noise(backend, device, shape, 42, 8)
+    z_seed = _in_kernel_noise(backend, device, shape, 43, 7)
+    flat = z.flatten().double()
+    n = flat.numel()
+    assert abs(flat.mean().item()) < 5 / n**0.5
+    assert abs(flat.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert abs((flat**4).mean().item() - 3) < 5 * (96 / n) ** 0.5
+    pairs = {"neighbouring elements": (flat[:-1], flat[1:]), "consecutive steps": (flat, z_next.flatten().double()),
+             "seeds": (flat, z_seed.flatten().double())}
+    for what, (a, b) in pairs.items():
+        corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        assert abs(corr) < 5 / n**0.5, f"noise correlated across {what}: {corr}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_out_is_the_result_cast(device, half):
+    if not _native_available(device, "triton"):
+        pytest.skip("triton backend not available here")
+    kw = _inputs((2, 8, 8, 8), half, True, True, False, device)
+    kw.pop("noise")
+    out_half = torch.empty_like(kw["x_t"], dtype=half)
+    with ops.use_backend("triton"):
+        out = reverse_step(noise_seed=1, step=3, half_out=out_half, **kw)
+    if half == torch.float16:
+        assert torch.equal(out_half, out.to(half))
+    else:  # the Triton interpreter rounds fp32 -> bf16 toward zero: allow one bf16 ulp
+        torch.testing.assert_close(out_half.float(), out.to(half).float(), atol=0, rtol=2**-7)
+    with pytest.raises(ValueError, match="half_out must be"):
+        reverse_step(half_out=out_half.float(), **kw)
 
 
 def test_native_rejects_bad_input():
@@ -123,6 +176,8 @@ def test_python_entry_rejects_bad_input():
         reverse_step(x, x.double(), coefs, idx)
     with pytest.raises(ValueError, match=r"index must be int64 of shape \(2,\)"):
         reverse_step(x, x, coefs, torch.tensor([0]))
+    with pytest.raises(ValueError, match="noise or noise_seed, not both"):
+        reverse_step(x, x, coefs, idx, noise=x, noise_seed=1)
 
 
 def test_backend_switch():

@@ -1,8 +1,15 @@
-"""group_norm_silu: y = SiLU(GroupNorm(x + add[:, :, None, None])) in one pass.
+"""group_norm_silu: y = SiLU(GroupNorm(x + add[:, :, None, None])) in one fused op.
 
 ``add`` is the per-sample, per-channel (N, C) time-embedding projection that a DDPM ResBlock adds
 before its second norm; silu=False gives plain GroupNorm (attention blocks). Statistics in fp32;
-the output keeps the input's dtype and memory format.
+the output keeps the input's dtype and memory format (NCHW or channels_last, no layout flips).
+
+Triton path, two kernels: each group is split over SPLIT programs so the grid fills the GPU even at
+batch 1. ``_stats`` reduces one chunk to (count, mean, M2) with a per-block Chan/Welford merge (no
+sum-of-squares cancellation); ``_apply`` merges its group's partials and normalizes its chunk. Each
+chunk is walked in memory order (channel-major for NCHW, position-major for channels_last), so loads
+are coalesced in both formats. The backward recomputes the reference under autograd: exact, and the
+forward pass (the sampling hot path) stays one read and one write over x.
 """
 
 from __future__ import annotations
@@ -12,7 +19,110 @@ import torch.nn.functional as F
 
 from ddpm_fast import ops
 
-_IMPLEMENTED = ("torch",)
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still works
+    triton = None
+
+_IMPLEMENTED = ("triton", "torch")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _element_offsets(e, hw, cg, g, stride_c, stride_hw, CHANNELS_LAST: tl.constexpr):
+        # e: flat index within one group's cg * hw elements, in the tensor's memory order.
+        if CHANNELS_LAST:
+            s = e // cg
+            c = g * cg + e % cg
+        else:
+            c = g * cg + e // hw
+            s = e % hw
+        return c, c * stride_c + s * stride_hw
+
+    @triton.jit
+    def _group_norm_stats_kernel(
+        X_ptr, ADD_ptr, PART_ptr,
+        hw, cg, num_groups, chunk, group_size,
+        stride_x_n, stride_c, stride_hw, stride_add_n,
+        SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        pid_g = tl.program_id(0)  # n * num_groups + g
+        pid_s = tl.program_id(1)
+        n = pid_g // num_groups
+        g = pid_g % num_groups
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, group_size)
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for off in range(start, end, BLOCK_SIZE):
+            e = off + tl.arange(0, BLOCK_SIZE)
+            mask = e < end
+            c, offs = _element_offsets(e, hw, cg, g, stride_c, stride_hw, CHANNELS_LAST)
+            x = tl.load(X_ptr + n * stride_x_n + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                x += tl.load(ADD_ptr + n * stride_add_n + c, mask=mask, other=0.0).to(tl.float32)
+            b_count = tl.sum(mask.to(tl.float32), axis=0)
+            b_mean = tl.sum(x, axis=0) / b_count
+            d = tl.where(mask, x - b_mean, 0.0)
+            b_m2 = tl.sum(d * d, axis=0)
+            new_count = count + b_count
+            delta = b_mean - mean
+            mean += delta * (b_count / new_count)
+            m2 += b_m2 + delta * delta * (count * b_count / new_count)
+            count = new_count
+        base = PART_ptr + (pid_g * SPLIT + pid_s) * 3
+        tl.store(base, count)
+        tl.store(base + 1, mean)
+        tl.store(base + 2, m2)
+
+    @triton.jit
+    def _group_norm_apply_kernel(
+        X_ptr, ADD_ptr, W_ptr, B_ptr, Y_ptr, PART_ptr,
+        hw, cg, num_groups, chunk, group_size, eps,
+        stride_x_n, stride_c, stride_hw, stride_add_n,
+        SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        pid_g = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n = pid_g // num_groups
+        g = pid_g % num_groups
+        # Merge this group's SPLIT partials (Chan et al.), identical in every program of the group.
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for i in range(SPLIT):
+            base = PART_ptr + (pid_g * SPLIT + i) * 3
+            b_count = tl.load(base)
+            b_mean = tl.load(base + 1)
+            b_m2 = tl.load(base + 2)
+            new_count = count + b_count
+            w = tl.where(new_count > 0, b_count / tl.maximum(new_count, 1.0), 0.0)
+            delta = b_mean - mean
+            mean += delta * w
+            m2 += b_m2 + delta * delta * count * w
+            count = new_count
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, group_size)
+        for off in range(start, end, BLOCK_SIZE):
+            e = off + tl.arange(0, BLOCK_SIZE)
+            mask = e < end
+            c, offs = _element_offsets(e, hw, cg, g, stride_c, stride_hw, CHANNELS_LAST)
+            x = tl.load(X_ptr + n * stride_x_n + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                x += tl.load(ADD_ptr + n * stride_add_n + c, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd
+            if HAS_AFFINE:
+                y = y * tl.load(W_ptr + c, mask=mask, other=1.0).to(tl.float32)
+                y += tl.load(B_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                y = y / (1.0 + tl.exp(-y))
+            tl.store(Y_ptr + n * stride_x_n + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, silu: bool = True):
@@ -24,29 +134,108 @@ def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, 
                      None if bias is None else bias.float(), eps)
     if silu:
         h = F.silu(h)
-    fmt = torch.channels_last if x.dim() == 4 and _is_channels_last(x) else torch.contiguous_format
-    return h.to(x.dtype).contiguous(memory_format=fmt)
+    return h.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor):
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _pick_split(n_groups_total: int, group_size: int, block: int, device: torch.device) -> int:
+    """Programs per group: enough to give every SM a few programs, never more than blocks per group."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8  # the interpreter: keep the grid small, but still exercise the split path
+    split = -(-target // n_groups_total)
+    return max(1, min(split, -(-group_size // block), 64))
+
+
+def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None):
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    channels_last = fmt == torch.channels_last
+    n, c, h, w = x.shape
+    hw, cg = h * w, c // num_groups
+    group_size = cg * hw
+    y = torch.empty_like(x, memory_format=fmt)
+    if x.numel() == 0:
+        return y
+    block = 1024 if x.device.type == "cuda" else 256
+    block = min(block, triton.next_power_of_2(group_size))
+    split = split or _pick_split(n * num_groups, group_size, block, x.device)
+    chunk = -(-group_size // split)
+    chunk = -(-chunk // block) * block  # whole blocks per program
+    split = -(-group_size // chunk)
+    partials = torch.empty(n * num_groups * split * 3, device=x.device, dtype=torch.float32)
+    stride_n = x.stride(0)
+    stride_c = x.stride(1)
+    stride_hw = x.stride(3)  # the flattened H*W stride: 1 (NCHW) or C (channels_last)
+    if add is not None:
+        add = add.contiguous()
+    add_arg = add if add is not None else x
+    grid = (n * num_groups, split)
+    _group_norm_stats_kernel[grid](
+        x, add_arg, partials, hw, cg, num_groups, chunk, group_size,
+        stride_n, stride_c, stride_hw, add.stride(0) if add is not None else 0,
+        SPLIT=split, HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
+    )
+    has_affine = weight is not None
+    _group_norm_apply_kernel[grid](
+        x, add_arg, weight.contiguous() if has_affine else x, bias.contiguous() if has_affine else x, y, partials,
+        hw, cg, num_groups, chunk, group_size, float(eps),
+        stride_n, stride_c, stride_hw, add.stride(0) if add is not None else 0,
+        SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu),
+        CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
+    )
+    return y
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, num_groups, eps, silu):
+        ctx.save_for_backward(x, weight, bias, add)
+        ctx.config = (num_groups, eps, silu)
+        return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, add = ctx.saved_tensors
+        num_groups, eps, silu = ctx.config
+        inputs = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip((x, weight, bias, add), ctx.needs_input_grad[:4], strict=True)]
+        with torch.enable_grad():
+            y = group_norm_silu_ref(*inputs[:3], num_groups, eps, add=inputs[3], silu=silu)
+            wanted = [t for t in inputs if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, grad_y))
+        out = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+        return (*out, None, None, None)
 
 
 def _validate(x, weight, bias, num_groups, add):
     if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"group_norm_silu: x must be a floating (N, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        desc = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"group_norm_silu: x must be a floating (N, C, H, W) tensor, got {desc}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"group_norm_silu: x must be float32, float16 or bfloat16, got {x.dtype}")
     n, c = x.shape[:2]
     if num_groups < 1 or c % num_groups:
         raise ValueError(f"group_norm_silu: {c} channels are not divisible by num_groups={num_groups}")
+    if (weight is None) != (bias is None):
+        raise ValueError("group_norm_silu: give both weight and bias, or neither")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.shape != (c,):
-            raise ValueError(f"group_norm_silu: {name} must have shape ({c},), got {tuple(p.shape)}")
-    if add is not None and add.shape != (n, c):
-        raise ValueError(f"group_norm_silu: add must have shape ({n}, {c}), got {tuple(add.shape)}")
+        if p is not None and (p.shape != (c,) or p.device != x.device):
+            raise ValueError(f"group_norm_silu: {name} must have shape ({c},) on {x.device}, "
+                             f"got {tuple(p.shape)} on {p.device}")
+    if add is not None and (add.shape != (n, c) or add.device != x.device):
+        raise ValueError(f"group_norm_silu: add must have shape ({n}, {c}) on {x.device}, got {tuple(add.shape)}")
 
 
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=None, silu: bool = True):
+    """SiLU(GroupNorm(x + add[:, :, None, None])) on the backend DDPM_FAST_BACKEND selects."""
     _validate(x, weight, bias, num_groups, add)
-    ops.resolve_backend("group_norm_silu", x.device, _IMPLEMENTED)
+    backend = ops.resolve_backend("group_norm_silu", x.device, _IMPLEMENTED)
+    if backend == "triton":
+        return _GroupNormSiLU.apply(x, weight, bias, add, int(num_groups), float(eps), bool(silu))
     return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()

@@ -1,7 +1,9 @@
 """q_sample: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with per-sample t, in one pass.
 
-The tables are the schedule's sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod (any float
-dtype; gathered per sample). ``noise`` given, or drawn here (and returned: the loss needs it).
+The tables are the schedule's sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod (gathered per
+sample inside the kernel). ``noise`` is given, or drawn in the kernel from Philox keyed by ``seed`` and
+the element index (and returned: the loss needs it). In-kernel streams are backend-specific: the
+torch fallback draws from a torch.Generator seeded with ``seed``, equal in law, not in value.
 """
 
 from __future__ import annotations
@@ -10,10 +12,38 @@ import torch
 
 from ddpm_fast import ops
 
-_IMPLEMENTED = ("torch",)
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+_IMPLEMENTED = ("triton", "torch")
+
+if triton is not None:
+
+    @triton.jit
+    def _q_sample_kernel(
+        X0_ptr, T_ptr, A_ptr, S_ptr, NOISE_ptr, OUT_ptr,
+        numel, per_sample, seed,
+        GENERATE_NOISE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < numel
+        t = tl.load(T_ptr + offs // per_sample, mask=mask, other=0)
+        a = tl.load(A_ptr + t, mask=mask, other=0.0)
+        s = tl.load(S_ptr + t, mask=mask, other=0.0)
+        x0 = tl.load(X0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GENERATE_NOISE:
+            eps = tl.randn(seed, offs.to(tl.int32))
+            tl.store(NOISE_ptr + offs, eps.to(NOISE_ptr.dtype.element_ty), mask=mask)
+        else:
+            eps = tl.load(NOISE_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT_ptr + offs, (a * x0 + s * eps).to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
 def q_sample_ref(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
+    """Pure-torch definition (fp32 arithmetic, result in x0's dtype)."""
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a = sqrt_alphas_cumprod.to(x0.device, torch.float32)[t].view(shape)
     s = sqrt_one_minus_alphas_cumprod.to(x0.device, torch.float32)[t].view(shape)
@@ -29,17 +59,42 @@ def _validate(x0, t, sqrt_acp, sqrt_1m_acp, noise):
         raise ValueError("q_sample: the two coefficient tables must be 1-D of equal length")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= sqrt_acp.numel()):
         raise ValueError(f"q_sample: t must lie in [0, {sqrt_acp.numel() - 1}]")
-    if noise is not None and noise.shape != x0.shape:
-        raise ValueError(f"q_sample: noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+    if noise is not None and (noise.shape != x0.shape or noise.device != x0.device):
+        raise ValueError(f"q_sample: noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)} "
+                         "(or on another device)")
 
 
-def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise=None, seed=None,
-             generator=None):
-    """Returns (x_t, noise)."""
+def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
+    fmt = torch.channels_last if (x0.dim() == 4 and x0.is_contiguous(memory_format=torch.channels_last)
+                                  and not x0.is_contiguous()) else torch.contiguous_format
+    x0 = x0.contiguous(memory_format=fmt)
+    generate = noise is None
+    noise = torch.empty_like(x0) if generate else noise.contiguous(memory_format=fmt)
+    out = torch.empty_like(x0)
+    numel = x0.numel()
+    if numel >= 2**31:
+        raise ValueError("q_sample: tensors of 2**31 elements or more are not supported; split the batch")
+    if numel:
+        block = 1024
+        _q_sample_kernel[(triton.cdiv(numel, block),)](
+            x0, t.to(torch.int64).contiguous(), sqrt_acp.to(x0.device, torch.float32).contiguous(),
+            sqrt_1m_acp.to(x0.device, torch.float32).contiguous(), noise, out,
+            numel, numel // x0.shape[0], int(seed or 0) & 0x7FFFFFFF,
+            GENERATE_NOISE=generate, BLOCK_SIZE=block,
+        )
+    return out, noise
+
+
+def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise=None, seed=None, generator=None):
+    """Returns (x_t, noise). Without ``noise``, draws it: in the kernel from ``seed`` (Triton), else from
+    ``generator`` (or a generator seeded with ``seed``, or the global RNG)."""
     _validate(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
-    ops.resolve_backend("q_sample", x0.device, _IMPLEMENTED)
-    if noise is None:
-        if seed is not None:
+    backend = ops.resolve_backend("q_sample", x0.device, _IMPLEMENTED)
+    in_kernel = backend == "triton" and noise is None and seed is not None
+    if noise is None and not in_kernel:
+        if generator is None and seed is not None:
             generator = torch.Generator(x0.device).manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if backend == "triton":
+        return _q_sample_triton(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed)
     return q_sample_ref(x0, t.long(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise), noise

@@ -6,7 +6,12 @@
 
 Coefficients are rows of a (S, 6) fp32 table (columns COEF_COLUMNS) that the samplers build in float64;
 ``index`` (N,) picks a row per sample and lives on the device, so a CUDA graph can replay the step.
-The state x_t and the result are fp32; the model output may be fp32, fp16 or bf16.
+The state x_t and the result are fp32; the model output may be fp32, fp16 or bf16. ``half_out``
+(optional) also receives x_prev in fp16/bf16: the copy the next fast-path U-Net call reads.
+
+Noise z: given, or drawn in the kernel from Philox keyed by (noise_seed, step, element) so a replayed
+graph draws fresh noise as ``step`` (a device tensor) advances. Streams are backend-specific: the torch
+fallback draws from a torch.Generator seeded from (noise_seed, step), equal in law, not in value.
 """
 
 from __future__ import annotations
@@ -15,8 +20,53 @@ import torch
 
 from ddpm_fast import ops
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 COEF_COLUMNS = ("sqrt_recip_acp", "sqrt_recipm1_acp", "c_x0", "c_xt", "c_eps", "sigma")
-_IMPLEMENTED = ("cuda", "torch")
+_IMPLEMENTED = ("cuda", "triton", "torch")
+_IMPLEMENTED_INKERNEL_NOISE = ("triton", "torch")
+_STEP_KEY = 0x9E3779B1  # odd 32-bit constant: (seed, step) -> distinct Philox keys
+
+if triton is not None:
+
+    @triton.jit
+    def _reverse_step_kernel(
+        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, STEP_ptr, OUT_ptr, HALF_ptr,
+        numel, per_sample, guidance_scale, noise_seed,
+        HAS_UNCOND: tl.constexpr, NOISE_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_HALF: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        # NOISE_MODE: 0 none, 1 tensor, 2 in-kernel Philox keyed by (noise_seed, step).
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < numel
+        row = COEF_ptr + tl.load(INDEX_ptr + offs // per_sample, mask=mask, other=0) * 6
+        a = tl.load(row, mask=mask, other=0.0)
+        b = tl.load(row + 1, mask=mask, other=0.0)
+        c_x0 = tl.load(row + 2, mask=mask, other=0.0)
+        c_xt = tl.load(row + 3, mask=mask, other=0.0)
+        c_eps = tl.load(row + 4, mask=mask, other=0.0)
+        sigma = tl.load(row + 5, mask=mask, other=0.0)
+        x = tl.load(X_ptr + offs, mask=mask, other=0.0)
+        eps = tl.load(EPS_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_UNCOND:
+            u = tl.load(EPSU_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            eps = u + guidance_scale * (eps - u)
+        x0 = a * x - b * eps
+        if CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        out = c_x0 * x0 + c_xt * x + c_eps * eps
+        if NOISE_MODE == 1:
+            out += sigma * tl.load(NOISE_ptr + offs, mask=mask, other=0.0)
+        if NOISE_MODE == 2:
+            key = (noise_seed + tl.load(STEP_ptr) * 0x9E3779B1) & 0x7FFFFFFFFFFFFFFF
+            out += sigma * tl.randn(key, offs.to(tl.int32))
+        tl.store(OUT_ptr + offs, out, mask=mask)
+        if HAS_HALF:
+            tl.store(HALF_ptr + offs, out.to(HALF_ptr.dtype.element_ty), mask=mask)
 
 
 def reverse_step_ref(
@@ -77,26 +127,77 @@ def reverse_step(
     clip_denoised: bool = True,
     model_output_uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    noise_seed: int | None = None,
+    step: int | torch.Tensor = 0,
+    half_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse step on the backend DDPM_FAST_BACKEND selects; returns x_prev (fp32)."""
     _validate(x_t, model_output, coefs, index, noise, model_output_uncond)
-    backend = ops.resolve_backend("reverse_step", x_t.device, _IMPLEMENTED)
+    if noise is not None and noise_seed is not None:
+        raise ValueError("reverse_step: give noise or noise_seed, not both")
+    if half_out is not None and (half_out.shape != x_t.shape or half_out.dtype not in (torch.float16, torch.bfloat16)
+                                 or half_out.stride() != x_t.stride() or half_out.device != x_t.device):
+        raise ValueError("reverse_step: half_out must be an fp16/bf16 tensor laid out like x_t")
+    implemented = _IMPLEMENTED if noise_seed is None and half_out is None else _IMPLEMENTED_INKERNEL_NOISE
+    backend = ops.resolve_backend("reverse_step", x_t.device, implemented)
+    fmt = torch.channels_last if _is_channels_last(x_t) else torch.contiguous_format
+
+    def dense(t, dtype=None):
+        if t is None:
+            return None
+        t = t if dtype is None else t.to(dtype)
+        return t.contiguous(memory_format=fmt)
+
+    coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
+    index = index.to(x_t.device)
     if backend == "cuda":
-        fmt = torch.channels_last if _is_channels_last(x_t) else torch.contiguous_format
-
-        def dense(t, dtype=None):
-            if t is None:
-                return None
-            t = t if dtype is None else t.to(dtype)
-            return t.contiguous(memory_format=fmt)
-
         return ops.extension().reverse_step(
-            dense(x_t), dense(model_output), dense(model_output_uncond),
-            coefs.to(device=x_t.device, dtype=torch.float32).contiguous(), index.to(x_t.device),
+            dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index,
             dense(noise, torch.float32), float(guidance_scale), bool(clip_denoised),
         )
-    return reverse_step_ref(x_t, model_output, coefs, index, noise, clip_denoised, model_output_uncond,
-                            guidance_scale)
+    if backend == "triton":
+        return _reverse_step_triton(dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index,
+                                    dense(noise, torch.float32), float(guidance_scale), bool(clip_denoised),
+                                    noise_seed, step, half_out)
+    if noise_seed is not None:
+        noise = torch.randn(x_t.shape, device=x_t.device, generator=_torch_generator(noise_seed, step, x_t.device))
+    out = reverse_step_ref(x_t, model_output, coefs, index, noise, clip_denoised, model_output_uncond,
+                           guidance_scale)
+    if half_out is not None:
+        half_out.copy_(out)
+    return out
+
+
+def _step_tensor(step, device) -> torch.Tensor:
+    if torch.is_tensor(step):
+        if step.numel() != 1 or step.dtype != torch.int64 or step.device != device:
+            raise ValueError(f"reverse_step: step must be one int64 on {device}")
+        return step
+    return torch.tensor([int(step)], dtype=torch.int64, device=device)
+
+
+def _torch_generator(noise_seed, step, device) -> torch.Generator:
+    step = int(step.item()) if torch.is_tensor(step) else int(step)
+    return torch.Generator(device).manual_seed((int(noise_seed) + step * _STEP_KEY) & 0x7FFFFFFFFFFFFFFF)
+
+
+def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, w, clip, noise_seed, step, half_out):
+    numel = x.numel()
+    if numel >= 2**31:
+        raise ValueError("reverse_step: tensors of 2**31 elements or more are not supported; split the batch")
+    out = torch.empty_like(x)
+    if numel == 0:
+        return out
+    noise_mode = 1 if noise is not None else (2 if noise_seed is not None else 0)
+    block = 1024
+    _reverse_step_kernel[(triton.cdiv(numel, block),)](
+        x, eps, eps_u if eps_u is not None else eps, noise if noise is not None else x, coefs, index,
+        _step_tensor(step, x.device), out, half_out if half_out is not None else out,
+        numel, numel // x.shape[0], w, int(noise_seed or 0) & 0x7FFFFFFF,
+        HAS_UNCOND=eps_u is not None, NOISE_MODE=noise_mode, CLIP=clip, HAS_HALF=half_out is not None,
+        BLOCK_SIZE=block,
+    )
+    return out
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
