@@ -55,27 +55,38 @@ class _Sampler:
 
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None, model_output_uncond: torch.Tensor | None = None,
-             guidance_scale: float = 1.0) -> torch.Tensor:
+             guidance_scale: float = 1.0, noise_seed: int | None = None, step: int | torch.Tensor = 0,
+             half_out: torch.Tensor | None = None) -> torch.Tensor:
         """x_{t-1} from x_t and the model output at timestep t (a pure function of its inputs).
 
-        Noise is taken from ``noise`` if given, else drawn from ``generator`` where the step needs it.
+        Noise comes from ``noise`` if given; else, with ``noise_seed``, from the kernel's Philox stream
+        keyed by (noise_seed, step); else from ``generator`` where the step needs it.
         With ``model_output_uncond``, eps = eps_uncond + guidance_scale * (model_output - eps_uncond).
+        ``half_out`` (fp16/bf16, laid out like x_t) also receives x_{t-1}: the next fast-path model input.
         """
         if not torch.is_tensor(x_t) or x_t.dtype != torch.float32 or x_t.dim() != 4:
             desc = f"{tuple(x_t.shape)} {x_t.dtype}" if torch.is_tensor(x_t) else type(x_t).__name__
             raise ValueError(f"x_t must be the float32 (N, C, H, W) sampler state, got {desc}")
         coefs, _ = self.device_tables(x_t.device)
         index = self.index_for(t, x_t.shape[0], x_t.device)
-        if noise is None and bool((self.coefs[index.cpu(), 5] > 0).any()):
+        if noise is None and noise_seed is None and bool((self.coefs[index.cpu(), 5] > 0).any()):
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
+            noise = noise.contiguous(memory_format=_memory_format(x_t))
         return ops.reverse_step(x_t, model_output, coefs, index, noise=noise, clip_denoised=self.clip_denoised,
-                                model_output_uncond=model_output_uncond, guidance_scale=guidance_scale)
+                                model_output_uncond=model_output_uncond, guidance_scale=guidance_scale,
+                                noise_seed=noise_seed, step=step, half_out=half_out)
 
     @torch.no_grad()
     def sample(self, model, shape, seed: int | None = None, guidance_scale: float | None = None,
                class_labels=None, progress: bool = True, device=None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Run the whole chain from x_T ~ N(0, I); returns x_0 (fp32, roughly in [-1, 1])."""
+        """Run the whole chain from x_T ~ N(0, I); returns x_0 (fp32, roughly in [-1, 1]).
+
+        A reference model draws all noise from ``generator`` (or one seeded with ``seed``). A fast model
+        (UNet.to_fast) keeps x_t channels_last, reads the fp16/bf16 copy the step kernel writes, and
+        draws step noise in the kernel, keyed by (seed, step): same seed, same samples, but a
+        different stream from the reference path's.
+        """
         from tqdm.auto import tqdm
 
         shape = tuple(int(s) for s in shape)
@@ -87,25 +98,38 @@ class _Sampler:
         if generator is None and seed is not None:
             generator = torch.Generator(device).manual_seed(int(seed))
         labels, null = _prepare_labels(model, class_labels, guidance_scale, n, device)
+        fast_dtype = getattr(model, "compute_dtype", None)
 
         x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        x_in, noise_seed = x, None
+        if fast_dtype is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+            x_in = x.to(fast_dtype)
+            noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
         bar = tqdm(total=self.num_steps * n, unit="img-step", unit_scale=True, disable=not progress,
                    desc=type(self).__name__, leave=False)
         start = time.perf_counter()
-        for t in self.timesteps.tolist():
-            x_in = x.to(param.dtype)
+        for i, t in enumerate(self.timesteps.tolist()):
             t_batch = torch.full((n,), t, dtype=torch.int64, device=device)
+            kw = dict(generator=generator)
+            if fast_dtype is not None:
+                kw = dict(noise_seed=noise_seed, step=i, half_out=torch.empty_like(x_in))
             if null is not None:
                 eps = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([labels, null]))
                 eps_c, eps_u = eps.chunk(2)
-                x = self.step(eps_c, t, x, generator=generator, model_output_uncond=eps_u,
-                              guidance_scale=float(guidance_scale))
+                x = self.step(eps_c, t, x, model_output_uncond=eps_u, guidance_scale=float(guidance_scale), **kw)
             else:
-                x = self.step(model(x_in, t_batch, labels), t, x, generator=generator)
+                x = self.step(model(x_in, t_batch, labels), t, x, **kw)
+            x_in = kw.get("half_out", x)
             bar.update(n)
         bar.close()
         self.last_run_seconds = time.perf_counter() - start
         return x
+
+
+def _memory_format(x: torch.Tensor):
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _prepare_labels(model, class_labels, guidance_scale, n, device):

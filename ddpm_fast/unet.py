@@ -5,10 +5,16 @@ Parameter names follow diffusers' UNet2DModel (down_blocks.i.resnets.j.norm1, ..
 so its checkpoints load without renaming, and the pytorch_diffusion layout maps onto them one to one.
 Every GroupNorm(+SiLU)(+time-embedding add) goes through ddpm_fast.ops.group_norm_silu, so the same
 module runs the reference ops or the fused ones by backend.
+
+Two paths, one definition: a UNet is the fp32 NCHW reference; ``model.to_fast(torch.float16)`` returns a
+copy whose weights are cast once to fp16 (or bf16) channels_last, whose activations stay channels_last
+end to end, and whose attention runs through scaled_dot_product_attention (flash/memory-efficient
+kernels on a GPU). The original model is left untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -58,7 +64,12 @@ class ResnetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H*W positions, residual; one head unless head_dim says otherwise."""
+    """Self-attention over the H*W positions, residual; one head unless head_dim says otherwise.
+
+    In channels_last the (N, C, H, W) -> (N, HW, C) token view is free (no copy), in and out.
+    """
+
+    use_sdpa = False  # the reference path writes the softmax out; fast copies use SDPA
 
     def __init__(self, ch: int, groups: int, eps: float, head_dim: int | None = None):
         super().__init__()
@@ -80,9 +91,13 @@ class AttentionBlock(nn.Module):
             return t.reshape(n, hgt * wid, self.heads, c // self.heads).transpose(1, 2)
 
         q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
-        scale = 1.0 / math.sqrt(c // self.heads)
-        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).to(v.dtype)
-        o = (w @ v).transpose(1, 2).reshape(n, hgt * wid, c)
+        if self.use_sdpa:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            scale = 1.0 / math.sqrt(c // self.heads)
+            w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).to(v.dtype)
+            o = w @ v
+        o = o.transpose(1, 2).reshape(n, hgt * wid, c)
         o = self.to_out[0](o).transpose(1, 2).reshape(n, c, hgt, wid)
         return x + o
 
@@ -117,7 +132,12 @@ class _Level(nn.Module):
         self.attentions = nn.ModuleList()
 
 
+FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 class UNet(nn.Module):
+    compute_dtype: torch.dtype | None = None  # set on fast copies (see to_fast)
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         if not isinstance(config, UNetConfig):
@@ -233,8 +253,32 @@ class UNet(nn.Module):
             emb = emb + self.class_embedding(class_labels.long()).to(emb.dtype)
         return F.silu(emb)
 
+    # ---- fast path ----------------------------------------------------------------------------
+
+    def to_fast(self, dtype: torch.dtype = torch.float16) -> UNet:
+        """A copy for the fast path: weights cast once to ``dtype`` and channels_last, SDPA attention.
+
+        Its forward takes x in any float dtype and layout and returns eps in ``dtype``, channels_last.
+        Run it with DDPM_FAST_BACKEND=auto (fused Triton ops on a GPU) or any explicit backend.
+        """
+        if dtype not in FAST_DTYPES:
+            raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
+        fast = copy.deepcopy(self)
+        fast.to(dtype=dtype, memory_format=torch.channels_last)
+        fast.compute_dtype = dtype
+        for m in fast.modules():
+            if isinstance(m, AttentionBlock):
+                m.use_sdpa = True
+        return fast
+
+    @property
+    def is_fast(self) -> bool:
+        return self.compute_dtype is not None
+
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         t, class_labels = self._check_inputs(x, t, class_labels)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype).contiguous(memory_format=torch.channels_last)
         temb = self.time_features(t, class_labels, self.conv_in.weight.dtype)
         h = self.conv_in(x)
         skips = [h]
