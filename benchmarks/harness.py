@@ -92,3 +92,50 @@ def record_bandwidth(benchmark, bytes_moved: int, **info):
     copy = copy_bandwidth_gbps()
     record(benchmark, gb_per_s=round(gbps, 1), copy_gb_per_s=round(copy, 1),
            frac_of_copy=round(gbps / copy, 3), **info)
+
+
+_MATMUL_TFLOPS: dict[str, float] = {}
+
+
+def matmul_tflops(dtype=torch.float16) -> float:
+    """The device's measured dense matmul rate in this dtype (TFLOP/s), measured once per session."""
+    key = f"{DEVICE}-{dtype}"
+    if key not in _MATMUL_TFLOPS:
+        import time
+
+        size = 8192 if DEVICE.type == "cuda" else 512
+        dt = dtype if DEVICE.type == "cuda" else torch.float32
+        a = torch.randn(size, size, device=DEVICE, dtype=dt)
+        b = torch.randn(size, size, device=DEVICE, dtype=dt)
+        for _ in range(3):
+            a @ b
+        sync()
+        reps = 20 if DEVICE.type == "cuda" else 3
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        _MATMUL_TFLOPS[key] = 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
+    return _MATMUL_TFLOPS[key]
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn (convolutions, matmuls, attention), by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def reset_peak_memory():
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+
+def peak_memory_mib() -> float | None:
+    if DEVICE.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(DEVICE) / 2**20, 1)
+    return None
