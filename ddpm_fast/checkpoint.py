@@ -18,6 +18,7 @@ from ddpm_fast.config import UNetConfig
 from ddpm_fast.unet import UNet
 
 CONFIG_NAME = "config.json"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 
@@ -209,11 +210,16 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _read_torch(path: str) -> dict:
+def read_torch_file(path: str):
+    """torch.load with weights_only=True (no code runs from the file), errors naming the file."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _read_torch(path: str, obj=None) -> dict:
+    obj = read_torch_file(path) if obj is None else obj
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
@@ -288,7 +294,18 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
         cfg = config
         sd = _from_diffusers_keys(sd)
     else:
-        sd, source = _read_torch(path), path
+        obj, source = read_torch_file(path), path
+        if isinstance(obj, dict) and {"ema", "unet_config"} <= set(obj):
+            # A ddpm_fast.train checkpoint: sample from its EMA weights.
+            try:
+                cfg = config or UNetConfig.from_dict(obj["unet_config"])
+            except (ValueError, TypeError) as exc:
+                raise CheckpointError(f"{path}: bad unet_config ({exc})") from None
+            model = UNet(cfg)
+            load_state_dict_strict(model, obj["ema"], f"{path} (ema)")
+            model.eval()
+            return model if device is None else model.to(device)
+        sd = _read_torch(path, obj)
         if "temb.dense.0.weight" in sd:
             cfg = config or _infer_pytorch_diffusion_config(sd, path)
             sd = _from_pytorch_diffusion_keys(sd, len(cfg.ch_mult))
@@ -303,12 +320,18 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
     return model if device is None else model.to(device)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """write(tmp_path) then rename over ``path``: readers never see a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -316,18 +339,46 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_pretrained(model: UNet, path) -> None:
-    """Write config.json + diffusion_pytorch_model.safetensors (readable by load_pretrained and diffusers)."""
+def load_schedule(path):
+    """The NoiseSchedule saved beside a model (scheduler_config.json), or None if there is none."""
+    from ddpm_fast.schedule import NoiseSchedule
+
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    candidates = [os.path.join(folder, SCHEDULER_CONFIG_NAME), os.path.join(folder, "scheduler", SCHEDULER_CONFIG_NAME)]
+    if not os.path.isdir(path) and path.endswith((".pt", ".pth")):
+        obj = read_torch_file(path)
+        if isinstance(obj, dict) and isinstance(obj.get("scheduler_config"), dict):
+            return NoiseSchedule.from_config(obj["scheduler_config"])
+    for cand in candidates:
+        if os.path.isfile(cand):
+            try:
+                return NoiseSchedule.from_config(_read_json(cand))
+            except ValueError as exc:
+                raise CheckpointError(f"{cand}: {exc}") from None
+    return None
+
+
+def save_pretrained(model: UNet, path, schedule=None, dtype: torch.dtype | None = None) -> None:
+    """Write config.json + diffusion_pytorch_model.safetensors (readable by load_pretrained and diffusers),
+    and scheduler_config.json when ``schedule`` is given. ``dtype`` stores float weights in that dtype."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    text = json.dumps(to_diffusers_config(model.config), indent=2, sort_keys=True) + "\n"
+    sd = {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
+          .contiguous() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    _atomic_write_json(os.path.join(path, CONFIG_NAME), to_diffusers_config(model.config))
+    if schedule is not None:
+        _atomic_write_json(os.path.join(path, SCHEDULER_CONFIG_NAME), schedule.to_config())
 
-    def write_json(p):
-        with open(p, "w") as f:
+
+def _atomic_write_json(path: str, obj: dict) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+    atomic_write(path, write)

@@ -24,7 +24,8 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels
     t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=generator)
     noise = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
     x_t, _ = ops.q_sample(x0, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, noise=noise)
-    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)  # DDP wraps
+    num_classes = getattr(config, "num_classes", None)
     if class_labels is not None:
         if not num_classes:
             raise ValueError("class_labels given, but the model is unconditional")

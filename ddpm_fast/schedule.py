@@ -40,13 +40,14 @@ class NoiseSchedule:
     the kept timesteps for a respaced one (the model is always called with original timesteps).
     """
 
-    def __init__(self, betas, *, timestep_map=None, name: str = "custom"):
+    def __init__(self, betas, *, timestep_map=None, name: str = "custom", params: dict | None = None):
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.dim() != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
             raise ValueError("betas must be finite and in (0, 1]")
         self.name = name
+        self.params = dict(params or {})  # how a named schedule was made (to_config / from_config)
         self.num_timesteps = betas.numel()
         if timestep_map is None:
             timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
@@ -80,19 +81,20 @@ class NoiseSchedule:
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         _check_steps(num_timesteps)
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-        return cls(betas, name="linear")
+        return cls(betas, name="linear", params=dict(beta_start=beta_start, beta_end=beta_end))
 
     @classmethod
     def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
         _check_steps(num_timesteps)
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
-        return cls(betas, name="scaled_linear")
+        return cls(betas, name="scaled_linear", params=dict(beta_start=beta_start, beta_end=beta_end))
 
     @classmethod
     def sigmoid(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         _check_steps(num_timesteps)
         x = torch.linspace(-6.0, 6.0, num_timesteps, dtype=torch.float64)
-        return cls(torch.sigmoid(x) * (beta_end - beta_start) + beta_start, name="sigmoid")
+        return cls(torch.sigmoid(x) * (beta_end - beta_start) + beta_start, name="sigmoid",
+                   params=dict(beta_start=beta_start, beta_end=beta_end))
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999):
@@ -106,7 +108,7 @@ class NoiseSchedule:
             min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
             for i in range(num_timesteps)
         ]
-        return cls(torch.tensor(betas, dtype=torch.float64), name="cosine")
+        return cls(torch.tensor(betas, dtype=torch.float64), name="cosine", params=dict(s=s, max_beta=max_beta))
 
     @classmethod
     def from_name(cls, name: str, num_timesteps: int = 1000, **kwargs) -> NoiseSchedule:
@@ -120,6 +122,24 @@ class NoiseSchedule:
         if name not in makers:
             raise ValueError(f"unknown beta schedule {name!r}; choose one of {sorted(makers)}")
         return makers[name](num_timesteps, **kwargs)
+
+    def to_config(self) -> dict:
+        """A diffusers-style scheduler config (DDPMScheduler's keys) that from_config reads back."""
+        if self.name not in ("linear", "cosine", "scaled_linear", "sigmoid"):
+            raise ValueError(f"a {self.name!r} schedule has no config; only named schedules do")
+        cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
+               "beta_schedule": "squaredcos_cap_v2" if self.name == "cosine" else self.name,
+               "prediction_type": "epsilon"}
+        cfg.update({k: v for k, v in self.params.items() if k in ("beta_start", "beta_end")})
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> NoiseSchedule:
+        name = cfg.get("beta_schedule", "linear")
+        if cfg.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"prediction_type {cfg['prediction_type']!r} is not supported (epsilon only)")
+        kwargs = {k: cfg[k] for k in ("beta_start", "beta_end") if k in cfg and name != "squaredcos_cap_v2"}
+        return cls.from_name(name, int(cfg.get("num_train_timesteps", 1000)), **kwargs)
 
     # ---- respacing ----------------------------------------------------------------------------
 

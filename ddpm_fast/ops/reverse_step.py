@@ -9,8 +9,9 @@ Coefficients are rows of a (S, 6) fp32 table (columns COEF_COLUMNS) that the sam
 The state x_t and the result are fp32; the model output may be fp32, fp16 or bf16. ``half_out``
 (optional) also receives x_prev in fp16/bf16: the copy the next fast-path U-Net call reads.
 
-Noise z: given, or drawn in the kernel from Philox keyed by (noise_seed, step, element) so a replayed
-graph draws fresh noise as ``step`` (a device tensor) advances. Streams are backend-specific: the torch
+Noise z: given, or drawn in the kernel from Philox keyed by (noise_seed, step, element); both may be
+device tensors, so a replayed graph draws fresh noise as ``step`` advances. ``out`` may be x_t itself
+(in place: each element is read before it is written). Streams are backend-specific: the torch
 fallback draws from a torch.Generator seeded from (noise_seed, step), equal in law, not in value.
 """
 
@@ -35,8 +36,8 @@ if triton is not None:
 
     @triton.jit
     def _reverse_step_kernel(
-        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, STEP_ptr, OUT_ptr, HALF_ptr,
-        numel, per_sample, guidance_scale, noise_seed,
+        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, SEED_ptr, STEP_ptr, OUT_ptr, HALF_ptr,
+        numel, per_sample, guidance_scale,
         HAS_UNCOND: tl.constexpr, NOISE_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_HALF: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
     ):
@@ -62,7 +63,7 @@ if triton is not None:
         if NOISE_MODE == 1:
             out += sigma * tl.load(NOISE_ptr + offs, mask=mask, other=0.0)
         if NOISE_MODE == 2:
-            key = (noise_seed + tl.load(STEP_ptr) * 0x9E3779B1) & 0x7FFFFFFFFFFFFFFF
+            key = (tl.load(SEED_ptr) + tl.load(STEP_ptr) * 0x9E3779B1) & 0x7FFFFFFF
             out += sigma * tl.randn(key, offs.to(tl.int32))
         tl.store(OUT_ptr + offs, out, mask=mask)
         if HAS_HALF:
@@ -127,9 +128,10 @@ def reverse_step(
     clip_denoised: bool = True,
     model_output_uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    noise_seed: int | None = None,
+    noise_seed: int | torch.Tensor | None = None,
     step: int | torch.Tensor = 0,
     half_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse step on the backend DDPM_FAST_BACKEND selects; returns x_prev (fp32)."""
     _validate(x_t, model_output, coefs, index, noise, model_output_uncond)
@@ -138,7 +140,12 @@ def reverse_step(
     if half_out is not None and (half_out.shape != x_t.shape or half_out.dtype not in (torch.float16, torch.bfloat16)
                                  or half_out.stride() != x_t.stride() or half_out.device != x_t.device):
         raise ValueError("reverse_step: half_out must be an fp16/bf16 tensor laid out like x_t")
-    implemented = _IMPLEMENTED if noise_seed is None and half_out is None else _IMPLEMENTED_INKERNEL_NOISE
+    if out is not None and (out.shape != x_t.shape or out.dtype != torch.float32 or out.stride() != x_t.stride()
+                            or out.device != x_t.device):
+        raise ValueError("reverse_step: out must be a float32 tensor laid out like x_t")
+    # The extension writes no half copy and no in-place result; its in-kernel noise runs on CUDA only.
+    native_ok = half_out is None and out is None and (noise_seed is None or x_t.is_cuda)
+    implemented = _IMPLEMENTED if native_ok else _IMPLEMENTED_INKERNEL_NOISE
     backend = ops.resolve_backend("reverse_step", x_t.device, implemented)
     fmt = torch.channels_last if _is_channels_last(x_t) else torch.contiguous_format
 
@@ -149,51 +156,56 @@ def reverse_step(
         return t.contiguous(memory_format=fmt)
 
     coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
-    index = index.to(x_t.device)
+    index = index.to(x_t.device).contiguous()  # kernels read it densely (callers may pass an expand)
     if backend == "cuda":
+        noise_key = None
+        if noise_seed is not None:
+            noise_key = torch.cat([_scalar_tensor(noise_seed, "noise_seed", x_t.device),
+                                   _scalar_tensor(step, "step", x_t.device)])
         return ops.extension().reverse_step(
             dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index,
-            dense(noise, torch.float32), float(guidance_scale), bool(clip_denoised),
+            dense(noise, torch.float32), float(guidance_scale), bool(clip_denoised), noise_key,
         )
     if backend == "triton":
         return _reverse_step_triton(dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index,
                                     dense(noise, torch.float32), float(guidance_scale), bool(clip_denoised),
-                                    noise_seed, step, half_out)
+                                    noise_seed, step, half_out, out)
     if noise_seed is not None:
         noise = torch.randn(x_t.shape, device=x_t.device, generator=_torch_generator(noise_seed, step, x_t.device))
-    out = reverse_step_ref(x_t, model_output, coefs, index, noise, clip_denoised, model_output_uncond,
-                           guidance_scale)
+    result = reverse_step_ref(x_t, model_output, coefs, index, noise, clip_denoised, model_output_uncond,
+                              guidance_scale)
     if half_out is not None:
-        half_out.copy_(out)
-    return out
+        half_out.copy_(result)
+    return result if out is None else out.copy_(result)
 
 
-def _step_tensor(step, device) -> torch.Tensor:
-    if torch.is_tensor(step):
-        if step.numel() != 1 or step.dtype != torch.int64 or step.device != device:
-            raise ValueError(f"reverse_step: step must be one int64 on {device}")
-        return step
-    return torch.tensor([int(step)], dtype=torch.int64, device=device)
+def _scalar_tensor(value, name, device) -> torch.Tensor:
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.dtype != torch.int64 or value.device != device:
+            raise ValueError(f"reverse_step: {name} must be one int64 on {device}")
+        return value
+    return torch.tensor([int(value)], dtype=torch.int64, device=device)
 
 
 def _torch_generator(noise_seed, step, device) -> torch.Generator:
-    step = int(step.item()) if torch.is_tensor(step) else int(step)
-    return torch.Generator(device).manual_seed((int(noise_seed) + step * _STEP_KEY) & 0x7FFFFFFFFFFFFFFF)
+    seed, step = (int(v.item()) if torch.is_tensor(v) else int(v) for v in (noise_seed, step))
+    return torch.Generator(device).manual_seed((seed + step * _STEP_KEY) & 0x7FFFFFFF)
 
 
-def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, w, clip, noise_seed, step, half_out):
+def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, w, clip, noise_seed, step, half_out, out):
     numel = x.numel()
     if numel >= 2**31:
         raise ValueError("reverse_step: tensors of 2**31 elements or more are not supported; split the batch")
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     if numel == 0:
         return out
     noise_mode = 1 if noise is not None else (2 if noise_seed is not None else 0)
     block = 1024
     _reverse_step_kernel[(triton.cdiv(numel, block),)](
         x, eps, eps_u if eps_u is not None else eps, noise if noise is not None else x, coefs, index,
-        _step_tensor(step, x.device), out, half_out if half_out is not None else out,
-        numel, numel // x.shape[0], w, int(noise_seed or 0) & 0x7FFFFFFF,
+        _scalar_tensor(noise_seed or 0, "noise_seed", x.device), _scalar_tensor(step, "step", x.device),
+        out, half_out if half_out is not None else out,
+        numel, numel // x.shape[0], w,
         HAS_UNCOND=eps_u is not None, NOISE_MODE=noise_mode, CLIP=clip, HAS_HALF=half_out is not None,
         BLOCK_SIZE=block,
     )

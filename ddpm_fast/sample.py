@@ -1,0 +1,192 @@
+"""python -m ddpm_fast.sample: draw images from a DDPM and write a PNG grid plus an .npz.
+
+With no arguments it samples the embedded default model (digits). Output: OUT/grid.png and
+OUT/samples_NxHxWxC.npz (uint8 NHWC in arr_0, labels in arr_1 for conditional models), the format
+FID tools read. Same seed, same output. Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.sample ...
+shards the images over ranks (distinct seeds); rank 0 gathers and writes one .npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
+from ddpm_fast.images import save_grid, save_npz
+from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
+from ddpm_fast.schedule import NoiseSchedule
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm_fast.sample", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="a diffusers/ddpm_fast model folder, a pytorch_diffusion .ckpt, or a ddpm_fast.train "
+                        "checkpoint.pt (default: the embedded digits model)")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--steps", type=int, default=None,
+                   help="reverse steps (default: 100 for ddim; every timestep for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"])
+    p.add_argument("--variance", default="fixed_small", choices=["fixed_small", "fixed_large"],
+                   help="DDPM sigma^2: posterior variance or beta")
+    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-label", type=int, default=None,
+                   help="conditional models: this class for every image (default: cycle through the classes)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight w: eps = eps_u + w (eps_c - eps_u) (conditional models)")
+    p.add_argument("--engine", default="eager", choices=["eager", "graph"],
+                   help="graph: capture each step in a CUDA graph and loop in C++ (GPU)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="fast path: fp16 channels_last, fused kernels")
+    precision.add_argument("--bf16", action="store_true", help="fast path in bf16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world, rank
+
+
+def _labels(args, num_classes):
+    if not num_classes:
+        if args.class_label is not None or args.guidance_scale is not None:
+            flag = "--class-label" if args.class_label is not None else "--guidance-scale"
+            raise ValueError(f"{flag} needs a class-conditional model; this checkpoint is unconditional")
+        return None
+    if args.class_label is not None:
+        if not 0 <= args.class_label < num_classes:
+            raise ValueError(f"--class-label must be in [0, {num_classes - 1}] for this model")
+        return torch.full((args.num_samples,), args.class_label, dtype=torch.int64)
+    return torch.arange(args.num_samples, dtype=torch.int64) % num_classes
+
+
+def run(args) -> str | None:
+    world, rank = _dist()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device is None:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no CUDA device is available")
+    path = args.checkpoint or DEFAULT_MODEL
+    if not os.path.exists(path):
+        what = "the embedded model is missing from this install" if args.checkpoint is None else "no such file"
+        raise CheckpointError(f"{path}: {what}")
+    model = load_pretrained(path, device=device)
+    schedule = load_schedule(path) or NoiseSchedule.linear(1000)
+    cfg = model.config
+
+    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+    notes = []
+    if dtype is not None:
+        if device.type != "cuda":
+            notes.append(f"--{'fp16' if args.fp16 else 'bf16'}: no CUDA device, ran the fp32 reference path on "
+                         "the CPU instead")
+        else:
+            model = model.to_fast(dtype)
+    if args.engine == "graph":
+        from ddpm_fast import engine
+
+        why = engine.unavailable_reason(device)
+        if why:
+            notes.append(f"--engine graph: {why}; ran the eager loop instead")
+            args.engine = "eager"
+
+    if args.sampler == "ddim":
+        sampler = DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta,
+                              spacing=args.spacing)
+    else:
+        if args.steps and args.steps != schedule.num_timesteps:
+            schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing))
+        sampler = DDPMSampler(schedule, variance=args.variance)
+
+    labels = _labels(args, cfg.num_classes)
+    mine = torch.arange(args.num_samples)[rank::world]  # this rank's share of the images
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    images = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine) * sampler.num_steps, unit="img-step", unit_scale=True, desc="sample",
+               disable=args.no_progress or rank != 0, dynamic_ncols=True)
+    start = time.perf_counter()
+    for b, chunk in enumerate(mine.split(args.batch_size)):
+        seed = args.seed + 1_000_003 * (rank + world * b)  # distinct per rank and batch, fixed by --seed
+        batch_labels = None if labels is None else labels[chunk]
+        if args.engine == "graph":
+            from ddpm_fast import engine
+
+            x = engine.sample(sampler, model, (len(chunk), *shape), seed=seed, class_labels=batch_labels,
+                              guidance_scale=args.guidance_scale)
+        else:
+            x = sampler.sample(model, (len(chunk), *shape), seed=seed, class_labels=batch_labels,
+                               guidance_scale=args.guidance_scale, progress=False)
+        images.append(to_uint8(x).cpu())
+        bar.update(len(chunk) * sampler.num_steps)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    images = torch.cat(images) if images else torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
+
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object((mine, images), gathered, dst=0)
+        if rank == 0:
+            order = torch.cat([g[0] for g in gathered])
+            stacked = torch.cat([g[1] for g in gathered])
+            images = stacked[torch.argsort(order)]
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    n, h, w, c = images.shape
+    os.makedirs(args.out, exist_ok=True)
+    npz = os.path.join(args.out, f"samples_{n}x{h}x{w}x{c}.npz")
+    save_npz(images, npz, labels)
+    grid_path = os.path.join(args.out, "grid.png")
+    nrow = cfg.num_classes if cfg.num_classes and args.class_label is None else None
+    save_grid(images[: min(n, 400)], grid_path, nrow=nrow, scale=max(1, 128 // max(h, 1)))
+    ran = "fast path " + str(dtype).replace("torch.", "") if dtype is not None and device.type == "cuda" else "fp32"
+    for note in notes:
+        print(note, file=sys.stderr)
+    print(f"{n} images, {args.sampler} {sampler.num_steps} steps, {ran} on {device} ({args.engine}), "
+          f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
+    return npz
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1:
+        parser.error("--num-samples and --batch-size must be positive")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be positive")
+    if args.eta < 0:
+        parser.error("--eta must be >= 0")
+    try:
+        run(args)
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"ddpm_fast.sample: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""python -m ddpm_fast.train / ddpm_fast.sample end to end, on small settings."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+
+from ddpm_fast import NoiseSchedule, UNet, UNetConfig, save_pretrained
+from ddpm_fast import sample as sample_cli
+from ddpm_fast import train as train_cli
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    cfg = UNetConfig.from_name("tiny", num_classes=3)
+    path = tmp_path / "tiny_model"
+    save_pretrained(randomize_(UNet(cfg), 0.05), path, schedule=NoiseSchedule.linear(20))
+    return str(path)
+
+
+def _sample(args, capsys=None):
+    code = sample_cli.main(args + ["--no-progress"])
+    return code
+
+
+def test_sample_writes_grid_and_npz_and_is_deterministic(tmp_path, tiny_model):
+    out1, out2 = tmp_path / "a", tmp_path / "b"
+    common = ["--checkpoint", tiny_model, "--num-samples", "5", "--batch-size", "2", "--steps", "4"]
+    assert _sample(common + ["--out", str(out1)]) == 0
+    assert _sample(common + ["--out", str(out2)]) == 0
+    with np.load(out1 / "samples_5x8x8x3.npz") as a, np.load(out2 / "samples_5x8x8x3.npz") as b:
+        assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (5, 8, 8, 3)
+        assert a["arr_1"].tolist() == [0, 1, 2, 0, 1]
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert (out1 / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra", [["--sampler", "ddpm"], ["--sampler", "ddim", "--eta", "1.0"],
+                                   ["--guidance-scale", "2.0", "--class-label", "1"], ["--engine", "graph"]])
+def test_sample_flag_combinations(tmp_path, tiny_model, extra):
+    args = ["--checkpoint", tiny_model, "--num-samples", "2", "--out", str(tmp_path / "o")] + extra
+    assert _sample(args) == 0
+    assert (tmp_path / "o" / "samples_2x8x8x3.npz").exists()
+
+
+def test_sample_fp16_on_cpu_says_what_it_ran(tmp_path, tiny_model, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert _sample(["--checkpoint", tiny_model, "--num-samples", "1", "--steps", "2", "--fp16",
+                    "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "--fp16: no CUDA device, ran the fp32 reference path on the CPU instead" in err
+
+
+def test_sample_errors_are_one_line(tmp_path, tiny_model, capsys):
+    assert _sample(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm_fast.sample: error:") and "no such file" in err and "\n" not in err
+    assert _sample(["--checkpoint", tiny_model, "--class-label", "7", "--out", str(tmp_path / "o")]) == 2
+    assert "--class-label must be in [0, 2]" in capsys.readouterr().err
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    assert _sample(["--checkpoint", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not a readable torch checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        sample_cli.main(["--steps", "0"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        sample_cli.main(["--sampler", "euler"])
+
+
+def test_unconditional_model_rejects_guidance(tmp_path, capsys):
+    path = tmp_path / "uncond"
+    save_pretrained(UNet(UNetConfig.from_name("tiny")), path)
+    assert _sample(["--checkpoint", str(path), "--guidance-scale", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "needs a class-conditional model" in capsys.readouterr().err
+
+
+def _npz_data(path, n=24, size=8, labels=True):
+    rng = np.random.default_rng(0)
+    arrays = {"arr_0": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)}
+    if labels:
+        arrays["arr_1"] = rng.integers(0, 3, n)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _train(args):
+    return train_cli.main(args + ["--no-progress", "--log-every", "1"])
+
+
+TRAIN = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2"]
+
+
+def test_train_then_sample(tmp_path):
+    data = _npz_data(tmp_path / "d.npz", labels=False)
+    out = tmp_path / "run"
+    assert _train(TRAIN + ["--data", data, "--steps", "3", "--out", str(out), "--sample-every", "3"]) == 0
+    assert (out / "checkpoint.pt").exists() and (out / "samples" / "step_0000003.png").exists()
+    assert sorted(os.listdir(out / "model")) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                 "scheduler_config.json"]
+    for ckpt in (out / "model", out / "checkpoint.pt"):
+        assert _sample(["--checkpoint", str(ckpt), "--num-samples", "2", "--steps", "3",
+                        "--out", str(tmp_path / "s")]) == 0
+
+
+def _state(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_is_exact(tmp_path):
+    data = _npz_data(tmp_path / "d.npz", labels=False)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = TRAIN + ["--data", data, "--save-every", "100"]
+    assert _train(common + ["--steps", "6", "--out", str(straight)]) == 0
+    assert _train(common + ["--steps", "3", "--out", str(split)]) == 0
+    assert _train(common + ["--steps", "6", "--out", str(split), "--resume"]) == 0
+    a, b = _state(straight / "checkpoint.pt"), _state(split / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    for k, v in a["optimizer"]["state"].items():
+        for name, tensor in v.items():
+            assert torch.equal(tensor, b["optimizer"]["state"][k][name]), f"optimizer {k}.{name}"
+
+
+def test_resume_with_other_flags_is_refused(tmp_path, capsys):
+    data = _npz_data(tmp_path / "d.npz", labels=False)
+    out = tmp_path / "run"
+    assert _train(TRAIN + ["--data", data, "--steps", "1", "--out", str(out)]) == 0
+    assert _train(TRAIN + ["--data", data, "--steps", "2", "--out", str(out), "--resume", "--lr", "1e-3"]) == 2
+    assert "--lr 0.0002 (checkpoint) vs 0.001" in capsys.readouterr().err
+
+
+def test_train_data_errors(tmp_path, capsys):
+    from PIL import Image
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(TRAIN + ["--data", str(empty), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "a.png")
+    Image.new("RGB", (9, 8)).save(mixed / "b.png")
+    assert _train(TRAIN + ["--data", str(mixed), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "images of mixed sizes" in capsys.readouterr().err
+    (mixed / "b.png").write_bytes(b"garbage")
+    assert _train(TRAIN + ["--data", str(mixed), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "b.png: cannot read image" in capsys.readouterr().err
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    Image.new("RGB", (16, 16)).save(wrong / "a.png")
+    assert _train(TRAIN + ["--data", str(wrong), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "data is 16x16 with 3 channel(s), the model config wants 8x8 with 3" in capsys.readouterr().err
+    np.savez(tmp_path / "f.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    assert _train(TRAIN + ["--data", str(tmp_path / "f.npz"), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "arr_0 must be uint8" in capsys.readouterr().err
+    assert _train(TRAIN + ["--data", str(tmp_path / "nope"), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(["--data", "digits", "--batch-size", "0"])
+
+
+def test_train_digits_conditional_with_label_dropout(tmp_path):
+    assert _train(["--data", "digits", "--config", "digits", "--batch-size", "4", "--steps", "2",
+                   "--num-timesteps", "20", "--cond-drop-prob", "0.5", "--out", str(tmp_path / "d")]) == 0
+
+
+def _torchrun(module, args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", module] + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_sampling_shards_over_two_processes(tmp_path, tiny_model):
+    outs = []
+    for run in ("r1", "r2"):
+        res = _torchrun("ddpm_fast.sample", ["--checkpoint", tiny_model, "--num-samples", "5", "--steps", "3",
+                                             "--device", "cpu", "--no-progress", "--out", str(tmp_path / run)],
+                        tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        with np.load(tmp_path / run / "samples_5x8x8x3.npz") as f:
+            outs.append((f["arr_0"], f["arr_1"]))
+    (a, la), (b, _) = outs
+    assert a.shape == (5, 8, 8, 3) and la.tolist() == [0, 1, 2, 0, 1]
+    assert np.array_equal(a, b), "same seed, same output under torchrun"
+    assert len({a[i].tobytes() for i in range(5)}) == 5, "ranks must draw distinct images"
+
+
+@pytest.mark.slow
+def test_torchrun_training_ddp_gloo(tmp_path):
+    data = _npz_data(tmp_path / "d.npz", labels=False)
+    res = _torchrun("ddpm_fast.train", TRAIN + ["--data", data, "--steps", "2", "--device", "cpu", "--no-progress",
+                                                "--out", str(tmp_path / "ddp")], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model" / "config.json").exists()

@@ -1,0 +1,115 @@
+"""The graph engine: its C++ CPU loop against the Python samplers, and (GPU) graphs against eager."""
+
+import pytest
+import torch
+from conftest import randomize_
+
+from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig, engine, ops
+
+needs_ext = pytest.mark.skipif(ops.extension() is None, reason="ddpm_fast._C not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("sampler", [
+    DDPMSampler(NoiseSchedule.linear(8)),
+    DDPMSampler(NoiseSchedule.cosine(8), variance="fixed_large", clip_denoised=False),
+    DDIMSampler(NoiseSchedule.linear(100), 5, eta=1.0),
+    DDIMSampler(NoiseSchedule.linear(100), 5, eta=0.0, spacing="trailing"),
+], ids=["ddpm-small", "ddpm-large-noclip", "ddim-eta1", "ddim-eta0"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_cpu_loop_matches_python_sampler(sampler, guided):
+    cfg = UNetConfig.from_name("tiny", num_classes=3)
+    model = randomize_(UNet(cfg).eval(), 0.05)
+    kw = dict(class_labels=torch.tensor([0, 2]), guidance_scale=2.0 if guided else None)
+    with ops.use_backend("torch"):
+        want = sampler.sample(model, (2, 3, 8, 8), seed=4, progress=False, **kw)
+    got = engine.GraphEngine().sample(sampler, model, (2, 3, 8, 8), seed=4, **kw)
+    # Same noise, same order; the update runs in the C++ kernel instead of torch ops.
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    again = engine.GraphEngine().sample(sampler, model, (2, 3, 8, 8), seed=4, **kw)
+    assert torch.equal(got, again)
+
+
+@needs_ext
+def test_cpu_loop_rejects_bad_tables():
+    ext = ops.extension()
+    x = torch.randn(1, 3, 4, 4)
+    coefs = torch.rand(3, 6)
+
+    def model_fn(x_t, i):
+        return torch.zeros_like(x_t)
+
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.sample_loop_cpu(model_fn, x, coefs, torch.tensor([0, 3]), 1.0, True, None)
+    with pytest.raises(RuntimeError, match="rows must be a 1-D int64"):
+        ext.sample_loop_cpu(model_fn, x, coefs, torch.tensor([0.0]), 1.0, True, None)
+    with pytest.raises(RuntimeError, match="must return eps or"):
+        ext.sample_loop_cpu(lambda x_t, i: (x_t, x_t, x_t), x, coefs, torch.tensor([0]), 1.0, True, None)
+
+
+def test_unavailable_reason_on_cpu():
+    assert (engine.unavailable_reason("cpu") is None) == (ops.extension() is not None)
+
+
+# ---- GPU: CUDA graphs ------------------------------------------------------------------------------
+
+
+def _gpu_model(preset="tiny", **kw):
+    cfg = UNetConfig.from_name(preset, dropout=0.0, **kw)
+    return randomize_(UNet(cfg).eval(), 0.02).cuda().to_fast(torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", [DDPMSampler(NoiseSchedule.linear(50)),
+                                     DDIMSampler(NoiseSchedule.cosine(1000), 20, eta=0.5)])
+@pytest.mark.parametrize("guided", [False, True])
+def test_graph_equals_eager_fast_path(sampler, guided):
+    model = _gpu_model(num_classes=4)
+    kw = dict(class_labels=torch.tensor([0, 1, 2, 3], device="cuda"), guidance_scale=3.0 if guided else None)
+    with ops.use_backend("triton"):
+        eager = sampler.sample(model, (4, 3, 8, 8), seed=5, progress=False, **kw)
+        eng = engine.GraphEngine()
+        graph = eng.sample(sampler, model, (4, 3, 8, 8), seed=5, **kw)
+        again = eng.sample(sampler, model, (4, 3, 8, 8), seed=5, **kw)
+    print("max |graph - eager|:", (graph - eager).abs().max().item())
+    assert torch.equal(graph, again), "graph replays must be deterministic"
+    torch.testing.assert_close(graph, eager, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_graph_cache_and_memory():
+    model = _gpu_model()
+    sampler = DDIMSampler(NoiseSchedule.linear(1000), 10)
+    eng = engine.GraphEngine()
+    eng.sample(sampler, model, (2, 3, 8, 8), seed=0)
+    assert eng.captures == 1
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for seed in range(3):
+        eng.sample(sampler, model, (2, 3, 8, 8), seed=seed)
+    torch.cuda.synchronize()
+    assert eng.captures == 1, "same settings must not re-capture"
+    assert torch.cuda.memory_allocated() <= before + 2 * 2 * 3 * 8 * 8 * 4, "memory must not grow across calls"
+    eng.sample(sampler, model, (4, 3, 8, 8), seed=0)
+    assert eng.captures == 2, "a new shape must capture a new graph"
+    eng.sample(DDIMSampler(NoiseSchedule.linear(1000), 20), model, (4, 3, 8, 8), seed=0)
+    assert eng.captures == 3, "new sampler settings must capture a new graph"
+
+
+@pytest.mark.gpu
+def test_cuda_in_kernel_noise_statistics():
+    x = torch.randn(8, 4, 32, 32, device="cuda")
+    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], device="cuda")
+    index = torch.zeros(8, dtype=torch.int64, device="cuda")
+    ext = ops.extension()
+
+    def z(seed, step):
+        key = torch.tensor([seed, step], device="cuda")
+        return ext.reverse_step(x, x, None, coefs, index, None, 1.0, False, key).flatten().double()
+
+    a, b, c = z(1, 0), z(1, 1), z(1, 0)
+    n = a.numel()
+    assert torch.equal(a, c)
+    assert abs(a.mean().item()) < 5 / n**0.5 and abs(a.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5 / n**0.5
+    assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1].item()) < 5 / n**0.5
