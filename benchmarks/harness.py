@@ -139,3 +139,15 @@ def peak_memory_mib() -> float | None:
     if DEVICE.type == "cuda":
         return round(torch.cuda.max_memory_allocated(DEVICE) / 2**20, 1)
     return None
+
+
+def random_unet(preset: str):
+    """The preset's U-Net with fresh N(0, 0.02) weights (every provider of a run gets the same ones)."""
+    from ddpm_fast import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.from_name(preset, dropout=0.0)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.to(DEVICE)

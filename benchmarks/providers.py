@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_fast import DDPMSampler, NoiseSchedule, UNet, UNetConfig, ops
+from ddpm_fast import DDPMSampler, NoiseSchedule, UNet, ops
 
 
 @dataclass
@@ -23,12 +23,10 @@ class StepCase:
 
 
 def make_case(preset: str, batch: int, device: torch.device) -> StepCase:
-    torch.manual_seed(0)
-    cfg = UNetConfig.from_name(preset, dropout=0.0)
-    model = UNet(cfg).to(device).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    from harness import random_unet
+
+    model = random_unet(preset).to(device)
+    cfg = model.config
     x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
     return StepCase(model, DDPMSampler(NoiseSchedule.linear()), x, 500)
 

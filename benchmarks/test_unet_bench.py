@@ -16,25 +16,17 @@ from harness import (
     matmul_tflops,
     mean_seconds,
     peak_memory_mib,
+    random_unet,
     record,
     reset_peak_memory,
     run_timed,
 )
 
-from ddpm_fast import NoiseSchedule, UNet, UNetConfig, ops, training_loss
+from ddpm_fast import NoiseSchedule, ops, training_loss
 from ddpm_fast.checkpoint import to_diffusers_config
 
 HALF = torch.float16 if DEVICE.type == "cuda" else torch.bfloat16
 PROVIDERS = ["reference", "torch_fp16_cl", "torch_compile", "diffusers_fp16", "ddpm_fast"]
-
-
-def _model(preset):
-    torch.manual_seed(0)
-    model = UNet(UNetConfig.from_name(preset, dropout=0.0)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.to(DEVICE)
 
 
 def _forward(provider, model, x, t):
@@ -71,7 +63,7 @@ def _forward(provider, model, x, t):
 @pytest.mark.parametrize("preset, batch", UNET_SHAPES, ids=[f"{p}-b{b}" for p, b in UNET_SHAPES])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_unet_forward(benchmark, provider, preset, batch):
-    model = _model(preset)
+    model = random_unet(preset)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=DEVICE)
     t = torch.randint(0, 1000, (batch,), device=DEVICE)
@@ -96,7 +88,7 @@ TRAIN_SHAPE = {"tiny": ("tiny", 4), "full": ("cifar10", 128)}[SIZE]
 @pytest.mark.parametrize("provider", ["eager_amp", "ddpm_fast_amp"])
 def test_train_step(benchmark, provider):
     preset, batch = TRAIN_SHAPE
-    model = _model(preset).train()
+    model = random_unet(preset).train()
     cfg = model.config
     sched = NoiseSchedule.linear()
     x0 = torch.rand(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=DEVICE) * 2 - 1

@@ -3,6 +3,7 @@
 Public API: schedules, the U-Net and its presets, samplers, the training loss, checkpoints.
 """
 
+from ddpm_fast import engine
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.losses import training_loss
@@ -20,6 +21,7 @@ __all__ = [
     "NoiseSchedule",
     "UNet",
     "UNetConfig",
+    "engine",
     "load_pretrained",
     "save_pretrained",
     "to_uint8",

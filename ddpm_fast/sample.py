@@ -96,6 +96,9 @@ def run(args) -> str | None:
 
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     notes = []
+    if args.engine == "graph" and device.type == "cuda" and dtype is None:
+        dtype = torch.float16
+        notes.append("--engine graph runs the fast path: using fp16 (pass --bf16 for bf16)")
     if dtype is not None:
         if device.type != "cuda":
             notes.append(f"--{'fp16' if args.fp16 else 'bf16'}: no CUDA device, ran the fp32 reference path on "

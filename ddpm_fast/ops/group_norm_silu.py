@@ -31,15 +31,22 @@ _IMPLEMENTED = ("triton", "torch")
 if triton is not None:
 
     @triton.jit
-    def _element_offsets(e, hw, cg, g, stride_c, stride_hw, CHANNELS_LAST: tl.constexpr):
-        # e: flat index within one group's cg * hw elements, in the tensor's memory order.
+    def _load_block(X_ptr, ADD_ptr, n, g, off, end, hw, cg, stride_x_n, stride_c, stride_hw, stride_add_n,
+                    HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """One block of group (n, g) as fp32 (x + add), walked in memory order; returns (x, c, offs, mask)."""
+        e = off + tl.arange(0, BLOCK_SIZE)  # flat index within the group's cg * hw elements
+        mask = e < end
         if CHANNELS_LAST:
             s = e // cg
             c = g * cg + e % cg
         else:
             c = g * cg + e // hw
             s = e % hw
-        return c, c * stride_c + s * stride_hw
+        offs = n * stride_x_n + c * stride_c + s * stride_hw
+        x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            x += tl.load(ADD_ptr + n * stride_add_n + c, mask=mask, other=0.0).to(tl.float32)
+        return x, c, offs, mask
 
     @triton.jit
     def _group_norm_stats_kernel(
@@ -58,12 +65,8 @@ if triton is not None:
         mean = 0.0
         m2 = 0.0
         for off in range(start, end, BLOCK_SIZE):
-            e = off + tl.arange(0, BLOCK_SIZE)
-            mask = e < end
-            c, offs = _element_offsets(e, hw, cg, g, stride_c, stride_hw, CHANNELS_LAST)
-            x = tl.load(X_ptr + n * stride_x_n + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                x += tl.load(ADD_ptr + n * stride_add_n + c, mask=mask, other=0.0).to(tl.float32)
+            x, c, offs, mask = _load_block(X_ptr, ADD_ptr, n, g, off, end, hw, cg, stride_x_n, stride_c, stride_hw,
+                                           stride_add_n, HAS_ADD, CHANNELS_LAST, BLOCK_SIZE)
             b_count = tl.sum(mask.to(tl.float32), axis=0)
             b_mean = tl.sum(x, axis=0) / b_count
             d = tl.where(mask, x - b_mean, 0.0)
@@ -110,19 +113,15 @@ if triton is not None:
         start = pid_s * chunk
         end = tl.minimum(start + chunk, group_size)
         for off in range(start, end, BLOCK_SIZE):
-            e = off + tl.arange(0, BLOCK_SIZE)
-            mask = e < end
-            c, offs = _element_offsets(e, hw, cg, g, stride_c, stride_hw, CHANNELS_LAST)
-            x = tl.load(X_ptr + n * stride_x_n + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                x += tl.load(ADD_ptr + n * stride_add_n + c, mask=mask, other=0.0).to(tl.float32)
+            x, c, offs, mask = _load_block(X_ptr, ADD_ptr, n, g, off, end, hw, cg, stride_x_n, stride_c, stride_hw,
+                                           stride_add_n, HAS_ADD, CHANNELS_LAST, BLOCK_SIZE)
             y = (x - mean) * rstd
             if HAS_AFFINE:
                 y = y * tl.load(W_ptr + c, mask=mask, other=1.0).to(tl.float32)
                 y += tl.load(B_ptr + c, mask=mask, other=0.0).to(tl.float32)
             if SILU:
                 y = y / (1.0 + tl.exp(-y))
-            tl.store(Y_ptr + n * stride_x_n + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+            tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, silu: bool = True):
