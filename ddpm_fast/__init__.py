@@ -4,7 +4,7 @@ Public API: schedules, the U-Net and its presets, samplers, the training loss, c
 """
 
 from ddpm_fast import engine
-from ddpm_fast.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.losses import training_loss
 from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
@@ -23,6 +23,7 @@ __all__ = [
     "UNetConfig",
     "engine",
     "load_pretrained",
+    "load_schedule",
     "save_pretrained",
     "to_uint8",
     "training_loss",

@@ -161,6 +161,8 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     y = torch.empty_like(x, memory_format=fmt)
     if x.numel() == 0:
         return y
+    if x.numel() >= 2**31:
+        raise ValueError("group_norm_silu: tensors of 2**31 elements or more are not supported; split the batch")
     # On a GPU 1024-element blocks; the interpreter pays per block, so it gets bigger ones.
     block = 1024 if x.device.type == "cuda" else 4096
     block = min(block, triton.next_power_of_2(group_size))

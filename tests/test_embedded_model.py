@@ -1,0 +1,41 @@
+"""The embedded default model: `python -m ddpm_fast.sample` with no checkpoint draws recognizable digits."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast import load_pretrained, load_schedule
+from ddpm_fast import sample as sample_cli
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(sample_cli.DEFAULT_MODEL), reason="no embedded model in this tree")
+
+
+def test_embedded_model_is_small_and_loads():
+    files = os.listdir(sample_cli.DEFAULT_MODEL)
+    size = sum(os.path.getsize(os.path.join(sample_cli.DEFAULT_MODEL, f)) for f in files)
+    assert size < 5 * 2**20, f"the embedded model should be a few MB at most, is {size / 2**20:.1f} MB"
+    model = load_pretrained(sample_cli.DEFAULT_MODEL)
+    assert model.config.num_classes == 10 and model.config.sample_size == 16
+    assert load_schedule(sample_cli.DEFAULT_MODEL) is not None
+
+
+def test_default_sampling_draws_the_asked_digits(tmp_path):
+    """A classifier trained on scikit-learn's real digits must read the conditioning label back."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    assert sample_cli.main(["--num-samples", "100", "--out", str(tmp_path), "--no-progress"]) == 0
+    with np.load(tmp_path / "samples_100x16x16x1.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (100, 16, 16, 1) and sorted(set(labels.tolist())) == list(range(10))
+    digits = load_digits()
+    clf = LogisticRegression(max_iter=2000).fit(digits.data / 16.0, digits.target)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x8 = F.interpolate(x, size=(8, 8), mode="area").flatten(1).numpy()
+    accuracy = float((clf.predict(x8) == labels).mean())
+    print(f"classifier agrees with the conditioning label on {accuracy:.0%} of samples")
+    assert accuracy >= 0.8
+    assert len({images[i].tobytes() for i in range(100)}) == 100, "samples must differ"
