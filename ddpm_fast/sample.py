@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -112,6 +113,8 @@ def run(args) -> str | None:
         if why:
             notes.append(f"--engine graph: {why}; ran the eager loop instead")
             args.engine = "eager"
+        elif device.type != "cuda":
+            notes.append("--engine graph: no CUDA device; ran the C++ loop without CUDA graphs")
 
     if args.sampler == "ddim":
         sampler = DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta,
@@ -136,8 +139,10 @@ def run(args) -> str | None:
         if args.engine == "graph":
             from ddpm_fast import engine
 
-            x = engine.sample(sampler, model, (len(chunk), *shape), seed=seed, class_labels=batch_labels,
-                              guidance_scale=args.guidance_scale)
+            with warnings.catch_warnings():  # the CLI prints its own one-line notes
+                warnings.simplefilter("ignore", RuntimeWarning)
+                x = engine.sample(sampler, model, (len(chunk), *shape), seed=seed, class_labels=batch_labels,
+                                  guidance_scale=args.guidance_scale)
         else:
             x = sampler.sample(model, (len(chunk), *shape), seed=seed, class_labels=batch_labels,
                                guidance_scale=args.guidance_scale, progress=False)

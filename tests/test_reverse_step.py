@@ -193,3 +193,26 @@ def test_backend_switch():
 @pytest.mark.gpu
 def test_cuda_extension_built_with_cuda():
     assert ops.extension() is not None and ops.extension().with_cuda()
+
+
+def test_package_works_without_the_extension():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['ddpm_fast._C'] = None  # as if the extension had not been built\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, ddpm_fast\n"
+        "    from ddpm_fast import ops\n"
+        "assert ops.extension() is None\n"
+        "msgs = [str(w.message) for w in caught if 'ddpm_fast._C' in str(w.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "s = ddpm_fast.DDPMSampler(ddpm_fast.NoiseSchedule.linear(10))\n"
+        "x = torch.randn(1, 3, 4, 4)\n"
+        "print(s.step(torch.randn_like(x), 5, x, noise=torch.randn_like(x)).shape)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "torch.Size([1, 3, 4, 4])" in res.stdout
