@@ -8,8 +8,12 @@ Triton path, two kernels: each group is split over SPLIT programs so the grid fi
 batch 1. ``_stats`` reduces one chunk to (count, mean, M2) with a per-block Chan/Welford merge (no
 sum-of-squares cancellation); ``_apply`` merges its group's partials and normalizes its chunk. Each
 chunk is walked in memory order (channel-major for NCHW, position-major for channels_last), so loads
-are coalesced in both formats. The backward recomputes the reference under autograd: exact, and the
-forward pass (the sampling hot path) stays one read and one write over x.
+are coalesced in both formats; ``_apply`` also keeps each group's mean and rstd for the backward.
+
+Backward, two kernels over tiles of (positions x the group's channels): ``_bwd_reduce`` sums
+dL/dxhat and dL/dxhat * xhat per group and the weight/bias gradients per channel; ``_bwd_apply``
+writes dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) and the per-channel sums of the add
+gradient. Partial sums go to buffers finished by torch (deterministic: no atomics).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_apply_kernel(
-        X_ptr, ADD_ptr, W_ptr, B_ptr, Y_ptr, PART_ptr,
+        X_ptr, ADD_ptr, W_ptr, B_ptr, Y_ptr, PART_ptr, MEAN_ptr, RSTD_ptr,
         hw, cg, num_groups, chunk, group_size, eps,
         stride_x_n, stride_c, stride_hw, stride_add_n,
         SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
@@ -109,6 +113,8 @@ if triton is not None:
             m2 += b_m2 + delta * delta * count * w
             count = new_count
         rstd = 1.0 / tl.sqrt(m2 / count + eps)
+        tl.store(MEAN_ptr + pid_g, mean, mask=pid_s == 0)
+        tl.store(RSTD_ptr + pid_g, rstd, mask=pid_s == 0)
 
         start = pid_s * chunk
         end = tl.minimum(start + chunk, group_size)
@@ -122,6 +128,109 @@ if triton is not None:
             if SILU:
                 y = y / (1.0 + tl.exp(-y))
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+    # ---- backward: tiles of (positions x the group's channels), so per-channel sums are row sums ----
+
+    @triton.jit
+    def _bwd_tile(X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, n, g, s0, s_end, cg, mean, rstd,
+                  stride_x_n, stride_c, stride_hw, stride_add_n,
+                  HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+                  BLOCK_S: tl.constexpr, CG_P2: tl.constexpr):
+        """xhat, dL/d(GroupNorm output) and dL/dxhat on one tile; zero outside the mask."""
+        s = s0 + tl.arange(0, BLOCK_S)
+        cc = tl.arange(0, CG_P2)
+        c = g * cg + cc
+        c_ok = cc < cg
+        mask = (s < s_end)[:, None] & c_ok[None, :]
+        offs = n * stride_x_n + c[None, :] * stride_c + s[:, None] * stride_hw
+        x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            x += tl.load(ADD_ptr + n * stride_add_n + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        dy = tl.load(DY_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_AFFINE:
+            w = tl.load(W_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            b = tl.load(B_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            w = 1.0
+            b = 0.0
+        if SILU:
+            yg = xhat * w + b
+            sig = 1.0 / (1.0 + tl.exp(-yg))
+            dy = dy * sig * (1.0 + yg * (1.0 - sig))
+        return xhat, dy, dy * w, offs, mask
+
+    @triton.jit
+    def _group_norm_bwd_reduce_kernel(
+        X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, MEAN_ptr, RSTD_ptr, PART_ptr, CPART_ptr,
+        hw, cg, num_groups, chunk_s,
+        stride_x_n, stride_c, stride_hw, stride_add_n,
+        SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_S: tl.constexpr, CG_P2: tl.constexpr,
+    ):
+        pid_g = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n = pid_g // num_groups
+        g = pid_g % num_groups
+        mean = tl.load(MEAN_ptr + pid_g)
+        rstd = tl.load(RSTD_ptr + pid_g)
+        start = pid_s * chunk_s
+        end = tl.minimum(start + chunk_s, hw)
+        sum_dxhat = 0.0
+        sum_dxhat_xhat = 0.0
+        dw = tl.zeros([CG_P2], dtype=tl.float32)
+        db = tl.zeros([CG_P2], dtype=tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            xhat, dyg, dxhat, offs, mask = _bwd_tile(
+                X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, n, g, s0, end, cg, mean, rstd,
+                stride_x_n, stride_c, stride_hw, stride_add_n, HAS_ADD, HAS_AFFINE, SILU, BLOCK_S, CG_P2)
+            sum_dxhat += tl.sum(tl.sum(dxhat, axis=1), axis=0)
+            sum_dxhat_xhat += tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0)
+            dw += tl.sum(dyg * xhat, axis=0)
+            db += tl.sum(dyg, axis=0)
+        prog = pid_g * SPLIT + pid_s
+        tl.store(PART_ptr + prog * 2, sum_dxhat)
+        tl.store(PART_ptr + prog * 2 + 1, sum_dxhat_xhat)
+        cc = tl.arange(0, CG_P2)
+        tl.store(CPART_ptr + (prog * 2) * CG_P2 + cc, dw)
+        tl.store(CPART_ptr + (prog * 2 + 1) * CG_P2 + cc, db)
+
+    @triton.jit
+    def _group_norm_bwd_apply_kernel(
+        X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, MEAN_ptr, RSTD_ptr, PART_ptr, DX_ptr, DADD_ptr,
+        hw, cg, num_groups, chunk_s,
+        stride_x_n, stride_c, stride_hw, stride_add_n,
+        SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_S: tl.constexpr, CG_P2: tl.constexpr,
+    ):
+        pid_g = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n = pid_g // num_groups
+        g = pid_g % num_groups
+        mean = tl.load(MEAN_ptr + pid_g)
+        rstd = tl.load(RSTD_ptr + pid_g)
+        total_dxhat = 0.0
+        total_dxhat_xhat = 0.0
+        for i in range(SPLIT):
+            total_dxhat += tl.load(PART_ptr + (pid_g * SPLIT + i) * 2)
+            total_dxhat_xhat += tl.load(PART_ptr + (pid_g * SPLIT + i) * 2 + 1)
+        count = (hw * cg).to(tl.float32)
+        c1 = total_dxhat / count
+        c2 = total_dxhat_xhat / count
+        start = pid_s * chunk_s
+        end = tl.minimum(start + chunk_s, hw)
+        dadd = tl.zeros([CG_P2], dtype=tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            xhat, dyg, dxhat, offs, mask = _bwd_tile(
+                X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, n, g, s0, end, cg, mean, rstd,
+                stride_x_n, stride_c, stride_hw, stride_add_n, HAS_ADD, HAS_AFFINE, SILU, BLOCK_S, CG_P2)
+            dx = tl.where(mask, rstd * (dxhat - c1 - xhat * c2), 0.0)
+            tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+            if HAS_ADD:
+                dadd += tl.sum(dx, axis=0)
+        if HAS_ADD:
+            tl.store(DADD_ptr + (pid_g * SPLIT + pid_s) * CG_P2 + tl.arange(0, CG_P2), dadd)
 
 
 def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, silu: bool = True):
@@ -159,8 +268,10 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     hw, cg = h * w, c // num_groups
     group_size = cg * hw
     y = torch.empty_like(x, memory_format=fmt)
+    mean = torch.empty(n * num_groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
     if x.numel() == 0:
-        return y
+        return y, mean, rstd
     if x.numel() >= 2**31:
         raise ValueError("group_norm_silu: tensors of 2**31 elements or more are not supported; split the batch")
     # On a GPU 1024-element blocks; the interpreter pays per block, so it gets bigger ones.
@@ -186,33 +297,69 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     has_affine = weight is not None
     _group_norm_apply_kernel[grid](
         x, add_arg, weight.contiguous() if has_affine else x, bias.contiguous() if has_affine else x, y, partials,
-        hw, cg, num_groups, chunk, group_size, float(eps),
+        mean, rstd, hw, cg, num_groups, chunk, group_size, float(eps),
         stride_n, stride_c, stride_hw, add.stride(0) if add is not None else 0,
         SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu),
         CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
     )
-    return y
+    return y, mean, rstd
+
+
+def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, silu, split=None):
+    """(dx, dweight, dbias, dadd): two passes over (x, dy); per-channel sums finished in torch."""
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    grad_y = grad_y.contiguous(memory_format=fmt)
+    n, c, h, w = x.shape
+    hw, cg = h * w, c // num_groups
+    cg_p2 = triton.next_power_of_2(cg)
+    block = 1024 if x.device.type == "cuda" else 4096
+    block_s = max(1, min(block // cg_p2, triton.next_power_of_2(hw)))
+    split = split or _pick_split(n * num_groups, hw, block_s, x.device)
+    chunk_s = -(-hw // split)
+    chunk_s = -(-chunk_s // block_s) * block_s
+    split = -(-hw // chunk_s)
+    programs = n * num_groups * split
+    part = torch.empty(programs * 2, device=x.device, dtype=torch.float32)
+    cpart = torch.empty(programs * 2 * cg_p2, device=x.device, dtype=torch.float32)
+    dadd_part = torch.zeros(programs * cg_p2, device=x.device, dtype=torch.float32) if add is not None else part
+    dx = torch.empty_like(x)
+    has_affine = weight is not None
+    add_c = add.contiguous() if add is not None else None
+    args = (x, add_c if add is not None else x, grad_y, weight.contiguous() if has_affine else x,
+            bias.contiguous() if has_affine else x, mean, rstd)
+    geometry = (hw, cg, num_groups, chunk_s, x.stride(0), x.stride(1), x.stride(3),
+                add_c.stride(0) if add is not None else 0)
+    flags = dict(SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu), BLOCK_S=block_s,
+                 CG_P2=cg_p2)
+    grid = (n * num_groups, split)
+    _group_norm_bwd_reduce_kernel[grid](*args, part, cpart, *geometry, **flags)
+    _group_norm_bwd_apply_kernel[grid](*args, part, dx, dadd_part, *geometry, **flags)
+    dweight = dbias = dadd = None
+    if has_affine:
+        per_channel = cpart.view(n, num_groups, split, 2, cg_p2)[..., :cg].sum(dim=(0, 2))  # (G, 2, cg)
+        dweight = per_channel[:, 0].reshape(c).to(weight.dtype)
+        dbias = per_channel[:, 1].reshape(c).to(bias.dtype)
+    if add is not None:
+        dadd = dadd_part.view(n, num_groups, split, cg_p2)[..., :cg].sum(dim=2).reshape(n, c).to(add.dtype)
+    return dx, dweight, dbias, dadd
 
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, add, num_groups, eps, silu):
-        ctx.save_for_backward(x, weight, bias, add)
-        ctx.config = (num_groups, eps, silu)
-        return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
+        y, mean, rstd = _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
+        ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+        ctx.config = (num_groups, silu)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, add = ctx.saved_tensors
-        num_groups, eps, silu = ctx.config
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip((x, weight, bias, add), ctx.needs_input_grad[:4], strict=True)]
-        with torch.enable_grad():
-            y = group_norm_silu_ref(*inputs[:3], num_groups, eps, add=inputs[3], silu=silu)
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, grad_y))
-        out = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
-        return (*out, None, None, None)
+        x, weight, bias, add, mean, rstd = ctx.saved_tensors
+        num_groups, silu = ctx.config
+        grads = _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, silu)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4], strict=True)]
+        return (*grads, None, None, None)
 
 
 def _validate(x, weight, bias, num_groups, add):
