@@ -9,6 +9,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 DDPM_FAST_REQUIRE_EXT=1 DDPM_FAST_REQUIRE_CUDA_EXT=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+# Test-time peers missing from the GPU image (diffusers) travel as wheels in .whl/ (see README).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .whl/*.whl && \
+    export PYTHONPATH="/tmp/peers${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python -m pip install --no-build-isolation --no-deps . >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 grep "ddpm_fast setup" "$out/build.log"
 python -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -15

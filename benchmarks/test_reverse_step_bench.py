@@ -16,5 +16,6 @@ def test_reverse_step(benchmark, provider, preset, batch):
     step = PROVIDERS[provider](case)
     out = run_timed(benchmark, step)
     assert out.shape == case.x.shape
-    record(benchmark, provider=provider, preset=preset, batch=batch, dtype="fp32",
+    record(benchmark, provider=provider, preset=preset, batch=batch,
+           dtype="fp32" if provider == "reference" else ("fp16" if DEVICE.type == "cuda" else "bf16"),
            img_steps_per_s=round(batch / mean_seconds(benchmark), 2))

@@ -39,3 +39,13 @@ def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
         for p in module.parameters():
             p.normal_(0.0, std)
     return module
+
+
+def diffusers_peer(module: str = "diffusers"):
+    """The outside reference, HuggingFace diffusers. Skips where it is not installed (the GPU image),
+    unless DDPM_FAST_REQUIRE_DIFFUSERS=1 (CI), where a missing peer is a failure, never a silent skip."""
+    if os.environ.get("DDPM_FAST_REQUIRE_DIFFUSERS") == "1":
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

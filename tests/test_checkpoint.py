@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import diffusers_peer, randomize_
 from peers.pytorch_diffusion_model import Model as PesserModel
 
 from ddpm_fast import CheckpointError, UNet, UNetConfig, load_pretrained, save_pretrained
@@ -22,7 +22,7 @@ def _same_function(a, b, cfg, labels=None):
 
 @pytest.mark.parametrize("name", ["tiny", "digits"])
 def test_save_pretrained_is_read_by_diffusers_and_back(tmp_path, name):
-    from diffusers import UNet2DModel
+    UNet2DModel = diffusers_peer().UNet2DModel
 
     cfg = UNetConfig.from_name(name)
     model = randomize_(UNet(cfg)).eval()
@@ -38,7 +38,7 @@ def test_save_pretrained_is_read_by_diffusers_and_back(tmp_path, name):
 
 @pytest.mark.parametrize("safe", [True, False])
 def test_reads_what_diffusers_writes(tmp_path, safe):
-    from diffusers import UNet2DModel
+    UNet2DModel = diffusers_peer().UNet2DModel
 
     twin = UNet2DModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),

@@ -168,6 +168,7 @@ def test_train_data_errors(tmp_path, capsys):
 
 
 def test_train_digits_conditional_with_label_dropout(tmp_path):
+    pytest.importorskip("sklearn")
     assert _train(["--data", "digits", "--config", "digits", "--batch-size", "4", "--steps", "2",
                    "--num-timesteps", "20", "--cond-drop-prob", "0.5", "--out", str(tmp_path / "d")]) == 0
 

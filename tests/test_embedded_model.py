@@ -24,8 +24,8 @@ def test_embedded_model_is_small_and_loads():
 
 def test_default_sampling_draws_the_asked_digits(tmp_path):
     """A classifier trained on scikit-learn's real digits must read the conditioning label back."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
+    LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
 
     assert sample_cli.main(["--num-samples", "100", "--out", str(tmp_path), "--no-progress"]) == 0
     with np.load(tmp_path / "samples_100x16x16x1.npz") as f:

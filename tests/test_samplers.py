@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import randomize_
+from conftest import diffusers_peer, randomize_
 
 from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig, to_uint8
 
@@ -23,8 +23,8 @@ def _in_float64(scheduler):
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
 def test_ddpm_step_matches_diffusers(variance, clip, schedule, monkeypatch):
-    import diffusers.schedulers.scheduling_ddpm as ddpm_module
-    from diffusers import DDPMScheduler
+    ddpm_module = diffusers_peer("diffusers.schedulers.scheduling_ddpm")
+    DDPMScheduler = diffusers_peer().DDPMScheduler
 
     ref = _in_float64(DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, variance_type=variance,
                                     clip_sample=clip))
@@ -46,7 +46,7 @@ def test_ddpm_step_matches_diffusers(variance, clip, schedule, monkeypatch):
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_ddim_chain_matches_diffusers(eta, steps, spacing):
-    from diffusers import DDIMScheduler
+    DDIMScheduler = diffusers_peer().DDIMScheduler
 
     ref = _in_float64(DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, clip_sample=True))
     ref.set_timesteps(steps)

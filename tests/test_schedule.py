@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import diffusers_peer
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.schedule import space_timesteps
@@ -61,7 +62,7 @@ def test_cosine_clips_betas():
 
 
 def test_tables_match_diffusers():
-    from diffusers import DDPMScheduler
+    DDPMScheduler = diffusers_peer().DDPMScheduler
 
     for name, ours in (("linear", NoiseSchedule.linear()), ("squaredcos_cap_v2", NoiseSchedule.cosine(1000))):
         theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=name)
@@ -90,7 +91,7 @@ def test_bad_betas():
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [10, 50])
 def test_spacing_matches_diffusers(spacing, steps):
-    from diffusers import DDIMScheduler
+    DDIMScheduler = diffusers_peer().DDIMScheduler
 
     sched = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
     sched.set_timesteps(steps)

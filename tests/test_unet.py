@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import randomize_
+from conftest import diffusers_peer, randomize_
 
 from ddpm_fast import UNet, UNetConfig
 from ddpm_fast.checkpoint import to_diffusers_config
@@ -28,7 +28,7 @@ def test_bad_config():
 
 
 def _diffusers_twin(model: UNet):
-    from diffusers import UNet2DModel
+    UNet2DModel = diffusers_peer().UNet2DModel
 
     cfg = {k: v for k, v in to_diffusers_config(model.config).items() if k != "_class_name"}
     twin = UNet2DModel(**cfg).eval()
