@@ -56,13 +56,14 @@ class _Sampler:
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None, model_output_uncond: torch.Tensor | None = None,
              guidance_scale: float = 1.0, noise_seed: int | None = None, step: int | torch.Tensor = 0,
-             half_out: torch.Tensor | None = None) -> torch.Tensor:
+             half_out: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """x_{t-1} from x_t and the model output at timestep t (a pure function of its inputs).
 
         Noise comes from ``noise`` if given; else, with ``noise_seed``, from the kernel's Philox stream
         keyed by (noise_seed, step); else from ``generator`` where the step needs it.
         With ``model_output_uncond``, eps = eps_uncond + guidance_scale * (model_output - eps_uncond).
         ``half_out`` (fp16/bf16, laid out like x_t) also receives x_{t-1}: the next fast-path model input.
+        ``out`` (fp32, laid out like x_t, may be x_t itself) receives x_{t-1} instead of a new tensor.
         """
         if not torch.is_tensor(x_t) or x_t.dtype != torch.float32 or x_t.dim() != 4:
             desc = f"{tuple(x_t.shape)} {x_t.dtype}" if torch.is_tensor(x_t) else type(x_t).__name__
@@ -74,7 +75,7 @@ class _Sampler:
             noise = noise.contiguous(memory_format=_memory_format(x_t))
         return ops.reverse_step(x_t, model_output, coefs, index, noise=noise, clip_denoised=self.clip_denoised,
                                 model_output_uncond=model_output_uncond, guidance_scale=guidance_scale,
-                                noise_seed=noise_seed, step=step, half_out=half_out)
+                                noise_seed=noise_seed, step=step, half_out=half_out, out=out)
 
     @torch.no_grad()
     def sample(self, model, shape, seed: int | None = None, guidance_scale: float | None = None,
@@ -113,14 +114,16 @@ class _Sampler:
             t_batch = torch.full((n,), t, dtype=torch.int64, device=device)
             kw = dict(generator=generator)
             if fast_dtype is not None:
-                kw = dict(noise_seed=noise_seed, step=i, half_out=torch.empty_like(x_in))
+                # The model has consumed x_in by the time the step runs: update both buffers in place.
+                kw = dict(noise_seed=noise_seed, step=i, half_out=x_in, out=x)
             if null is not None:
                 eps = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([labels, null]))
                 eps_c, eps_u = eps.chunk(2)
                 x = self.step(eps_c, t, x, model_output_uncond=eps_u, guidance_scale=float(guidance_scale), **kw)
             else:
                 x = self.step(model(x_in, t_batch, labels), t, x, **kw)
-            x_in = kw.get("half_out", x)
+            if fast_dtype is None:
+                x_in = x
             bar.update(n)
         bar.close()
         self.last_run_seconds = time.perf_counter() - start
