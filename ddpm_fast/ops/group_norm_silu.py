@@ -215,7 +215,7 @@ if triton is not None:
         for i in range(SPLIT):
             total_dxhat += tl.load(PART_ptr + (pid_g * SPLIT + i) * 2)
             total_dxhat_xhat += tl.load(PART_ptr + (pid_g * SPLIT + i) * 2 + 1)
-        count = (hw * cg).to(tl.float32)
+        count = hw * cg * 1.0  # (hw and cg may both be specialized to the constant 1)
         c1 = total_dxhat / count
         c2 = total_dxhat_xhat / count
         start = pid_s * chunk_s
