@@ -327,6 +327,9 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any new file
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
