@@ -72,7 +72,7 @@ class _Sampler:
         index = self.index_for(t, x_t.shape[0], x_t.device)
         if noise is None and noise_seed is None and bool((self.coefs[index.cpu(), 5] > 0).any()):
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
-            noise = noise.contiguous(memory_format=_memory_format(x_t))
+            noise = noise.contiguous(memory_format=ops.memory_format(x_t))
         return ops.reverse_step(x_t, model_output, coefs, index, noise=noise, clip_denoised=self.clip_denoised,
                                 model_output_uncond=model_output_uncond, guidance_scale=guidance_scale,
                                 noise_seed=noise_seed, step=step, half_out=half_out, out=out)
@@ -129,10 +129,6 @@ class _Sampler:
         self.last_run_seconds = time.perf_counter() - start
         return x
 
-
-def _memory_format(x: torch.Tensor):
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _prepare_labels(model, class_labels, guidance_scale, n, device):

@@ -50,6 +50,12 @@ def _load_extension():
 _C = _load_extension()
 
 
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a dense NHWC 4-D tensor, else contiguous_format (what kernels preserve)."""
+    nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 def extension():
     """The compiled module ddpm_fast._C, or None when this install has none."""
     return _C
@@ -137,6 +143,7 @@ __all__ = [
     "COEF_COLUMNS",
     "backend_unavailable_reason",
     "extension",
+    "memory_format",
     "group_norm_silu",
     "group_norm_silu_ref",
     "q_sample",

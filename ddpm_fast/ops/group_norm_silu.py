@@ -242,12 +242,7 @@ def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, 
                      None if bias is None else bias.float(), eps)
     if silu:
         h = F.silu(h)
-    return h.to(x.dtype).contiguous(memory_format=_memory_format(x))
-
-
-def _memory_format(x: torch.Tensor):
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return h.to(x.dtype).contiguous(memory_format=ops.memory_format(x))
 
 
 def _pick_split(n_groups_total: int, group_size: int, block: int, device: torch.device) -> int:
@@ -261,7 +256,7 @@ def _pick_split(n_groups_total: int, group_size: int, block: int, device: torch.
 
 
 def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None):
-    fmt = _memory_format(x)
+    fmt = ops.memory_format(x)
     x = x.contiguous(memory_format=fmt)
     channels_last = fmt == torch.channels_last
     n, c, h, w = x.shape
@@ -307,7 +302,7 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
 
 def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, silu, split=None):
     """(dx, dweight, dbias, dadd): two passes over (x, dy); per-channel sums finished in torch."""
-    fmt = _memory_format(x)
+    fmt = ops.memory_format(x)
     x = x.contiguous(memory_format=fmt)
     grad_y = grad_y.contiguous(memory_format=fmt)
     n, c, h, w = x.shape

@@ -147,7 +147,7 @@ def reverse_step(
     native_ok = half_out is None and out is None and (noise_seed is None or x_t.is_cuda)
     implemented = _IMPLEMENTED if native_ok else _IMPLEMENTED_INKERNEL_NOISE
     backend = ops.resolve_backend("reverse_step", x_t.device, implemented)
-    fmt = torch.channels_last if _is_channels_last(x_t) else torch.contiguous_format
+    fmt = ops.memory_format(x_t)
 
     def dense(t, dtype=None):
         if t is None:
@@ -211,6 +211,3 @@ def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, w, clip, noise_seed
     )
     return out
 
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
