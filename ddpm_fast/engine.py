@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.samplers import _prepare_labels
+from ddpm_fast.samplers import _prepare_labels, model_eps
 
 _notices: set[str] = set()
 
@@ -76,12 +76,7 @@ class _Captured:
         i = self.noise_key[1:]
         t = self.steps_t[i].expand(self.n)
         row = self.steps_row[i].expand(self.n)
-        x_in = self.x_half
-        if self.null is not None:
-            eps = self.model(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([self.labels, self.null]))
-            eps_c, eps_u = eps.chunk(2)
-        else:
-            eps_c, eps_u = self.model(x_in, t, self.labels), None
+        eps_c, eps_u = model_eps(self.model, self.x_half, t, self.labels, self.null)
         ops.reverse_step(self.x, eps_c, self.coefs, row, clip_denoised=self.clip, model_output_uncond=eps_u,
                          guidance_scale=self.w, noise_seed=self.noise_key[:1], step=self.noise_key[1:],
                          half_out=self.x_half, out=self.x)
@@ -170,11 +165,8 @@ class GraphEngine:
 
         def model_fn(x_t, i):
             t = torch.full((n,), steps_t[i], dtype=torch.int64)
-            x_in = x_t.to(dtype)
-            if null is not None:
-                eps = model(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([labels, null]))
-                return tuple(eps.chunk(2))
-            return model(x_in, t, labels)
+            eps_c, eps_u = model_eps(model, x_t.to(dtype), t, labels, null)
+            return eps_c if eps_u is None else (eps_c, eps_u)
 
         coefs, lookup = sampler.device_tables(device)
         rows = lookup[sampler.timesteps]

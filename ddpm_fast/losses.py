@@ -23,7 +23,8 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels
     n, device = x0.shape[0], x0.device
     t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=generator)
     noise = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
-    x_t, _ = ops.q_sample(x0, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, noise=noise)
+    x_t, _ = ops.q_sample(x0, t, schedule.device_table("sqrt_alphas_cumprod", device),
+                          schedule.device_table("sqrt_one_minus_alphas_cumprod", device), noise=noise)
     config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)  # DDP wraps
     num_classes = getattr(config, "num_classes", None)
     if class_labels is not None:

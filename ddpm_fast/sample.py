@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
+from ddpm_fast.distributed import Dist
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
@@ -55,16 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dist():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return world, rank
-
-
 def _labels(args, num_classes):
     if not num_classes:
         if args.class_label is not None or args.guidance_scale is not None:
@@ -79,14 +70,8 @@ def _labels(args, num_classes):
 
 
 def run(args) -> str | None:
-    world, rank = _dist()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device is None:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but no CUDA device is available")
+    dist_ctx = Dist(args.device)
+    world, rank, device = dist_ctx.world, dist_ctx.rank, dist_ctx.device
     path = args.checkpoint or DEFAULT_MODEL
     if not os.path.exists(path):
         what = "the embedded model is missing from this install" if args.checkpoint is None else "no such file"
@@ -161,7 +146,7 @@ def run(args) -> str | None:
             order = torch.cat([g[0] for g in gathered])
             stacked = torch.cat([g[1] for g in gathered])
             images = stacked[torch.argsort(order)]
-        dist.destroy_process_group()
+    dist_ctx.close()
     if rank != 0:
         return None
     n, h, w, c = images.shape

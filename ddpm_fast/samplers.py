@@ -116,12 +116,11 @@ class _Sampler:
             if fast_dtype is not None:
                 # The model has consumed x_in by the time the step runs: update both buffers in place.
                 kw = dict(noise_seed=noise_seed, step=i, half_out=x_in, out=x)
-            if null is not None:
-                eps = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([labels, null]))
-                eps_c, eps_u = eps.chunk(2)
+            eps_c, eps_u = model_eps(model, x_in, t_batch, labels, null)
+            if eps_u is not None:
                 x = self.step(eps_c, t, x, model_output_uncond=eps_u, guidance_scale=float(guidance_scale), **kw)
             else:
-                x = self.step(model(x_in, t_batch, labels), t, x, **kw)
+                x = self.step(eps_c, t, x, **kw)
             if fast_dtype is None:
                 x_in = x
             bar.update(n)
@@ -129,6 +128,16 @@ class _Sampler:
         self.last_run_seconds = time.perf_counter() - start
         return x
 
+
+
+def model_eps(model, x_in, t, labels, null):
+    """(eps_cond, eps_uncond): with a null label, both halves of guidance in one batched forward;
+    without one, (eps, None)."""
+    if null is None:
+        return model(x_in, t, labels), None
+    eps = model(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([labels, null]))
+    eps_c, eps_u = eps.chunk(2)
+    return eps_c, eps_u
 
 
 def _prepare_labels(model, class_labels, guidance_scale, n, device):

@@ -52,6 +52,7 @@ class NoiseSchedule:
         if timestep_map is None:
             timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
         self.timestep_map = torch.as_tensor(timestep_map, dtype=torch.int64).cpu()
+        self._device_tables: dict[tuple[str, str], torch.Tensor] = {}
         if self.timestep_map.shape != betas.shape:
             raise ValueError("timestep_map must have one entry per beta")
 
@@ -162,20 +163,20 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, per-sample t (reference implementation)."""
-        t = self._check_t(x0, t)
-        if noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        return ops.q_sample_ref(x0, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, noise)
+        from ddpm_fast.ops.q_sample import validate_q_sample_args
 
-    def _check_t(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 1:
-            raise TypeError("x0 must be a floating-point tensor with a batch dimension")
-        if not torch.is_tensor(t) or t.dtype not in (torch.int64, torch.int32) or t.shape != (x.shape[0],):
-            got = f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
-            raise ValueError(f"t must be an integer tensor of shape ({x.shape[0]},), got {got}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}]")
-        return t.to(device=x.device, dtype=torch.int64)
+        validate_q_sample_args(x0, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, noise)
+        if noise is None:
+            raise ValueError("noise is required (ops.q_sample draws it for you)")
+        return ops.q_sample_ref(x0, t.to(x0.device, torch.int64), self.sqrt_alphas_cumprod,
+                                self.sqrt_one_minus_alphas_cumprod, noise)
+
+    def device_table(self, name: str, device) -> torch.Tensor:
+        """Table ``name`` as fp32 on ``device``, copied once per device (hot loops reuse it)."""
+        key = (name, str(torch.device(device)))
+        if key not in self._device_tables:
+            self._device_tables[key] = getattr(self, name).to(device=device, dtype=torch.float32)
+        return self._device_tables[key]
 
     def tables(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in _TABLES}

@@ -19,6 +19,7 @@ import torch
 from ddpm_fast.checkpoint import CheckpointError, atomic_write, read_torch_file, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.data import DataError, load_data
+from ddpm_fast.distributed import Dist
 from ddpm_fast.images import save_grid
 from ddpm_fast.losses import training_loss
 from ddpm_fast.samplers import DDIMSampler, to_uint8
@@ -63,41 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Dist:
-    """torch.distributed when launched by torchrun, else a single process."""
-
-    def __init__(self, device_arg):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
-        if use_cuda and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but no CUDA device is available")
-        self.device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self):
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 def _rng_state(gens: dict) -> dict:
     state = {k: g.get_state() for k, g in gens.items()}
     state["torch"] = torch.get_rng_state()
@@ -128,7 +94,7 @@ def _sample_grid(ema: UNet, schedule: NoiseSchedule, path: str, device) -> None:
 
 
 def train(args) -> str:
-    dist_ctx = _Dist(args.device)
+    dist_ctx = Dist(args.device)
     device = dist_ctx.device
     out = args.out
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)

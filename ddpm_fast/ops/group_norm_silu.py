@@ -162,6 +162,14 @@ if triton is not None:
         return xhat, dy, dy * w, offs, mask
 
     @triton.jit
+    def _bwd_program(MEAN_ptr, RSTD_ptr, num_groups):
+        """This program's group (pid_g = n * num_groups + g), split index, and the group's mean/rstd."""
+        pid_g = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        return pid_g, pid_s, pid_g // num_groups, pid_g % num_groups, tl.load(MEAN_ptr + pid_g), tl.load(
+            RSTD_ptr + pid_g)
+
+    @triton.jit
     def _group_norm_bwd_reduce_kernel(
         X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, MEAN_ptr, RSTD_ptr, PART_ptr, CPART_ptr,
         hw, cg, num_groups, chunk_s,
@@ -169,12 +177,7 @@ if triton is not None:
         SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
         BLOCK_S: tl.constexpr, CG_P2: tl.constexpr,
     ):
-        pid_g = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n = pid_g // num_groups
-        g = pid_g % num_groups
-        mean = tl.load(MEAN_ptr + pid_g)
-        rstd = tl.load(RSTD_ptr + pid_g)
+        pid_g, pid_s, n, g, mean, rstd = _bwd_program(MEAN_ptr, RSTD_ptr, num_groups)
         start = pid_s * chunk_s
         end = tl.minimum(start + chunk_s, hw)
         sum_dxhat = 0.0
@@ -204,12 +207,7 @@ if triton is not None:
         SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
         BLOCK_S: tl.constexpr, CG_P2: tl.constexpr,
     ):
-        pid_g = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n = pid_g // num_groups
-        g = pid_g % num_groups
-        mean = tl.load(MEAN_ptr + pid_g)
-        rstd = tl.load(RSTD_ptr + pid_g)
+        pid_g, pid_s, n, g, mean, rstd = _bwd_program(MEAN_ptr, RSTD_ptr, num_groups)
         total_dxhat = 0.0
         total_dxhat_xhat = 0.0
         for i in range(SPLIT):

@@ -50,7 +50,7 @@ def q_sample_ref(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, nois
     return (a * x0.float() + s * noise.float()).to(x0.dtype)
 
 
-def _validate(x0, t, sqrt_acp, sqrt_1m_acp, noise):
+def validate_q_sample_args(x0, t, sqrt_acp, sqrt_1m_acp, noise):
     if not torch.is_tensor(x0) or not x0.is_floating_point() or x0.dim() < 2:
         raise ValueError("q_sample: x0 must be a floating tensor with batch and feature dimensions")
     if not torch.is_tensor(t) or t.shape != (x0.shape[0],) or t.dtype not in (torch.int32, torch.int64):
@@ -88,7 +88,7 @@ def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
 def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise=None, seed=None, generator=None):
     """Returns (x_t, noise). Without ``noise``, draws it: in the kernel from ``seed`` (Triton), else from
     ``generator`` (or a generator seeded with ``seed``, or the global RNG)."""
-    _validate(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
+    validate_q_sample_args(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
     backend = ops.resolve_backend("q_sample", x0.device, _IMPLEMENTED)
     in_kernel = backend == "triton" and noise is None and seed is not None
     if noise is None and not in_kernel:
