@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from harness import DEVICE, SIZE, record_bandwidth, run_timed
 
 from ddpm_fast import DDPMSampler, NoiseSchedule, ops
-from ddpm_fast.ops import group_norm_silu, q_sample, reverse_step
+from ddpm_fast.ops import group_norm_silu, q_sample, residual_add, reverse_step
 
 HALF = torch.float16 if DEVICE.type == "cuda" else torch.float32
 
@@ -51,6 +51,30 @@ def test_group_norm_silu(benchmark, provider, shape):
     with torch.no_grad():
         run_timed(benchmark, fn)
     record_bandwidth(benchmark, 2 * x.numel() * x.element_size(), provider=provider, shape=str(shape),
+                     dtype=str(HALF))
+
+
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=_ids(GN_SHAPES))
+@pytest.mark.parametrize("provider", ["torch_eager", "triton"])
+def test_residual_add(benchmark, provider, shape):
+    """The end of a ResBlock: eager torch adds conv2's bias in a pass of its own, then the residual."""
+    y, skip = (torch.randn(shape, device=DEVICE, dtype=HALF).contiguous(memory_format=torch.channels_last)
+               for _ in range(2))
+    bias = torch.randn(shape[1], device=DEVICE, dtype=HALF)
+    if provider == "triton":
+        _triton_or_skip()
+
+        def fn():
+            with ops.use_backend("triton"):
+                return residual_add(y, skip, bias)
+    else:
+        def fn():
+            return skip + (y + bias[:, None, None])  # what conv(..., bias) + skip costs after the conv
+
+    benchmark.group = f"residual_add {shape}"
+    with torch.no_grad():
+        run_timed(benchmark, fn)
+    record_bandwidth(benchmark, 3 * y.numel() * y.element_size(), provider=provider, shape=str(shape),
                      dtype=str(HALF))
 
 

@@ -40,10 +40,15 @@ def variants():
     gn = importlib.import_module("ddpm_fast.ops.group_norm_silu")
     qs = importlib.import_module("ddpm_fast.ops.q_sample")
     rs = importlib.import_module("ddpm_fast.ops.reverse_step")
+    ra = importlib.import_module("ddpm_fast.ops.residual_add")
     for dtype, add, cl in itertools.product(("fp16", "bf16", "fp32"), (False, True), (False, True)):
         flags = dict(SPLIT=4, HAS_ADD=add, CHANNELS_LAST=cl, BLOCK_SIZE=1024)
         yield gn._group_norm_stats_kernel, dtype, flags
         yield gn._group_norm_apply_kernel, dtype, dict(flags, HAS_AFFINE=True, SILU=add)
+        yield gn._group_norm_single_pass_kernel, dtype, dict(HAS_ADD=add, HAS_AFFINE=True, SILU=add, CHANNELS_LAST=cl,
+                                                             BLOCK_SIZE=8192 if cl else 4096)
+    yield gn._group_norm_single_pass_kernel, "fp16", dict(HAS_ADD=True, HAS_AFFINE=False, SILU=True,
+                                                          CHANNELS_LAST=True, BLOCK_SIZE=1, hw=1, cg=1, group_size=1)
     # integer arguments the JIT specializes to the constant 1 (1x1 spatial, one channel per group, split 1)
     yield gn._group_norm_apply_kernel, "fp16", dict(SPLIT=1, HAS_ADD=True, CHANNELS_LAST=True, BLOCK_SIZE=16,
                                                     HAS_AFFINE=False, SILU=True, hw=1, cg=1, chunk=1)
@@ -52,8 +57,12 @@ def variants():
         flags = dict(SPLIT=2, HAS_ADD=add, HAS_AFFINE=affine, SILU=silu, BLOCK_S=64, CG_P2=8)
         yield gn._group_norm_bwd_reduce_kernel, dtype, flags
         yield gn._group_norm_bwd_apply_kernel, dtype, flags
+        single = {k: v for k, v in flags.items() if k != "SPLIT"}
+        yield gn._group_norm_bwd_single_pass_kernel, dtype, dict(single, BLOCK_S=256, CG_P2=16)
     yield gn._group_norm_bwd_apply_kernel, "fp16", dict(SPLIT=1, HAS_ADD=True, HAS_AFFINE=True, SILU=True,
                                                         BLOCK_S=1, CG_P2=1, hw=1, cg=1)
+    for dtype, bias, cl in itertools.product(("fp16", "bf16", "fp32"), (False, True), (False, True)):
+        yield ra._residual_add_kernel, dtype, dict(HAS_BIAS=bias, CHANNELS_LAST=cl, BLOCK_SIZE=1024)
     for dtype, generate in itertools.product(("fp32", "fp16"), (False, True)):
         yield qs._q_sample_kernel, dtype, dict(GENERATE_NOISE=generate, BLOCK_SIZE=1024)
     for dtype, uncond, noise, half in itertools.product(("fp16", "bf16", "fp32"), (False, True), (0, 1, 2),

@@ -4,6 +4,8 @@ On a CPU the Triton kernels run in the interpreter (shapes stay small); on a GPU
 on the device.
 """
 
+import importlib
+
 import pytest
 import torch
 from conftest import DEVICES
@@ -18,6 +20,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOLS = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
+gn_module = importlib.import_module("ddpm_fast.ops.group_norm_silu")  # the module; ops re-exports the function
+
+
+@pytest.fixture(params=["single_pass", "two_pass"])
+def fwd_path(request, monkeypatch):
+    """Both kernel families, forward and backward: whole groups in one program, and groups split over programs."""
+    if request.param == "two_pass":
+        monkeypatch.setattr(gn_module, "SINGLE_PASS_MAX", 0)
+    return request.param
 
 
 def _make(shape, groups, dtype, channels_last, with_add, device, offset=0.0):
@@ -50,7 +61,7 @@ def _check(x, weight, bias, groups, add, silu, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_add, silu", [(True, True), (False, True), (False, False)])
-def test_forward_matches_ref(device, shape, groups, dtype, channels_last, with_add, silu):
+def test_forward_matches_ref(device, shape, groups, dtype, channels_last, with_add, silu, fwd_path):
     x, weight, bias, add = _make(shape, groups, dtype, channels_last, with_add, device)
     _check(x, weight, bias, groups, add, silu, dtype)
 
@@ -62,7 +73,7 @@ def test_forward_matches_ref(device, shape, groups, dtype, channels_last, with_a
     ((2, 32, 32, 32), 8, torch.bfloat16, True),
     ((2, 32, 32, 32), 8, torch.float16, False),
 ])
-def test_forward_matches_ref_unet_shapes(device, shape, groups, dtype, channels_last):
+def test_forward_matches_ref_unet_shapes(device, shape, groups, dtype, channels_last, fwd_path):
     x, weight, bias, add = _make(shape, groups, dtype, channels_last, True, device)
     _check(x, weight, bias, groups, add, True, dtype)
 
@@ -71,7 +82,7 @@ def test_forward_matches_ref_unet_shapes(device, shape, groups, dtype, channels_
 @pytest.mark.parametrize("shape, groups", [((1, 128, 256, 256), 32), ((512, 256, 16, 16), 32),
                                            ((16, 768, 8, 8), 32), ((256, 384, 4, 4), 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_forward_full_size_gpu(shape, groups, dtype):
+def test_forward_full_size_gpu(shape, groups, dtype, fwd_path):
     x, weight, bias, add = _make(shape, groups, dtype, True, True, "cuda")
     _check(x, weight, bias, groups, add, True, dtype)
 
@@ -86,7 +97,26 @@ def test_split_count_does_not_change_the_result(device, split):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_statistics_survive_a_large_mean(device):
+def test_add_may_be_a_column_slice(device, fwd_path):
+    """The fast U-Net hands each block a column slice of one (N, sum C) GEMM: rows strided, no copy."""
+    x, weight, bias, _ = _make((3, 16, 5, 5), 4, torch.float32, True, False, device)
+    wide = torch.randn(3, 40, device=device, requires_grad=True)
+    add = wide[:, 8:24]
+    assert add.stride() == (40, 1)
+    grad_y = torch.randn(x.shape, device=device)
+
+    def run(backend):
+        xi = x.detach().clone().requires_grad_()
+        with ops.use_backend(backend):
+            y = group_norm_silu(xi, weight, bias, 4, 1e-6, add=add)
+        return (y, *torch.autograd.grad(y, (xi, wide), grad_y))
+
+    for got, want in zip(run("triton"), run("torch"), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_survive_a_large_mean(device, fwd_path):
     # Sum-of-squares variance would cancel catastrophically here; the Welford merge does not.
     x, weight, bias, _ = _make((2, 8, 16, 16), 4, torch.float32, True, False, device, offset=3000.0)
     with ops.use_backend("triton"):
@@ -105,7 +135,7 @@ GRAD_TOLS = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfl
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_add, silu", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradients_match_ref(device, shape, groups, channels_last, with_add, silu, dtype):
+def test_gradients_match_ref(device, shape, groups, channels_last, with_add, silu, dtype, fwd_path):
     x, weight, bias, add = _make(shape, groups, dtype, channels_last, with_add, device)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias) + ((add,) if with_add else ())]
     grad_y = torch.randn(x.shape, device=device).to(dtype)

@@ -136,6 +136,7 @@ def resolve_backend(op: str, device: torch.device, implemented: tuple[str, ...])
 
 from ddpm_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref  # noqa: E402
 from ddpm_fast.ops.q_sample import q_sample, q_sample_ref  # noqa: E402
+from ddpm_fast.ops.residual_add import residual_add, residual_add_ref  # noqa: E402
 from ddpm_fast.ops.reverse_step import COEF_COLUMNS, reverse_step, reverse_step_ref  # noqa: E402
 
 __all__ = [
@@ -148,6 +149,8 @@ __all__ = [
     "group_norm_silu_ref",
     "q_sample",
     "q_sample_ref",
+    "residual_add",
+    "residual_add_ref",
     "resolve_backend",
     "reverse_step",
     "reverse_step_ref",

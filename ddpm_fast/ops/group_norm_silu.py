@@ -4,16 +4,20 @@
 before its second norm; silu=False gives plain GroupNorm (attention blocks). Statistics in fp32;
 the output keeps the input's dtype and memory format (NCHW or channels_last, no layout flips).
 
-Triton path, two kernels: each group is split over SPLIT programs so the grid fills the GPU even at
-batch 1. ``_stats`` reduces one chunk to (count, mean, M2) with a per-block Chan/Welford merge (no
-sum-of-squares cancellation); ``_apply`` merges its group's partials and normalizes its chunk. Each
-chunk is walked in memory order (channel-major for NCHW, position-major for channels_last), so loads
-are coalesced in both formats; ``_apply`` also keeps each group's mean and rstd for the backward.
+Triton forward, groups of up to SINGLE_PASS_MAX elements (256 channels in 32 groups at 32x32): one
+program per group holds it in registers, so x is read once, the variance is the exact centred one, and
+it is one launch (at batch 1 the U-Net step is launch-bound). Larger groups, two kernels: each group is
+split over SPLIT programs so the grid fills the GPU even at batch 1. ``_stats`` reduces one chunk to
+(count, mean, M2) with a per-block Chan/Welford merge (no sum-of-squares cancellation); ``_apply``
+merges its group's partials and normalizes its chunk. Each chunk is walked in memory order
+(channel-major for NCHW, position-major for channels_last), so loads are coalesced in both formats;
+``_apply`` also keeps each group's mean and rstd for the backward.
 
 Backward, two kernels over tiles of (positions x the group's channels): ``_bwd_reduce`` sums
 dL/dxhat and dL/dxhat * xhat per group and the weight/bias gradients per channel; ``_bwd_apply``
 writes dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) and the per-channel sums of the add
-gradient. Partial sums go to buffers finished by torch (deterministic: no atomics).
+gradient. Partial sums go to buffers finished by torch (deterministic: no atomics). Groups whose tile
+fits SINGLE_PASS_MAX take ``_bwd_single_pass``: one program, one read of (x, dy), the same sums.
 """
 
 from __future__ import annotations
@@ -51,6 +55,15 @@ if triton is not None:
         if HAS_ADD:
             x += tl.load(ADD_ptr + n * stride_add_n + c, mask=mask, other=0.0).to(tl.float32)
         return x, c, offs, mask
+
+    @triton.jit
+    def _affine_silu(y, W_ptr, B_ptr, c, mask, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr):
+        if HAS_AFFINE:
+            y = y * tl.load(W_ptr + c, mask=mask, other=1.0).to(tl.float32)
+            y += tl.load(B_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        return y
 
     @triton.jit
     def _group_norm_stats_kernel(
@@ -121,13 +134,31 @@ if triton is not None:
         for off in range(start, end, BLOCK_SIZE):
             x, c, offs, mask = _load_block(X_ptr, ADD_ptr, n, g, off, end, hw, cg, stride_x_n, stride_c, stride_hw,
                                            stride_add_n, HAS_ADD, CHANNELS_LAST, BLOCK_SIZE)
-            y = (x - mean) * rstd
-            if HAS_AFFINE:
-                y = y * tl.load(W_ptr + c, mask=mask, other=1.0).to(tl.float32)
-                y += tl.load(B_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                y = y / (1.0 + tl.exp(-y))
+            y = _affine_silu((x - mean) * rstd, W_ptr, B_ptr, c, mask, HAS_AFFINE, SILU)
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _group_norm_single_pass_kernel(
+        X_ptr, ADD_ptr, W_ptr, B_ptr, Y_ptr, MEAN_ptr, RSTD_ptr,
+        hw, cg, num_groups, group_size, eps,
+        stride_x_n, stride_c, stride_hw, stride_add_n,
+        HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        # A whole group in registers: read once, exact centred variance, no partials, one launch.
+        pid_g = tl.program_id(0)
+        n = pid_g // num_groups
+        g = pid_g % num_groups
+        x, c, offs, mask = _load_block(X_ptr, ADD_ptr, n, g, 0, group_size, hw, cg, stride_x_n, stride_c,
+                                       stride_hw, stride_add_n, HAS_ADD, CHANNELS_LAST, BLOCK_SIZE)
+        count = group_size * 1.0
+        mean = tl.sum(x, axis=0) / count
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / count + eps)
+        tl.store(MEAN_ptr + pid_g, mean)
+        tl.store(RSTD_ptr + pid_g, rstd)
+        y = _affine_silu(d * rstd, W_ptr, B_ptr, c, mask, HAS_AFFINE, SILU)
+        tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
     # ---- backward: tiles of (positions x the group's channels), so per-channel sums are row sums ----
@@ -231,6 +262,31 @@ if triton is not None:
             tl.store(DADD_ptr + (pid_g * SPLIT + pid_s) * CG_P2 + tl.arange(0, CG_P2), dadd)
 
 
+    @triton.jit
+    def _group_norm_bwd_single_pass_kernel(
+        X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, MEAN_ptr, RSTD_ptr, CPART_ptr, DX_ptr, DADD_ptr,
+        hw, cg, num_groups,
+        stride_x_n, stride_c, stride_hw, stride_add_n,
+        HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_S: tl.constexpr, CG_P2: tl.constexpr,
+    ):
+        # The whole group in one tile: both reductions and dx from one read of (x, dy); SPLIT=1 layouts.
+        pid_g, pid_s, n, g, mean, rstd = _bwd_program(MEAN_ptr, RSTD_ptr, num_groups)
+        xhat, dyg, dxhat, offs, mask = _bwd_tile(
+            X_ptr, ADD_ptr, DY_ptr, W_ptr, B_ptr, n, g, 0, hw, cg, mean, rstd,
+            stride_x_n, stride_c, stride_hw, stride_add_n, HAS_ADD, HAS_AFFINE, SILU, BLOCK_S, CG_P2)
+        count = hw * cg * 1.0
+        c1 = tl.sum(tl.sum(dxhat, axis=1), axis=0) / count
+        c2 = tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0) / count
+        dx = tl.where(mask, rstd * (dxhat - c1 - xhat * c2), 0.0)
+        tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+        cc = tl.arange(0, CG_P2)
+        tl.store(CPART_ptr + (pid_g * 2) * CG_P2 + cc, tl.sum(dyg * xhat, axis=0))
+        tl.store(CPART_ptr + (pid_g * 2 + 1) * CG_P2 + cc, tl.sum(dyg, axis=0))
+        if HAS_ADD:
+            tl.store(DADD_ptr + pid_g * CG_P2 + cc, tl.sum(dx, axis=0))
+
+
 def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, silu: bool = True):
     """Pure-torch definition: fp32 statistics, result cast back to x's dtype and memory format."""
     h = x.float()
@@ -243,6 +299,11 @@ def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, 
     return h.to(x.dtype).contiguous(memory_format=ops.memory_format(x))
 
 
+def _rows(add):
+    """``add`` with unit channel stride; a row stride is fine (the U-Net passes column slices of one GEMM)."""
+    return add if add is None or add.stride(1) == 1 else add.contiguous()
+
+
 def _pick_split(n_groups_total: int, group_size: int, block: int, device: torch.device) -> int:
     """Programs per group: enough to give every SM a few programs, never more than blocks per group."""
     if device.type == "cuda":
@@ -251,6 +312,17 @@ def _pick_split(n_groups_total: int, group_size: int, block: int, device: torch.
         target = 8  # the interpreter: keep the grid small, but still exercise the split path
     split = -(-target // n_groups_total)
     return max(1, min(split, -(-group_size // block), 64))
+
+
+# Groups up to this many elements are normalized by one program holding the group in registers
+# (_group_norm_single_pass_kernel): one read instead of two, one launch instead of two. At 16 elements
+# per thread ptxas (sm_90, fp16, channels_last) needs ~100 registers (backward ~110) and no spills up to
+# 8192 elements; 16384 would spill. The backward tile is next_pow2(H*W) x next_pow2(C/G).
+SINGLE_PASS_MAX = 8192
+
+
+def _single_pass_warps(block: int) -> int:
+    return max(4, min(16, block // 512))
 
 
 def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None):
@@ -267,6 +339,23 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
         return y, mean, rstd
     if x.numel() >= 2**31:
         raise ValueError("group_norm_silu: tensors of 2**31 elements or more are not supported; split the batch")
+    stride_n, stride_c = x.stride(0), x.stride(1)
+    stride_hw = x.stride(3)  # the flattened H*W stride: 1 (NCHW) or C (channels_last)
+    add = _rows(add)
+    add_arg = add if add is not None else x
+    stride_add_n = add.stride(0) if add is not None else 0
+    has_affine = weight is not None
+    w_arg = weight.contiguous() if has_affine else x
+    b_arg = bias.contiguous() if has_affine else x
+    if split is None and group_size <= SINGLE_PASS_MAX:
+        block = triton.next_power_of_2(group_size)
+        _group_norm_single_pass_kernel[(n * num_groups,)](
+            x, add_arg, w_arg, b_arg, y, mean, rstd, hw, cg, num_groups, group_size, float(eps),
+            stride_n, stride_c, stride_hw, stride_add_n,
+            HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu), CHANNELS_LAST=channels_last,
+            BLOCK_SIZE=block, num_warps=_single_pass_warps(block),
+        )
+        return y, mean, rstd
     # On a GPU 1024-element blocks; the interpreter pays per block, so it gets bigger ones.
     block = 1024 if x.device.type == "cuda" else 4096
     block = min(block, triton.next_power_of_2(group_size))
@@ -275,23 +364,14 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     chunk = -(-chunk // block) * block  # whole blocks per program
     split = -(-group_size // chunk)
     partials = torch.empty(n * num_groups * split * 3, device=x.device, dtype=torch.float32)
-    stride_n = x.stride(0)
-    stride_c = x.stride(1)
-    stride_hw = x.stride(3)  # the flattened H*W stride: 1 (NCHW) or C (channels_last)
-    if add is not None:
-        add = add.contiguous()
-    add_arg = add if add is not None else x
     grid = (n * num_groups, split)
     _group_norm_stats_kernel[grid](
-        x, add_arg, partials, hw, cg, num_groups, chunk, group_size,
-        stride_n, stride_c, stride_hw, add.stride(0) if add is not None else 0,
+        x, add_arg, partials, hw, cg, num_groups, chunk, group_size, stride_n, stride_c, stride_hw, stride_add_n,
         SPLIT=split, HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
     )
-    has_affine = weight is not None
     _group_norm_apply_kernel[grid](
-        x, add_arg, weight.contiguous() if has_affine else x, bias.contiguous() if has_affine else x, y, partials,
-        mean, rstd, hw, cg, num_groups, chunk, group_size, float(eps),
-        stride_n, stride_c, stride_hw, add.stride(0) if add is not None else 0,
+        x, add_arg, w_arg, b_arg, y, partials, mean, rstd, hw, cg, num_groups, chunk, group_size, float(eps),
+        stride_n, stride_c, stride_hw, stride_add_n,
         SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu),
         CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
     )
@@ -306,8 +386,11 @@ def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, s
     n, c, h, w = x.shape
     hw, cg = h * w, c // num_groups
     cg_p2 = triton.next_power_of_2(cg)
+    single = split is None and triton.next_power_of_2(hw) * cg_p2 <= SINGLE_PASS_MAX
     block = 1024 if x.device.type == "cuda" else 4096
     block_s = max(1, min(block // cg_p2, triton.next_power_of_2(hw)))
+    if single:
+        block_s, split = triton.next_power_of_2(hw), 1
     split = split or _pick_split(n * num_groups, hw, block_s, x.device)
     chunk_s = -(-hw // split)
     chunk_s = -(-chunk_s // block_s) * block_s
@@ -318,7 +401,7 @@ def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, s
     dadd_part = torch.zeros(programs * cg_p2, device=x.device, dtype=torch.float32) if add is not None else part
     dx = torch.empty_like(x)
     has_affine = weight is not None
-    add_c = add.contiguous() if add is not None else None
+    add_c = _rows(add)
     args = (x, add_c if add is not None else x, grad_y, weight.contiguous() if has_affine else x,
             bias.contiguous() if has_affine else x, mean, rstd)
     geometry = (hw, cg, num_groups, chunk_s, x.stride(0), x.stride(1), x.stride(3),
@@ -326,8 +409,13 @@ def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, s
     flags = dict(SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu), BLOCK_S=block_s,
                  CG_P2=cg_p2)
     grid = (n * num_groups, split)
-    _group_norm_bwd_reduce_kernel[grid](*args, part, cpart, *geometry, **flags)
-    _group_norm_bwd_apply_kernel[grid](*args, part, dx, dadd_part, *geometry, **flags)
+    if single:
+        del flags["SPLIT"]
+        _group_norm_bwd_single_pass_kernel[grid](*args, cpart, dx, dadd_part, hw, cg, num_groups, *geometry[4:],
+                                                 num_warps=_single_pass_warps(block_s * cg_p2), **flags)
+    else:
+        _group_norm_bwd_reduce_kernel[grid](*args, part, cpart, *geometry, **flags)
+        _group_norm_bwd_apply_kernel[grid](*args, part, dx, dadd_part, *geometry, **flags)
     dweight = dbias = dadd = None
     if has_affine:
         per_channel = cpart.view(n, num_groups, split, 2, cg_p2)[..., :cg].sum(dim=(0, 2))  # (G, 2, cg)
