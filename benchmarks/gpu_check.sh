@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command: build, GPU tests, full benchmarks, a markdown table.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
-# Writes OUT_DIR/{build.log,tests.log,bench.json,bench.log,results.md} (default OUT_DIR: $OUT or ./out).
+# Writes OUT_DIR/{build.log,tests.log,bench.json,bench.log,results.md,profile_*.txt} (default OUT_DIR: $OUT or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-out}}"
@@ -22,4 +22,10 @@ DDPM_FAST_BENCH_SIZE=full python -m pytest benchmarks/ --benchmark-only -q \
   --benchmark-json="$out/bench.json" 2>&1 | tee "$out/bench.log" | tail -40
 bench_rc=${PIPESTATUS[0]}
 python benchmarks/report.py "$out/bench.json" | tee "$out/results.md"
+# What limits the fast path: kernels per forward and the top kernels by device time.
+for spec in "cifar10 256" "cifar10 1 --graph" "celebahq256 16"; do
+  set -- $spec
+  python benchmarks/profile_unet.py --preset "$1" --batch "$2" ${3:-} >"$out/profile_$1_b$2${3:+_graph}.txt" 2>&1
+  head -3 "$out/profile_$1_b$2${3:+_graph}.txt"
+done
 exit $(( tests_rc || bench_rc ))

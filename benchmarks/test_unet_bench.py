@@ -1,9 +1,10 @@
 """One U-Net forward per provider, same weights, one run; and one training step.
 
-Providers: reference (fp32 NCHW eager), torch_fp16_cl (the fast copy on plain torch ops),
-torch_compile (torch.compile max-autotune of that model), diffusers_fp16 (UNet2DModel, same weights),
-ddpm_fast (the fast path on the fused ops). extra_info: img/s, us per image-step, achieved TFLOP/s
-and its fraction of the measured fp16 matmul rate, peak GPU memory.
+Providers: reference (fp32 NCHW eager), torch_fp16_cl (the fp16 channels_last copy with plain torch
+modules and ops: ``to_fast(fold=False)``), torch_compile (torch.compile max-autotune of that model),
+diffusers_fp16 (UNet2DModel, same weights), ddpm_fast (the fast path: fused ops and folds). extra_info:
+img/s, us per image-step, achieved TFLOP/s and its fraction of the measured fp16 matmul rate, peak GPU
+memory.
 """
 
 import pytest
@@ -34,12 +35,12 @@ def _forward(provider, model, x, t):
     if provider == "reference":
         return (lambda: model(x, t)), "torch"
     if provider == "torch_fp16_cl":
-        fast = model.to_fast(HALF)
+        fast = model.to_fast(HALF, fold=False)
         return (lambda: fast(x, t)), "torch"
     if provider == "torch_compile":
         if DEVICE.type != "cuda":
             pytest.skip("torch.compile max-autotune is benchmarked on a GPU only")
-        fast = model.to_fast(HALF)
+        fast = model.to_fast(HALF, fold=False)  # plain torch modules: inductor does its own fusion
         compiled = torch.compile(fast, mode="max-autotune", fullgraph=False)
         xh = x.to(HALF).contiguous(memory_format=torch.channels_last)
         return (lambda: compiled(xh, t)), "torch"
@@ -97,7 +98,7 @@ def test_train_step(benchmark, provider):
         why = ops.backend_unavailable_reason("triton", DEVICE)
         if why:
             pytest.skip(why)
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to_fast(torch.float32)  # the training form train.py uses: fp32 masters, fused blocks
         x0 = x0.contiguous(memory_format=torch.channels_last)
         backend = "auto" if DEVICE.type == "cuda" else "triton"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE.type == "cuda")

@@ -5,7 +5,9 @@ captured once into a CUDA graph over static buffers, and ddpm_fast._C replays it
 coefficient row and model timestep of step i are gathered on the device from per-step tables, and the
 noise key [seed, step] lives on the device, so nothing in the graph changes between replays. Graphs are
 cached by (shape, dtype, model, sampler settings, guidance) and share one memory pool; a second call
-with the same settings re-uses the graph. The eager fast path draws the same noise from the same
+with the same settings re-uses the graph, unless a parameter of the model changed since the capture
+(storage or version counter: an optimizer step, load_state_dict), which re-captures it, since the graph
+also reads weights the fast blocks derived from them. The eager fast path draws the same noise from the same
 (seed, step) keys, so with the same kernels the two agree bit for bit.
 
 On the CPU (or without CUDA) the same API runs the chain in C++ without graphs (sample_loop_cpu),
@@ -40,6 +42,11 @@ def unavailable_reason(device) -> str | None:
     return None
 
 
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Changes whenever any parameter is replaced or updated in place."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
 class _Captured:
     """Static buffers and the captured graph of one (shape, model, sampler, guidance) setting."""
 
@@ -48,7 +55,7 @@ class _Captured:
         self.device, self.n = device, shape[0]
         dtype = model.compute_dtype
         self.x = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
-        self.x_half = torch.zeros_like(self.x, dtype=dtype)
+        self.x_half = self.x if dtype == torch.float32 else torch.zeros_like(self.x, dtype=dtype)
         self.noise_key = torch.zeros(2, dtype=torch.int64, device=device)  # [seed, step]
         coefs, lookup = sampler.device_tables(device)
         self.coefs = coefs
@@ -79,7 +86,7 @@ class _Captured:
         eps_c, eps_u = model_eps(self.model, self.x_half, t, self.labels, self.null)
         ops.reverse_step(self.x, eps_c, self.coefs, row, clip_denoised=self.clip, model_output_uncond=eps_u,
                          guidance_scale=self.w, noise_seed=self.noise_key[:1], step=self.noise_key[1:],
-                         half_out=self.x_half, out=self.x)
+                         half_out=None if self.x_half is self.x else self.x_half, out=self.x)
         self.noise_key[1:] += 1
 
     def run(self, x_T: torch.Tensor, noise_seed: int, labels) -> torch.Tensor:
@@ -134,11 +141,14 @@ class GraphEngine:
         x_T = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
         key = self._key(sampler, model, shape, labels is not None, null is not None, guidance_scale)
+        weights = weights_fingerprint(model)
         captured = self._cache.get(key)
-        if captured is None:
+        if captured is None or captured.weights != weights:
+            self._cache.pop(key, None)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             captured = _Captured(sampler, model, shape, labels, null, guidance_scale, self._pool)
+            captured.weights = weights
             self._cache[key] = captured
             self.captures += 1
         return captured.run(x_T, noise_seed, labels)

@@ -105,7 +105,7 @@ class _Sampler:
         x_in, noise_seed = x, None
         if fast_dtype is not None:
             x = x.contiguous(memory_format=torch.channels_last)
-            x_in = x.to(fast_dtype)
+            x_in = x if fast_dtype == torch.float32 else x.to(fast_dtype)  # fp32: the model reads x_t itself
             noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
         bar = tqdm(total=self.num_steps * n, unit="img-step", unit_scale=True, disable=not progress,
                    desc=type(self).__name__, leave=False)
@@ -115,7 +115,7 @@ class _Sampler:
             kw = dict(generator=generator)
             if fast_dtype is not None:
                 # The model has consumed x_in by the time the step runs: update both buffers in place.
-                kw = dict(noise_seed=noise_seed, step=i, half_out=x_in, out=x)
+                kw = dict(noise_seed=noise_seed, step=i, half_out=None if x_in is x else x_in, out=x)
             eps_c, eps_u = model_eps(model, x_in, t_batch, labels, null)
             if eps_u is not None:
                 x = self.step(eps_c, t, x, model_output_uncond=eps_u, guidance_scale=float(guidance_scale), **kw)

@@ -126,7 +126,7 @@ def train(args) -> str:
     torch.manual_seed(args.seed + dist_ctx.rank)
     model = UNet(cfg).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to_fast(torch.float32)  # fp32 masters, channels_last, fused blocks; autocast does fp16
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]

@@ -10,6 +10,12 @@ Two paths, one definition: a UNet is the fp32 NCHW reference; ``model.to_fast(to
 copy whose weights are cast once to fp16 (or bf16) channels_last, whose activations stay channels_last
 end to end, and whose attention runs through scaled_dot_product_attention (flash/memory-efficient
 kernels on a GPU). The original model is left untouched.
+
+The fast copy's blocks also fold work that eager torch spends extra passes over memory on (cuDNN adds a
+convolution's bias in a pass of its own): conv1's bias rides in the time-embedding add of norm2, conv2's
+and the 1x1 shortcut's biases and the residual add are one ops.residual_add, and q/k/v are one GEMM.
+The folded parameters (summed biases, stacked q/k/v) are derived from the same parameters, cached while
+no gradient is recorded and rebuilt when a source changes (see ``_folded``).
 """
 
 from __future__ import annotations
@@ -49,7 +55,37 @@ def _norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool, add: torch.Tensor | N
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
 
 
-class ResnetBlock(nn.Module):
+def _folded(module: nn.Module, name: str, fn, *sources: torch.Tensor) -> torch.Tensor:
+    """``fn(*sources)``, a parameter derived from others (summed biases, stacked weights).
+
+    Under autograd it is recomputed each call so gradients reach the sources. Otherwise it is cached on
+    the module, keyed by each source's storage and version counter (in-place updates: optimizer steps,
+    load_state_dict, bump it); the cache holds the sources' storage, so an address is never reused under
+    it. During CUDA-graph capture a stale entry is recomputed inside the graph and not stored.
+    """
+    if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
+        return fn(*sources)
+    key = tuple((s.data_ptr(), s._version, s.dtype, s.shape) for s in sources)
+    cache = module.__dict__.setdefault("_folded_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[2]
+    with torch.no_grad():
+        value = fn(*sources)
+    if not _capturing():
+        cache[name] = (key, tuple(s.detach() for s in sources), value)
+    return value
+
+
+class _Folding(nn.Module):
+    """A block whose fast form uses parameters derived by ``_folded``; moving or casting drops them."""
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_folded_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+
+class ResnetBlock(_Folding):
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float, dropout: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
@@ -60,21 +96,46 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+    fused = False  # set on fast copies: biases folded into the neighbouring kernels
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, temb_add: torch.Tensor | None = None) -> torch.Tensor:
+        """``temb_add``, fused blocks only: this block's time_emb_proj(temb_act) + conv1.bias, precomputed
+        (the fast UNet makes every block's in one GEMM)."""
+        if self.fused:
+            return self._forward_fused(x, temb_act, temb_add)
         h = self.conv1(_norm(self.norm1, x, silu=True))
         h = _norm(self.norm2, h, silu=True, add=self.time_emb_proj(temb_act))
         h = self.conv2(self.dropout(h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
+    def _forward_fused(self, x, temb_act, temb_add):
+        # norm2(conv1(a) + b1 + proj(temb)) = norm2(conv1_nobias(a) + (proj(temb) with bias + b1)).
+        h = F.conv2d(_norm(self.norm1, x, silu=True), self.conv1.weight, None, padding=1)
+        if temb_add is None:
+            temb_bias = _folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
+            temb_add = F.linear(temb_act, self.time_emb_proj.weight, temb_bias)
+        h = _norm(self.norm2, h, silu=True, add=temb_add)
+        h = F.conv2d(self.dropout(h), self.conv2.weight, None, padding=1)
+        if self.conv_shortcut is None:
+            return ops.residual_add(h, x, self.conv2.bias)
+        skip = F.conv2d(x, self.conv_shortcut.weight, None)
+        bias = _folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
+        return ops.residual_add(h, skip, bias)
 
-class AttentionBlock(nn.Module):
+
+def _cat(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat(tensors)
+
+
+class AttentionBlock(_Folding):
     """Self-attention over the H*W positions, residual; one head unless head_dim says otherwise.
 
     In channels_last the (N, C, H, W) -> (N, HW, C) token view is free (no copy), in and out.
     """
 
-    use_sdpa = False  # the reference path writes the softmax out; fast copies use SDPA
+    use_sdpa = False  # set on fast copies (the reference writes the softmax out)
+    fused = False  # set on folded fast copies: q/k/v in one GEMM
 
     def __init__(self, ch: int, groups: int, eps: float, head_dim: int | None = None):
         super().__init__()
@@ -95,7 +156,12 @@ class AttentionBlock(nn.Module):
         def heads(t):
             return t.reshape(n, hgt * wid, self.heads, c // self.heads).transpose(1, 2)
 
-        q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
+        if self.fused:
+            w = _folded(self, "qkv_weight", _cat, self.to_q.weight, self.to_k.weight, self.to_v.weight)
+            b = _folded(self, "qkv_bias", _cat, self.to_q.bias, self.to_k.bias, self.to_v.bias)
+            q, k, v = (heads(t) for t in F.linear(h, w, b).split(c, dim=-1))
+        else:
+            q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
         if self.use_sdpa:
             o = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -140,8 +206,14 @@ class _Level(nn.Module):
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class UNet(nn.Module):
+def _paired_sums(*tensors: torch.Tensor) -> torch.Tensor:
+    """cat(a0 + b0, a1 + b1, ...) of tensors given as a0, b0, a1, b1, ..."""
+    return torch.cat([a + b for a, b in zip(tensors[::2], tensors[1::2], strict=True)])
+
+
+class UNet(_Folding):
     compute_dtype: torch.dtype | None = None  # set on fast copies (see to_fast)
+    fused = False  # set on folded fast copies: every ResBlock's time projection in one GEMM
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -260,18 +332,24 @@ class UNet(nn.Module):
 
     # ---- fast path ----------------------------------------------------------------------------
 
-    def to_fast(self, dtype: torch.dtype = torch.float16) -> UNet:
-        """A copy for the fast path: weights cast once to ``dtype`` and channels_last, SDPA attention.
+    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> UNet:
+        """A copy for the fast path: weights cast once to ``dtype`` and channels_last, folded blocks, SDPA.
 
         Its forward takes x in any float dtype and layout and returns eps in ``dtype``, channels_last.
         Run it with DDPM_FAST_BACKEND=auto (fused Triton ops on a GPU) or any explicit backend.
+        ``to_fast(torch.float32)`` is the training form: fp32 master weights, fp16/bf16 compute under
+        torch.autocast, the same folded blocks (their gradients flow to the original parameters).
+        ``fold=False`` keeps the blocks' plain torch structure (the fp16 eager / torch.compile baselines).
         """
         if dtype not in FAST_DTYPES:
             raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
         fast = copy.deepcopy(self)
         fast.to(dtype=dtype, memory_format=torch.channels_last)
         fast.compute_dtype = dtype
+        fast.fused = bool(fold)
         for m in fast.modules():
+            if isinstance(m, (ResnetBlock, AttentionBlock)):
+                m.fused = bool(fold)
             if isinstance(m, AttentionBlock):
                 m.use_sdpa = True
         return fast
@@ -285,29 +363,48 @@ class UNet(nn.Module):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype).contiguous(memory_format=torch.channels_last)
         temb = self.time_features(t, class_labels, self.conv_in.weight.dtype)
+        adds = iter(self._time_adds(temb)) if self.fused else None
+
+        def res_block(res, h):
+            return res(h, temb) if adds is None else res(h, temb, next(adds))
+
         h = self.conv_in(x)
         skips = [h]
         for lvl in self.down_blocks:
             for j, res in enumerate(lvl.resnets):
-                h = res(h, temb)
+                h = res_block(res, h)
                 if len(lvl.attentions):
                     h = lvl.attentions[j](h)
                 skips.append(h)
             for down in lvl.downsamplers:
                 h = down(h)
                 skips.append(h)
-        h = self.mid_block.resnets[0](h, temb)
+        h = res_block(self.mid_block.resnets[0], h)
         h = self.mid_block.attentions[0](h)
-        h = self.mid_block.resnets[1](h, temb)
+        h = res_block(self.mid_block.resnets[1], h)
         for lvl in self.up_blocks:
             for j, res in enumerate(lvl.resnets):
-                h = res(torch.cat([h, skips.pop()], dim=1), temb)
+                h = res_block(res, torch.cat([h, skips.pop()], dim=1))
                 if len(lvl.attentions):
                     h = lvl.attentions[j](h)
             for up in lvl.upsamplers:
                 h = up(h)
         h = _norm(self.conv_norm_out, h, silu=True)
         return self.conv_out(h)
+
+    def _resnets_in_order(self) -> list[ResnetBlock]:
+        """Every ResBlock in the order forward runs them."""
+        down = [r for lvl in self.down_blocks for r in lvl.resnets]
+        return down + list(self.mid_block.resnets) + [r for lvl in self.up_blocks for r in lvl.resnets]
+
+    def _time_adds(self, temb: torch.Tensor) -> list[torch.Tensor]:
+        """Every ResBlock's time_emb_proj(temb) + conv1.bias from one GEMM (one launch instead of one per
+        block: at batch 1 launches are the cost), as column slices in forward order."""
+        blocks = self._resnets_in_order()
+        weight = _folded(self, "time_proj_weight", _cat, *(b.time_emb_proj.weight for b in blocks))
+        pairs = [t for b in blocks for t in (b.time_emb_proj.bias, b.conv1.bias)]
+        bias = _folded(self, "time_proj_bias", _paired_sums, *pairs)
+        return F.linear(temb, weight, bias).split([b.time_emb_proj.out_features for b in blocks], dim=1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -97,6 +97,38 @@ def test_graph_cache_and_memory():
 
 
 @pytest.mark.gpu
+def test_graph_recaptures_after_a_weight_update():
+    """The graph reads weights the fast blocks derived (summed biases, stacked q/k/v): an in-place update
+    of a source parameter must re-capture, and the samples must follow the new weights."""
+    model = _gpu_model()
+    sampler = DDIMSampler(NoiseSchedule.linear(1000), 5)
+    eng = engine.GraphEngine()
+    with ops.use_backend("triton"):
+        first = eng.sample(sampler, model, (2, 3, 8, 8), seed=3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("conv1.bias", "to_q.weight", "conv2.bias")):
+                    p.add_(0.05)
+        graph = eng.sample(sampler, model, (2, 3, 8, 8), seed=3)
+        eager = sampler.sample(model, (2, 3, 8, 8), seed=3, progress=False)
+    assert eng.captures == 2
+    assert not torch.equal(first, graph)
+    torch.testing.assert_close(graph, eager, atol=0, rtol=0)
+
+
+def test_weights_fingerprint_sees_in_place_updates_and_loads():
+    model = UNet(UNetConfig.from_name("tiny"))
+    before = engine.weights_fingerprint(model)
+    assert engine.weights_fingerprint(model) == before
+    model.load_state_dict(UNet(UNetConfig.from_name("tiny")).state_dict())
+    loaded = engine.weights_fingerprint(model)
+    assert loaded != before
+    with torch.no_grad():
+        model.conv_in.bias.mul_(2)
+    assert engine.weights_fingerprint(model) != loaded
+
+
+@pytest.mark.gpu
 def test_cuda_in_kernel_noise_statistics():
     x = torch.randn(8, 4, 32, 32, device="cuda")
     coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], device="cuda")

@@ -5,11 +5,24 @@ On a CPU the fused ops run in the Triton interpreter on the tiny presets; the GP
 presets with weights that went through save_pretrained / load_pretrained.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import randomize_
 
-from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig, load_pretrained, ops, save_pretrained
+from ddpm_fast import (
+    DDIMSampler,
+    DDPMSampler,
+    NoiseSchedule,
+    UNet,
+    UNetConfig,
+    engine,
+    load_pretrained,
+    ops,
+    save_pretrained,
+)
+from ddpm_fast.unet import AttentionBlock, ResnetBlock
 
 needs_triton = pytest.mark.skipif(
     ops.backend_unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -22,7 +35,7 @@ def _errors(ref_model, x, t, labels, dtype):
     with torch.no_grad():
         with ops.use_backend("torch"):
             want = ref_model(x, t, labels).double()
-            plain = fast(x, t, labels).double()
+            plain = ref_model.to_fast(dtype, fold=False)(x, t, labels).double()  # plain torch in this dtype
         with ops.use_backend("triton"):
             got = fast(x, t, labels)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
@@ -105,7 +118,7 @@ def test_sampler_fast_path_follows_reference():
     want = sampler.sample(model, shape, seed=1, progress=False).double()
     fast = model.to_fast(torch.float16)
     with ops.use_backend("torch"):
-        plain = sampler.sample(fast, shape, seed=1, progress=False).double()
+        plain = sampler.sample(model.to_fast(torch.float16, fold=False), shape, seed=1, progress=False).double()
     with ops.use_backend("triton"):
         got = sampler.sample(fast, shape, seed=1, progress=False)
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
@@ -135,9 +148,9 @@ def test_training_gradients_through_fused_ops_match_reference():
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     labels = torch.tensor([0, 2])
 
-    def grads(backend, channels_last):
-        m = model.to(memory_format=torch.channels_last) if channels_last else model
-        x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
+    def grads(backend, fast):
+        m = model.to_fast(torch.float32) if fast else model  # the training form: fp32 masters, fused blocks
+        x = x0.contiguous(memory_format=torch.channels_last) if fast else x0
         m.zero_grad()
         with ops.use_backend(backend):
             loss = training_loss(m, NoiseSchedule.linear(100), x, labels, generator=torch.Generator().manual_seed(0))
@@ -149,3 +162,128 @@ def test_training_gradients_through_fused_ops_match_reference():
     assert abs(loss_ref - loss_fast) < 1e-5
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-3, msg=k)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("block", ["resnet", "resnet_shortcut", "attention", "attention_2_heads"])
+def test_fused_blocks_compute_the_plain_blocks(backend, block):
+    """Folded biases, the one-pass residual and the single q/k/v GEMM change no value and no gradient."""
+    cin = 16 if block == "resnet_shortcut" else 32
+    if block.startswith("attention"):
+        plain = AttentionBlock(32, 8, 1e-6, head_dim=16 if block.endswith("heads") else None)
+    else:
+        plain = ResnetBlock(cin, 32, 24, 8, 1e-6, 0.0)
+    randomize_(plain, 0.1)
+    plain = plain.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(plain)
+    fused.fused = True
+    x = torch.randn(2, cin, 6, 5).contiguous(memory_format=torch.channels_last)
+    temb = torch.randn(2, 24)
+
+    def run(m):
+        m.zero_grad()
+        xi, ti = x.clone().requires_grad_(), temb.clone().requires_grad_()
+        with ops.use_backend(backend):
+            out = m(xi) if block.startswith("attention") else m(xi, ti)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads = {k: p.grad for k, p in m.named_parameters()}
+        return out, xi.grad, (ti.grad if ti.grad is not None else torch.zeros(())), grads
+
+    out_p, dx_p, dt_p, g_p = run(plain)
+    out_f, dx_f, dt_f, g_f = run(fused)
+    assert out_f.is_contiguous(memory_format=torch.channels_last)
+    print("max |fused - plain|:", (out_f - out_p).abs().max().item())
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx_f, dx_p, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dt_f, dt_p, atol=1e-5, rtol=1e-4)
+    for k in g_p:
+        torch.testing.assert_close(g_f[k], g_p[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_folded_parameters_follow_weight_updates():
+    """The cached folds (summed biases, stacked q/k/v) are rebuilt when a source parameter changes."""
+    model = randomize_(UNet(UNetConfig.from_name("tiny")).eval(), 0.05)
+    fast = model.to_fast(torch.float32)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 700])
+
+    def unfused(m):
+        m = copy.deepcopy(m)
+        for b in m.modules():
+            if isinstance(b, (UNet, ResnetBlock, AttentionBlock)):
+                b.fused = False
+        return m
+
+    with torch.no_grad(), ops.use_backend("torch"):
+        before = fast(x, t)
+        print_before = engine.weights_fingerprint(fast)
+        for name, p in fast.named_parameters():
+            if name.endswith(("conv1.bias", "to_k.weight", "to_v.bias", "conv_shortcut.bias", "conv2.bias")):
+                p.add_(0.3)
+        assert engine.weights_fingerprint(fast) != print_before
+        after = fast(x, t)
+        torch.testing.assert_close(after, unfused(fast)(x, t), atol=1e-5, rtol=1e-5)
+        assert (after - before).abs().max() > 1e-2
+        fast.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fast(x, t), before, atol=0, rtol=0)
+        fast.to(torch.float16)
+        cached = [m for m in fast.modules() if "_folded_cache" in m.__dict__]
+        assert not cached, "casting must drop folds derived from the old tensors"
+
+
+@needs_triton
+def test_fp32_fast_form_samples_like_the_reference():
+    """to_fast(torch.float32), the training form (its EMA draws preview grids), samples in place with no half copy."""
+    model = randomize_(UNet(UNetConfig.from_name("tiny")).eval(), 0.05)
+    sampler = DDIMSampler(NoiseSchedule.linear(100), 4, eta=0.0)
+    want = sampler.sample(model, (2, 3, 8, 8), seed=2, progress=False)
+    fast = model.to_fast(torch.float32)
+    with ops.use_backend("triton"):
+        got = sampler.sample(fast, (2, 3, 8, 8), seed=2, progress=False)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_forward_folds_biases_and_batches_projections():
+    """The folds stay in place: convolutions inside ResBlocks run without bias (it rides in a neighbouring
+    kernel), every ResBlock's time projection is one GEMM, q/k/v one GEMM per attention block."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.conv_bias = self.conv_nobias = self.gemms = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket == torch.ops.aten.convolution:
+                if args[2] is None:
+                    self.conv_nobias += 1
+                else:
+                    self.conv_bias += 1
+            elif func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.mm):  # linear layers
+                self.gemms += 1
+            return func(*args, **(kwargs or {}))
+
+    model = UNet(UNetConfig.from_name("tiny")).eval()
+    fast = model.to_fast(torch.float32)
+    blocks = [m for m in fast.modules() if isinstance(m, ResnetBlock)]
+    attentions = [m for m in fast.modules() if isinstance(m, AttentionBlock)]
+    resamplers = sum(len(lvl.downsamplers) for lvl in fast.down_blocks) + sum(len(lvl.upsamplers)
+                                                                             for lvl in fast.up_blocks)
+    shortcuts = sum(b.conv_shortcut is not None for b in blocks)
+
+    def count(m):
+        with torch.no_grad(), ops.use_backend("torch"):
+            m(torch.randn(1, 3, 8, 8), torch.tensor([1]))
+            counter = Count()
+            with counter:
+                m(torch.randn(1, 3, 8, 8), torch.tensor([1]))
+        return counter
+
+    folded = count(fast)
+    assert folded.conv_nobias == 2 * len(blocks) + shortcuts
+    assert folded.conv_bias == 2 + resamplers  # conv_in, conv_out, down/up-samplers keep theirs
+    assert folded.gemms == 2 + 1 + 2 * len(attentions)  # time MLP, all time projections, qkv + out per block
+    plain = count(model.to_fast(torch.float32, fold=False))
+    assert plain.conv_nobias == 0 and plain.conv_bias == folded.conv_bias + folded.conv_nobias
+    assert plain.gemms == 2 + len(blocks) + 4 * len(attentions)
