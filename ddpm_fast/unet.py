@@ -30,17 +30,29 @@ from torch import nn
 from ddpm_fast import ops
 from ddpm_fast.config import UNetConfig
 
+_FREQS: dict[tuple, torch.Tensor] = {}
+
+
+def _sinusoid_freqs(half: int, freq_shift: float, max_period: float, device: torch.device) -> torch.Tensor:
+    """exp(-log(max_period) * i / (half - freq_shift)), made once per device (four launches fewer per step)."""
+    key = (half, float(freq_shift), float(max_period), device)
+    freqs = _FREQS.get(key)
+    if freqs is None:
+        with torch.inference_mode(False), torch.no_grad():
+            exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device)
+            freqs = torch.exp(exponent / (half - freq_shift))
+        if not _capturing():
+            _FREQS[key] = freqs
+    return freqs
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1,
                        max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (N,) -> (N, dim), fp32, in the layout of the DDPM/diffusers code."""
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(exponent / (half - freq_shift))
-    args = t.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    args = t.float()[:, None] * _sinusoid_freqs(half, freq_shift, max_period, t.device)[None, :]
+    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(parts, dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -70,7 +82,7 @@ def _folded(module: nn.Module, name: str, fn, *sources: torch.Tensor) -> torch.T
     hit = cache.get(name)
     if hit is not None and hit[0] == key:
         return hit[2]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # a cache made under inference_mode must serve autograd
         value = fn(*sources)
     if not _capturing():
         cache[name] = (key, tuple(s.detach() for s in sources), value)

@@ -287,3 +287,19 @@ def test_fast_forward_folds_biases_and_batches_projections():
     plain = count(model.to_fast(torch.float32, fold=False))
     assert plain.conv_nobias == 0 and plain.conv_bias == folded.conv_bias + folded.conv_nobias
     assert plain.gemms == 2 + len(blocks) + 4 * len(attentions)
+
+
+def test_folds_cached_under_inference_mode_serve_autograd_later():
+    """A frozen fast model sampled under inference_mode, then differentiated w.r.t. its input (guidance
+    by gradients, attribution): the cached folds must be ordinary tensors."""
+    model = randomize_(UNet(UNetConfig.from_name("tiny")).eval(), 0.05)
+    fast = model.to_fast(torch.float32).requires_grad_(False)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+    with torch.inference_mode(), ops.use_backend("torch"):
+        fast(x, t)
+    xi = x.clone().requires_grad_()
+    with ops.use_backend("torch"):
+        fast(xi, t).square().sum().backward()
+    xr = x.clone().requires_grad_()
+    model(xr, t).square().sum().backward()
+    torch.testing.assert_close(xi.grad, xr.grad, atol=1e-5, rtol=1e-4)
