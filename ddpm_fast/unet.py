@@ -11,11 +11,13 @@ copy whose weights are cast once to fp16 (or bf16) channels_last, whose activati
 end to end, and whose attention runs through scaled_dot_product_attention (flash/memory-efficient
 kernels on a GPU). The original model is left untouched.
 
-The fast copy's blocks also fold work that eager torch spends extra passes over memory on (cuDNN adds a
-convolution's bias in a pass of its own): conv1's bias rides in the time-embedding add of norm2, conv2's
-and the 1x1 shortcut's biases and the residual add are one ops.residual_add, and q/k/v are one GEMM.
-The folded parameters (summed biases, stacked q/k/v) are derived from the same parameters, cached while
-no gradient is recorded and rebuilt when a source changes (see ``_folded``).
+The fast copy also folds work that eager torch spends extra passes over memory or extra launches on
+(cuDNN adds a convolution's bias in a pass of its own; at batch 1 a step costs what its launches cost):
+conv1's bias rides in the time-embedding add of norm2, conv2's and the 1x1 shortcut's biases and the
+residual add are one ops.residual_add, every ResBlock's time projection comes from one GEMM, and q/k/v
+are one GEMM. The folded parameters (summed biases, stacked weights) are derived from the same
+parameters, cached while no gradient is recorded and rebuilt when a source changes (see ``_folded``).
+``to_fast(fold=False)`` keeps the plain structure.
 """
 
 from __future__ import annotations
