@@ -65,8 +65,7 @@ def validate_q_sample_args(x0, t, sqrt_acp, sqrt_1m_acp, noise):
 
 
 def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
-    fmt = torch.channels_last if (x0.dim() == 4 and x0.is_contiguous(memory_format=torch.channels_last)
-                                  and not x0.is_contiguous()) else torch.contiguous_format
+    fmt = ops.memory_format(x0)
     x0 = x0.contiguous(memory_format=fmt)
     generate = noise is None
     noise = torch.empty_like(x0) if generate else noise.contiguous(memory_format=fmt)
