@@ -7,6 +7,7 @@
 //   x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + sigma z
 // DDPM uses (c_x0, c_xt) = posterior mean coefficients, c_eps = 0; DDIM uses c_x0 = sqrt(abar_prev),
 // c_xt = 0, c_eps = sqrt(1 - abar_prev - sigma^2). Keeping one form keeps one kernel.
+// Column names follow ddpm_fast.ops.reverse_step.COEF_COLUMNS.
 #pragma once
 
 #ifdef __CUDACC__

@@ -11,9 +11,24 @@ inline bool dense_nchw_or_nhwc(const at::Tensor& t) {
   return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps,
-                                    const c10::optional<at::Tensor>& eps_uncond, const at::Tensor& coefs,
-                                    const at::Tensor& index, const c10::optional<at::Tensor>& noise) {
+using OptTensor = c10::optional<at::Tensor>;
+
+// What a step writes (x_prev, and its fp16/bf16 copy) and how its noise is drawn.
+struct StepIO {
+  OptTensor noise;      // float32, laid out like x_t; or
+  OptTensor noise_key;  // int64 [seed, step] on x_t's device, with
+  OptTensor images;     // int64 (N,): each sample's global image index (the Philox counter)
+  OptTensor out;        // float32 laid out like x_t (may be x_t itself); else a new tensor
+  OptTensor half_out;   // fp16/bf16 laid out like x_t: also receives x_prev
+};
+
+inline bool channels_last_4d(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps, const OptTensor& eps_uncond,
+                                    const at::Tensor& coefs, const at::Tensor& index, const StepIO& io) {
+  const OptTensor& noise = io.noise;
   TORCH_CHECK(x.dim() == 4, "reverse_step: x_t must be 4-D (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "reverse_step: x_t must be float32 (the sampler state), got ",
               x.scalar_type());
@@ -48,6 +63,26 @@ inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps,
               "reverse_step: index must be int64 of shape (N,) = (", x.size(0), ",), got ", index.sizes(),
               " ", index.scalar_type());
   TORCH_CHECK(index.device() == x.device(), "reverse_step: index must be on x_t's device");
+  TORCH_CHECK(index.is_contiguous(), "reverse_step: index must be contiguous");
+  TORCH_CHECK(!(noise && io.noise_key), "reverse_step: give noise or a noise key, not both");
+  TORCH_CHECK(!io.noise_key == !io.images, "reverse_step: noise_key and images go together");
+  if (io.noise_key) {
+    TORCH_CHECK(io.noise_key->numel() == 2 && io.noise_key->scalar_type() == at::kLong &&
+                    io.noise_key->is_contiguous() && io.noise_key->device() == x.device(),
+                "reverse_step: noise_key must be a contiguous int64 [seed, step] tensor on x_t's device");
+    TORCH_CHECK(io.images->dim() == 1 && io.images->size(0) == x.size(0) && io.images->scalar_type() == at::kLong &&
+                    io.images->is_contiguous() && io.images->device() == x.device(),
+                "reverse_step: images must be a contiguous int64 (N,) tensor on x_t's device");
+  }
+  if (io.out) {
+    same_layout(*io.out, "out");
+    TORCH_CHECK(io.out->scalar_type() == at::kFloat, "reverse_step: out must be float32");
+  }
+  if (io.half_out) {
+    same_layout(*io.half_out, "half_out");
+    TORCH_CHECK(io.half_out->scalar_type() == at::kHalf || io.half_out->scalar_type() == at::kBFloat16,
+                "reverse_step: half_out must be float16 or bfloat16, got ", io.half_out->scalar_type());
+  }
 }
 
 }  // namespace ddpm_fast

@@ -7,7 +7,7 @@ from ddpm_fast import engine
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.losses import training_loss
-from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
+from ddpm_fast.samplers import DDIMSampler, DDPMSampler, SamplingPlan, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import UNet
 
@@ -19,6 +19,7 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "NoiseSchedule",
+    "SamplingPlan",
     "UNet",
     "UNetConfig",
     "engine",

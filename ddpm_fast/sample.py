@@ -2,13 +2,15 @@
 
 With no arguments it samples the embedded default model (digits). Output: OUT/grid.png and
 OUT/samples_NxHxWxC.npz (uint8 NHWC in arr_0, labels in arr_1 for conditional models), the format
-FID tools read. Same seed, same output. Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.sample ...
-shards the images over ranks (distinct seeds); rank 0 gathers and writes one .npz.
+FID tools read. Same seed, same output: image k depends only on (--seed, k), whatever --batch-size, the
+number of processes or --engine. Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.sample ... shards
+the images over ranks; rank 0 gathers and writes one .npz.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -19,6 +21,7 @@ import torch
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
 from ddpm_fast.distributed import Dist
 from ddpm_fast.images import save_grid, save_npz
+from ddpm_fast.noise import check_seed
 from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 
@@ -118,19 +121,23 @@ def run(args) -> str | None:
     bar = tqdm(total=len(mine) * sampler.num_steps, unit="img-step", unit_scale=True, desc="sample",
                disable=args.no_progress or rank != 0, dynamic_ncols=True)
     start = time.perf_counter()
-    for b, chunk in enumerate(mine.split(args.batch_size)):
-        seed = args.seed + 1_000_003 * (rank + world * b)  # distinct per rank and batch, fixed by --seed
+    for chunk in mine.split(args.batch_size):
+        # Image k is a function of (--seed, k) alone: batch size and process count do not change it.
         batch_labels = None if labels is None else labels[chunk]
+        kw = dict(seed=args.seed, class_labels=batch_labels, guidance_scale=args.guidance_scale, image_index=chunk)
         if args.engine == "graph":
             from ddpm_fast import engine
 
             with warnings.catch_warnings():  # the CLI prints its own one-line notes
                 warnings.simplefilter("ignore", RuntimeWarning)
-                x = engine.sample(sampler, model, (len(chunk), *shape), seed=seed, class_labels=batch_labels,
-                                  guidance_scale=args.guidance_scale)
+                x = engine.sample(sampler, model, (len(chunk), *shape), **kw)
         else:
-            x = sampler.sample(model, (len(chunk), *shape), seed=seed, class_labels=batch_labels,
-                               guidance_scale=args.guidance_scale, progress=False)
+            x = sampler.sample(model, (len(chunk), *shape), progress=False, **kw)
+        bad = ~torch.isfinite(x).flatten(1).all(1)
+        if bool(bad.any()):  # never write NaN as black pixels: nothing is written for this run
+            k = int(chunk[bad.nonzero()[0, 0]])
+            raise ValueError(f"sampling produced non-finite values (image {k} and {int(bad.sum())} of this batch); "
+                             "check the checkpoint's weights and --guidance-scale; nothing was written")
         images.append(to_uint8(x).cpu())
         bar.update(len(chunk) * sampler.num_steps)
     bar.close()
@@ -171,8 +178,14 @@ def main(argv=None) -> int:
         parser.error("--num-samples and --batch-size must be positive")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be positive")
-    if args.eta < 0:
-        parser.error("--eta must be >= 0")
+    if not 0 <= args.eta <= 1:
+        parser.error("--eta must lie in [0, 1]")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        parser.error("--guidance-scale must be finite")
+    try:
+        check_seed(args.seed)
+    except ValueError as exc:
+        parser.error(f"--seed: {exc}")
     try:
         run(args)
     except (CheckpointError, ValueError, OSError) as exc:

@@ -3,15 +3,19 @@
 Each sampler reduces to a float64 coefficient table, one row per kept timestep, in the column
 order of ops.COEF_COLUMNS; a step is then ops.reverse_step on that table (reference, Triton or
 CUDA by backend). The table is cast to fp32 and moved to a device once, and the state x_t stays fp32.
+A run is a SamplingPlan (``sampler.plan``): built once, stepped in place by every loop.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from ddpm_fast import ops
+from ddpm_fast.noise import MAX_SEED, NoiseKey, check_seed, initial_noise
+from ddpm_fast.ops.reverse_step import SIGMA
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
 VARIANCES = ("fixed_small", "fixed_large")
@@ -55,79 +59,159 @@ class _Sampler:
 
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None, model_output_uncond: torch.Tensor | None = None,
-             guidance_scale: float = 1.0, noise_seed: int | None = None, step: int | torch.Tensor = 0,
-             half_out: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+             guidance_scale: float = 1.0) -> torch.Tensor:
         """x_{t-1} from x_t and the model output at timestep t (a pure function of its inputs).
 
-        Noise comes from ``noise`` if given; else, with ``noise_seed``, from the kernel's Philox stream
-        keyed by (noise_seed, step); else from ``generator`` where the step needs it.
-        With ``model_output_uncond``, eps = eps_uncond + guidance_scale * (model_output - eps_uncond).
-        ``half_out`` (fp16/bf16, laid out like x_t) also receives x_{t-1}: the next fast-path model input.
-        ``out`` (fp32, laid out like x_t, may be x_t itself) receives x_{t-1} instead of a new tensor.
+        One step outside a plan (diffusers-style stepping; tests compare against diffusers with it): noise
+        comes from ``noise`` if given, else from ``generator`` where the step needs it. With
+        ``model_output_uncond``, eps = eps_uncond + guidance_scale * (model_output - eps_uncond).
+        Whole runs go through ``plan`` (or ``sample``), whose steps draw the run's Philox stream.
         """
         if not torch.is_tensor(x_t) or x_t.dtype != torch.float32 or x_t.dim() != 4:
             desc = f"{tuple(x_t.shape)} {x_t.dtype}" if torch.is_tensor(x_t) else type(x_t).__name__
             raise ValueError(f"x_t must be the float32 (N, C, H, W) sampler state, got {desc}")
         coefs, _ = self.device_tables(x_t.device)
         index = self.index_for(t, x_t.shape[0], x_t.device)
-        if noise is None and noise_seed is None and bool((self.coefs[index.cpu(), 5] > 0).any()):
+        if noise is None and bool((self.coefs[index.cpu(), SIGMA] > 0).any()):
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
             noise = noise.contiguous(memory_format=ops.memory_format(x_t))
-        return ops.reverse_step(x_t, model_output, coefs, index, noise=noise, clip_denoised=self.clip_denoised,
-                                model_output_uncond=model_output_uncond, guidance_scale=guidance_scale,
-                                noise_seed=noise_seed, step=step, half_out=half_out, out=out)
+        return ops.reverse_step(x_t, model_output, coefs, index, noise, self.clip_denoised, model_output_uncond,
+                                guidance_scale)
+
+    def plan(self, model, shape, *, seed: int | None = None, generator: torch.Generator | None = None,
+             x_T: torch.Tensor | None = None, guidance_scale: float | None = None, class_labels=None,
+             image_index=0, device=None) -> SamplingPlan:
+        """Everything one run needs, built once (see SamplingPlan); ``plan.run()`` samples."""
+        return SamplingPlan(self, model, shape, seed=seed, generator=generator, x_T=x_T,
+                            guidance_scale=guidance_scale, class_labels=class_labels, image_index=image_index,
+                            device=device)
 
     @torch.no_grad()
     def sample(self, model, shape, seed: int | None = None, guidance_scale: float | None = None,
-               class_labels=None, progress: bool = True, device=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Run the whole chain from x_T ~ N(0, I); returns x_0 (fp32, roughly in [-1, 1]).
+               class_labels=None, progress: bool = True, device=None, generator: torch.Generator | None = None,
+               x_T: torch.Tensor | None = None, image_index=0) -> torch.Tensor:
+        """Run the whole chain; returns x_0 (fp32, roughly in [-1, 1]), laid out as the path keeps x_t.
 
-        A reference model draws all noise from ``generator`` (or one seeded with ``seed``). A fast model
-        (UNet.to_fast) keeps x_t channels_last, reads the fp16/bf16 copy the step kernel writes, and
-        draws step noise in the kernel, keyed by (seed, step): same seed, same samples, but a
-        different stream from the reference path's.
+        Image k of a run (k = image_index + position in the batch) depends only on (seed, k): the same
+        image whatever the batch size, the process count or the loop (eager, graph engine).
         """
-        from tqdm.auto import tqdm
-
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 4 or min(shape) < 1:
-            raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
-        param = next(model.parameters())
-        device = torch.device(device) if device is not None else param.device
-        n = shape[0]
-        if generator is None and seed is not None:
-            generator = torch.Generator(device).manual_seed(int(seed))
-        labels, null = _prepare_labels(model, class_labels, guidance_scale, n, device)
-        fast_dtype = getattr(model, "compute_dtype", None)
-
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        x_in, noise_seed = x, None
-        if fast_dtype is not None:
-            x = x.contiguous(memory_format=torch.channels_last)
-            x_in = x if fast_dtype == torch.float32 else x.to(fast_dtype)  # fp32: the model reads x_t itself
-            noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
-        bar = tqdm(total=self.num_steps * n, unit="img-step", unit_scale=True, disable=not progress,
-                   desc=type(self).__name__, leave=False)
+        plan = self.plan(model, shape, seed=seed, generator=generator, x_T=x_T, guidance_scale=guidance_scale,
+                         class_labels=class_labels, image_index=image_index, device=device)
         start = time.perf_counter()
-        for i, t in enumerate(self.timesteps.tolist()):
-            t_batch = torch.full((n,), t, dtype=torch.int64, device=device)
-            kw = dict(generator=generator)
-            if fast_dtype is not None:
-                # The model has consumed x_in by the time the step runs: update both buffers in place.
-                kw = dict(noise_seed=noise_seed, step=i, half_out=None if x_in is x else x_in, out=x)
-            eps_c, eps_u = model_eps(model, x_in, t_batch, labels, null)
-            if eps_u is not None:
-                x = self.step(eps_c, t, x, model_output_uncond=eps_u, guidance_scale=float(guidance_scale), **kw)
-            else:
-                x = self.step(eps_c, t, x, **kw)
-            if fast_dtype is None:
-                x_in = x
-            bar.update(n)
-        bar.close()
+        x = plan.run(progress=progress)
         self.last_run_seconds = time.perf_counter() - start
         return x
 
+
+class SamplingPlan:
+    """One sampling run, built once; every loop (Python, C++, CUDA-graph replay) runs ``step()``.
+
+    Holds the run's draws (x_T, labels and null labels, the noise key [seed, step] and each image's global
+    index), the per-step device tables (model timestep and coefficient row of step i), the state buffers
+    (``x``: fp32 x_t; for a fast fp16/bf16 model also the half copy the U-Net reads) and the step counter.
+    ``step()`` reads the step index from the device counter and updates the buffers in place: it makes no
+    host read, so a CUDA graph can capture it once and replay it. ``start()`` loads new draws into the same
+    buffers (the graph engine reuses a captured plan that way).
+
+    Noise is the project's Philox stream (ddpm_fast.noise): x_T of image k is a function of (seed, k), the
+    noise of step i of image k a function of (seed, k, i).
+    """
+
+    def __init__(self, sampler: _Sampler, model, shape, *, seed=None, generator=None, x_T=None,
+                 guidance_scale=None, class_labels=None, image_index=0, device=None):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
+        if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.sampler, self.model, self.shape, self.n = sampler, model, shape, shape[0]
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.fast_dtype = getattr(model, "compute_dtype", None)
+        fmt = torch.channels_last if self.fast_dtype is not None else torch.contiguous_format
+        self.x = torch.empty(shape, device=self.device, dtype=torch.float32, memory_format=fmt)
+        half = self.fast_dtype not in (None, torch.float32)
+        self.x_half = torch.empty_like(self.x, dtype=self.fast_dtype) if half else None
+        self.coefs, lookup = sampler.device_tables(self.device)
+        self.steps_t = sampler.timesteps.to(self.device)  # model timestep of step i
+        self.steps_row = lookup[self.steps_t]  # coefficient row of step i
+        self.counter = torch.zeros(2, dtype=torch.int64, device=self.device)  # [seed, step]
+        self.images = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+        self.key = NoiseKey(self.counter, self.images) if bool((sampler.coefs[:, SIGMA] > 0).any()) else None
+        self.labels = self.null = None
+        self.num_steps = sampler.num_steps
+        self.start(seed=seed, generator=generator, x_T=x_T, class_labels=class_labels, image_index=image_index)
+
+    @property
+    def model_input(self) -> torch.Tensor:
+        """The buffer the U-Net reads: the half copy on an fp16/bf16 fast model, else x itself."""
+        return self.x if self.x_half is None else self.x_half
+
+    def start(self, *, seed=None, generator=None, x_T=None, class_labels=None, image_index=0) -> SamplingPlan:
+        """Load a run's draws into the buffers (in place) and rewind the step counter to 0."""
+        if seed is None:
+            # No seed: one from the generator, or from torch's global RNG (so torch.manual_seed applies).
+            seed = int(torch.randint(0, MAX_SEED, (), generator=generator, device=generator.device
+                                     if generator is not None else "cpu").item())
+        seed = check_seed(seed)
+        images = _image_indices(image_index, self.n)
+        labels, null = _prepare_labels(self.model, class_labels, self.guidance_scale, self.n, self.device)
+        if self.labels is None or labels is None:
+            self.labels, self.null = labels, null
+        else:
+            self.labels.copy_(labels)
+        if x_T is None:
+            x_T = initial_noise(self.shape, seed, images, self.device, ops.memory_format(self.x))
+        elif not torch.is_tensor(x_T) or tuple(x_T.shape) != self.shape or not x_T.is_floating_point():
+            desc = f"{tuple(x_T.shape)} {x_T.dtype}" if torch.is_tensor(x_T) else type(x_T).__name__
+            raise ValueError(f"x_T must be a floating tensor of shape {self.shape}, got {desc}")
+        self.x.copy_(x_T)
+        if self.x_half is not None:
+            self.x_half.copy_(self.x)
+        self.images.copy_(images)
+        self.counter.copy_(torch.tensor([seed, 0], dtype=torch.int64))
+        self.seed, self.done = seed, 0
+        return self
+
+    def step(self) -> None:
+        """One reverse step, in place; the step index comes from the device counter (no host read)."""
+        i = self.counter[1:]
+        t = self.steps_t[i].expand(self.n)
+        row = self.steps_row[i].expand(self.n)
+        eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
+        ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
+                         1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
+                         half_out=self.x_half)
+        self.counter[1:] += 1
+        self.done += 1
+
+    @torch.no_grad()
+    def run(self, progress: bool = False) -> torch.Tensor:
+        """Take the remaining steps (Python loop); returns a copy of the final state x_0."""
+        from tqdm.auto import tqdm
+
+        left = self.num_steps - self.done
+        with tqdm(total=left * self.n, unit="img-step", unit_scale=True, disable=not progress,
+                  desc=type(self.sampler).__name__, leave=False) as bar:
+            for _ in range(left):
+                self.step()
+                bar.update(self.n)
+        return self.x.clone()
+
+
+def _image_indices(image_index, n: int) -> torch.Tensor:
+    """Global image indices of a batch: ``image_index`` is the first one (an int) or all n of them."""
+    if isinstance(image_index, int) and not isinstance(image_index, bool):
+        images = torch.arange(image_index, image_index + n, dtype=torch.int64)
+    else:
+        images = torch.as_tensor(image_index)
+        if images.shape != (n,) or images.is_floating_point() or images.dtype == torch.bool:
+            raise ValueError(f"image_index must be an int or {n} integer indices, got {tuple(images.shape)}")
+        images = images.to("cpu", torch.int64)
+    if n and (int(images.min()) < 0 or int(images.max()) >= 2**31):
+        raise ValueError("image indices must lie in [0, 2**31)")
+    return images
 
 
 def model_eps(model, x_in, t, labels, null):
@@ -190,8 +274,8 @@ class DDIMSampler(_Sampler):
                  clip_denoised: bool = True):
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
-        if not eta >= 0.0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0.0 <= eta <= 1.0:  # beyond 1 the noise outgrows the posterior (c_eps clamps to 0): not DDIM
+            raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
         s = schedule.respace(schedule.space_timesteps(num_steps, spacing))
         acp, acp_prev = s.alphas_cumprod, s.alphas_cumprod_prev
         var = (1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev)

@@ -329,8 +329,9 @@ class UNet(_Folding):
                 class_labels = class_labels.expand(n)
             if class_labels.shape != (n,) or class_labels.is_floating_point():
                 raise ValueError(f"UNet: class_labels must be integers of shape ({n},)")
-            if not _capturing() and (int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes):
-                raise ValueError(f"UNet: class_labels must lie in [0, {cfg.num_classes}]")
+            # No host read (a CUDA graph may be capturing): an immediate error on the CPU, an assert on the GPU.
+            torch._assert_async(((class_labels >= 0) & (class_labels <= cfg.num_classes)).all(),
+                                f"UNet: class_labels must lie in [0, {cfg.num_classes}]")
         elif class_labels is not None:
             raise ValueError("UNet: class_labels given, but this model is unconditional")
         return t, class_labels

@@ -39,12 +39,44 @@ def test_sample_writes_grid_and_npz_and_is_deterministic(tmp_path, tiny_model):
     assert (out1 / "grid.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("extra", [["--sampler", "ddpm"], ["--sampler", "ddim", "--eta", "1.0"],
-                                   ["--guidance-scale", "2.0", "--class-label", "1"], ["--engine", "graph"]])
-def test_sample_flag_combinations(tmp_path, tiny_model, extra):
-    args = ["--checkpoint", tiny_model, "--num-samples", "2", "--out", str(tmp_path / "o")] + extra
-    assert _sample(args) == 0
-    assert (tmp_path / "o" / "samples_2x8x8x3.npz").exists()
+def _images(path):
+    with np.load(path) as f:
+        return f["arr_0"]
+
+
+def _close_images(a, b):
+    """Same draws, so the same images up to the network's batch-size rounding (GEMM/conv blocking):
+    at most one uint8 level, in a handful of values."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return a.shape == b.shape and diff.max() <= 1 and (diff > 0).mean() <= 0.005
+
+
+def test_sample_flags_change_what_they_should(tmp_path, tiny_model):
+    """Each flag does something: guidance, the sampler, eta, the class label change the images; the graph
+    engine draws the same ones as the eager loop."""
+    def run(*extra):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        args = ["--checkpoint", tiny_model, "--num-samples", "4", "--steps", "4", "--out", str(out), *extra]
+        assert _sample(args) == 0
+        return _images(out / "samples_4x8x8x3.npz")
+
+    base = run()
+    for extra in (["--guidance-scale", "3.0"], ["--sampler", "ddpm"], ["--eta", "1.0"], ["--class-label", "1"]):
+        assert not np.array_equal(run(*extra), base), f"{extra} changed nothing"
+    assert np.array_equal(run("--engine", "graph"), base)
+    assert np.array_equal(run("--guidance-scale", "3.0", "--engine", "graph"), run("--guidance-scale", "3.0"))
+
+
+@pytest.mark.parametrize("sampler", [["--sampler", "ddpm", "--steps", "5"], ["--sampler", "ddim", "--eta", "1.0"]])
+def test_same_seed_same_images_whatever_the_batch_size(tmp_path, tiny_model, sampler):
+    got = {}
+    for bs in ("7", "3", "1"):
+        out = tmp_path / f"b{bs}"
+        assert _sample(["--checkpoint", tiny_model, "--num-samples", "7", "--batch-size", bs, "--steps", "5",
+                        "--out", str(out), *sampler]) == 0
+        got[bs] = _images(out / "samples_7x8x8x3.npz")
+    assert _close_images(got["7"], got["3"]) and _close_images(got["7"], got["1"])
+    assert len({got["7"][i].tobytes() for i in range(7)}) == 7, "images must differ from each other"
 
 
 def test_sample_fp16_on_cpu_says_what_it_ran(tmp_path, tiny_model, capsys):
@@ -71,6 +103,21 @@ def test_sample_errors_are_one_line(tmp_path, tiny_model, capsys):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         sample_cli.main(["--sampler", "euler"])
+
+
+def test_non_finite_samples_fail_and_write_nothing(tmp_path, capsys):
+    model = UNet(UNetConfig.from_name("tiny"))
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    save_pretrained(model, tmp_path / "nan_model", schedule=NoiseSchedule.linear(20))
+    out = tmp_path / "o"
+    assert _sample(["--checkpoint", str(tmp_path / "nan_model"), "--num-samples", "2", "--out", str(out)]) == 2
+    assert "non-finite values (image 0" in capsys.readouterr().err
+    assert not out.exists()
+    for flag, value in (("--guidance-scale", "nan"), ("--eta", "inf"), ("--eta", "50")):
+        with pytest.raises(SystemExit) as exc:
+            sample_cli.main([flag, value, "--out", str(out)])
+        assert exc.value.code == 2
 
 
 def test_unconditional_model_rejects_guidance(tmp_path, capsys):
@@ -181,12 +228,13 @@ def _torchrun(module, args, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_sampling_shards_over_two_processes(tmp_path, tiny_model):
+@pytest.mark.parametrize("sampler", [["--sampler", "ddpm"], ["--sampler", "ddim", "--eta", "1.0"]])
+def test_torchrun_sampling_shards_over_two_processes(tmp_path, tiny_model, sampler):
+    common = ["--checkpoint", tiny_model, "--num-samples", "5", "--steps", "3", "--device", "cpu", "--no-progress",
+              *sampler]
     outs = []
     for run in ("r1", "r2"):
-        res = _torchrun("ddpm_fast.sample", ["--checkpoint", tiny_model, "--num-samples", "5", "--steps", "3",
-                                             "--device", "cpu", "--no-progress", "--out", str(tmp_path / run)],
-                        tmp_path)
+        res = _torchrun("ddpm_fast.sample", common + ["--out", str(tmp_path / run)], tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
         with np.load(tmp_path / run / "samples_5x8x8x3.npz") as f:
             outs.append((f["arr_0"], f["arr_1"]))
@@ -194,6 +242,8 @@ def test_torchrun_sampling_shards_over_two_processes(tmp_path, tiny_model):
     assert a.shape == (5, 8, 8, 3) and la.tolist() == [0, 1, 2, 0, 1]
     assert np.array_equal(a, b), "same seed, same output under torchrun"
     assert len({a[i].tobytes() for i in range(5)}) == 5, "ranks must draw distinct images"
+    assert sample_cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert _close_images(a, _images(tmp_path / "one" / "samples_5x8x8x3.npz")), "one process draws the same images"
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import torch
 from conftest import diffusers_peer, randomize_
 
 from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig, to_uint8
+from ddpm_fast.noise import NoiseKey, initial_noise, randn_like_key
 
 
 def _fake_eps(t, shape, seed):
@@ -128,15 +129,16 @@ def test_sample_is_deterministic_by_seed_and_guided():
 
 
 def test_sample_matches_manual_loop():
+    """sample() is the chain of single steps, with x_T and noise from the run's Philox stream."""
     model = randomize_(UNet(UNetConfig.from_name("tiny")), 0.02).eval()
     s = DDPMSampler(NoiseSchedule.linear(20))
     got = s.sample(model, (2, 3, 8, 8), seed=11, progress=False)
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 8, 8, generator=g)
+    images = torch.arange(2)
+    x = initial_noise((2, 3, 8, 8), 11, images, "cpu")
     with torch.no_grad():
-        for t in range(19, -1, -1):
+        for i, t in enumerate(range(19, -1, -1)):
             eps = model(x, torch.full((2,), t))
-            x = s.step(eps, t, x, generator=g)
+            x = s.step(eps, t, x, noise=randn_like_key(x, NoiseKey(torch.tensor([11, i]), images)))
     torch.testing.assert_close(got, x, atol=0, rtol=0)
 
 

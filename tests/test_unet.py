@@ -108,7 +108,7 @@ def test_bad_inputs_name_the_problem():
     xd = torch.randn(2, 1, 16, 16)
     with pytest.raises(ValueError, match="class-conditional; pass class_labels"):
         cond(xd, torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match=r"lie in \[0, 10\]"):
+    with pytest.raises(RuntimeError, match=r"lie in \[0, 10\]"):
         cond(xd, torch.tensor([1, 2]), torch.tensor([0, 11]))
     with pytest.raises(TypeError, match="UNetConfig"):
         UNet("cifar10")

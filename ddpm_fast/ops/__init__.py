@@ -9,12 +9,19 @@ DDPM_FAST_BACKEND = auto | triton | cuda | torch, resolved per call from the ten
   build has, with one warning if it has to fall back to torch; on the CPU, torch.
 An explicit backend that cannot run here raises. Ops that do not implement the requested backend
 use the next one in auto's order (an op without a cuda kernel runs its triton kernel).
+
+Every Triton launch goes through ``launch``. With DDPM_FAST_RECORD_LAUNCHES=FILE it appends each distinct
+variant (kernel, argument types, constexprs, the JIT's integer and alignment specializations, computed by
+Triton's own specializer) to FILE: CI runs the tests that way and compiles exactly those variants for
+sm_80 and sm_90 (tests/compile_kernels.py), so what the code really launches is what gets compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
+import json
 import os
 import threading
 import warnings
@@ -54,6 +61,45 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a dense NHWC 4-D tensor, else contiguous_format (what kernels preserve)."""
     nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if nhwc else torch.contiguous_format
+
+
+_recorded: set[str] = set()
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), recording the variant when DDPM_FAST_RECORD_LAUNCHES names a file."""
+    path = os.environ.get("DDPM_FAST_RECORD_LAUNCHES")
+    if path:
+        _record_launch(path, kernel, args, meta)
+    return kernel[grid](*args, **meta)
+
+
+def _record_launch(path, kernel, args, meta) -> None:
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    fn = getattr(kernel, "fn", kernel)
+    names = list(inspect.signature(fn).parameters)
+    constexprs = dict(meta)
+    options = {k: constexprs.pop(k) for k in _LAUNCH_OPTIONS if k in constexprs}
+    signature, attrs = {}, {}
+    for name, arg in zip(names, args, strict=False):
+        kind, spec = native_specialize_impl(BaseBackend, arg, False, True, True)[:2]
+        if kind == "constexpr":
+            constexprs[name] = spec if spec is not None else arg
+        else:
+            signature[name] = kind
+            if spec:
+                attrs[name] = spec
+    for name in constexprs:
+        signature[name] = "constexpr"
+    line = json.dumps({"kernel": f"{fn.__module__}:{fn.__name__}", "signature": signature,
+                       "constexprs": constexprs, "attrs": attrs, "options": options}, sort_keys=True)
+    if line not in _recorded:
+        _recorded.add(line)
+        with open(path, "a") as f:  # one short line per write: safe to share between processes
+            f.write(line + "\n")
 
 
 def extension():
@@ -144,6 +190,7 @@ __all__ = [
     "COEF_COLUMNS",
     "backend_unavailable_reason",
     "extension",
+    "launch",
     "memory_format",
     "group_norm_silu",
     "group_norm_silu_ref",

@@ -349,7 +349,7 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     b_arg = bias.contiguous() if has_affine else x
     if split is None and group_size <= SINGLE_PASS_MAX:
         block = triton.next_power_of_2(group_size)
-        _group_norm_single_pass_kernel[(n * num_groups,)](
+        ops.launch(_group_norm_single_pass_kernel, (n * num_groups,),
             x, add_arg, w_arg, b_arg, y, mean, rstd, hw, cg, num_groups, group_size, float(eps),
             stride_n, stride_c, stride_hw, stride_add_n,
             HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu), CHANNELS_LAST=channels_last,
@@ -365,11 +365,11 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     split = -(-group_size // chunk)
     partials = torch.empty(n * num_groups * split * 3, device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
-    _group_norm_stats_kernel[grid](
+    ops.launch(_group_norm_stats_kernel, grid,
         x, add_arg, partials, hw, cg, num_groups, chunk, group_size, stride_n, stride_c, stride_hw, stride_add_n,
         SPLIT=split, HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
     )
-    _group_norm_apply_kernel[grid](
+    ops.launch(_group_norm_apply_kernel, grid,
         x, add_arg, w_arg, b_arg, y, partials, mean, rstd, hw, cg, num_groups, chunk, group_size, float(eps),
         stride_n, stride_c, stride_hw, stride_add_n,
         SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu),
@@ -411,11 +411,11 @@ def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, s
     grid = (n * num_groups, split)
     if single:
         del flags["SPLIT"]
-        _group_norm_bwd_single_pass_kernel[grid](*args, cpart, dx, dadd_part, hw, cg, num_groups, *geometry[4:],
-                                                 num_warps=_single_pass_warps(block_s * cg_p2), **flags)
+        ops.launch(_group_norm_bwd_single_pass_kernel, grid, *args, cpart, dx, dadd_part, hw, cg, num_groups,
+                   *geometry[4:], num_warps=_single_pass_warps(block_s * cg_p2), **flags)
     else:
-        _group_norm_bwd_reduce_kernel[grid](*args, part, cpart, *geometry, **flags)
-        _group_norm_bwd_apply_kernel[grid](*args, part, dx, dadd_part, *geometry, **flags)
+        ops.launch(_group_norm_bwd_reduce_kernel, grid, *args, part, cpart, *geometry, **flags)
+        ops.launch(_group_norm_bwd_apply_kernel, grid, *args, part, dx, dadd_part, *geometry, **flags)
     dweight = dbias = dadd = None
     if has_affine:
         per_channel = cpart.view(n, num_groups, split, 2, cg_p2)[..., :cg].sum(dim=(0, 2))  # (G, 2, cg)

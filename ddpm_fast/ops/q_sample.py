@@ -57,8 +57,9 @@ def validate_q_sample_args(x0, t, sqrt_acp, sqrt_1m_acp, noise):
         raise ValueError(f"q_sample: t must be an integer tensor of shape ({x0.shape[0]},)")
     if sqrt_acp.dim() != 1 or sqrt_acp.shape != sqrt_1m_acp.shape:
         raise ValueError("q_sample: the two coefficient tables must be 1-D of equal length")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= sqrt_acp.numel()):
-        raise ValueError(f"q_sample: t must lie in [0, {sqrt_acp.numel() - 1}]")
+    # No host read in the training hot path: an immediate error on the CPU, an assert on the GPU.
+    torch._assert_async(((t >= 0) & (t < sqrt_acp.numel())).all(),
+                        f"q_sample: t must lie in [0, {sqrt_acp.numel() - 1}]")
     if noise is not None and (noise.shape != x0.shape or noise.device != x0.device):
         raise ValueError(f"q_sample: noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)} "
                          "(or on another device)")
@@ -75,7 +76,7 @@ def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
         raise ValueError("q_sample: tensors of 2**31 elements or more are not supported; split the batch")
     if numel:
         block = 1024
-        _q_sample_kernel[(triton.cdiv(numel, block),)](
+        ops.launch(_q_sample_kernel, (triton.cdiv(numel, block),),
             x0, t.to(torch.int64).contiguous(), sqrt_acp.to(x0.device, torch.float32).contiguous(),
             sqrt_1m_acp.to(x0.device, torch.float32).contiguous(), noise, out,
             numel, numel // x0.shape[0], int(seed or 0) & 0x7FFFFFFF,

@@ -76,7 +76,7 @@ def _residual_add_triton(y, skip, bias):
     if numel:
         n, c, h, w = y.shape
         block = 1024
-        _residual_add_kernel[(triton.cdiv(numel, block),)](
+        ops.launch(_residual_add_kernel, (triton.cdiv(numel, block),),
             y, skip, bias.contiguous() if bias is not None else y, out, numel, c, h * w,
             HAS_BIAS=bias is not None, CHANNELS_LAST=fmt == torch.channels_last, BLOCK_SIZE=block,
         )

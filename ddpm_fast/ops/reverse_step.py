@@ -9,10 +9,12 @@ Coefficients are rows of a (S, 6) fp32 table (columns COEF_COLUMNS) that the sam
 The state x_t and the result are fp32; the model output may be fp32, fp16 or bf16. ``half_out``
 (optional) also receives x_prev in fp16/bf16: the copy the next fast-path U-Net call reads.
 
-Noise z: given, or drawn in the kernel from Philox keyed by (noise_seed, step, element); both may be
-device tensors, so a replayed graph draws fresh noise as ``step`` advances. ``out`` may be x_t itself
-(in place: each element is read before it is written). Streams are backend-specific: the torch
-fallback draws from a torch.Generator seeded from (noise_seed, step), equal in law, not in value.
+Noise z: a tensor, or a ``noise.NoiseKey`` (int64 device tensors [seed, step] and per-sample image
+indices) from which every backend draws the project's Philox stream (ddpm_fast.noise) in the kernel:
+the same values on every backend, and nothing read back to the host, so a replayed graph draws fresh
+noise as the step counter advances. ``out`` may be x_t itself (each element is read before it is
+written). The row index is checked without a host read (an asynchronous assert on the device, an
+immediate error on the CPU) and again inside the kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ddpm_fast import ops
+from ddpm_fast.noise import NoiseKey, randn_like_key
 
 try:
     import triton
@@ -27,24 +30,28 @@ try:
 except ImportError:
     triton = None
 
-COEF_COLUMNS = ("sqrt_recip_acp", "sqrt_recipm1_acp", "c_x0", "c_xt", "c_eps", "sigma")
+# Column names of the coefficient table (csrc/reverse_step.h keeps the same order).
+COEF_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "coef_x0", "coef_xt", "coef_eps",
+                "sigma")
+SIGMA = COEF_COLUMNS.index("sigma")
 _IMPLEMENTED = ("cuda", "triton", "torch")
-_IMPLEMENTED_INKERNEL_NOISE = ("triton", "torch")
-_STEP_KEY = 0x9E3779B1  # odd 32-bit constant: (seed, step) -> distinct Philox keys
 
 if triton is not None:
 
     @triton.jit
     def _reverse_step_kernel(
-        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, SEED_ptr, STEP_ptr, OUT_ptr, HALF_ptr,
-        numel, per_sample, guidance_scale,
+        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, KEY_ptr, IMG_ptr, OUT_ptr, HALF_ptr,
+        numel, per_sample, channels, hw, num_rows, guidance_scale,
         HAS_UNCOND: tl.constexpr, NOISE_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_HALF: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
-        # NOISE_MODE: 0 none, 1 tensor, 2 in-kernel Philox keyed by (noise_seed, step).
+        # NOISE_MODE: 0 none, 1 tensor, 2 Philox keyed by KEY_ptr = [seed, step] and the image index.
         offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < numel
-        row = COEF_ptr + tl.load(INDEX_ptr + offs // per_sample, mask=mask, other=0) * 6
+        sample = offs // per_sample
+        idx = tl.load(INDEX_ptr + sample, mask=mask, other=0)
+        tl.device_assert((idx >= 0) & (idx < num_rows), "reverse_step: index outside the coefficient table")
+        row = COEF_ptr + idx * 6
         a = tl.load(row, mask=mask, other=0.0)
         b = tl.load(row + 1, mask=mask, other=0.0)
         c_x0 = tl.load(row + 2, mask=mask, other=0.0)
@@ -63,8 +70,17 @@ if triton is not None:
         if NOISE_MODE == 1:
             out += sigma * tl.load(NOISE_ptr + offs, mask=mask, other=0.0)
         if NOISE_MODE == 2:
-            key = (tl.load(SEED_ptr) + tl.load(STEP_ptr) * 0x9E3779B1) & 0x7FFFFFFF
-            out += sigma * tl.randn(key, offs.to(tl.int32))
+            # The stream's element counter is the NCHW index inside the image, whatever the layout.
+            e = offs - sample * per_sample
+            if CHANNELS_LAST:
+                e = (e % channels) * hw + e // channels
+            image = tl.load(IMG_ptr + sample, mask=mask, other=0)
+            step = tl.load(KEY_ptr + 1)
+            zero = e.to(tl.int32) * 0
+            r0, r1, _, _ = tl.philox(tl.load(KEY_ptr), e.to(tl.int32), image.to(tl.int32),
+                                     zero + step.to(tl.int32), zero)
+            z, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+            out += sigma * z
         tl.store(OUT_ptr + offs, out, mask=mask)
         if HAS_HALF:
             tl.store(HALF_ptr + offs, out.to(HALF_ptr.dtype.element_ty), mask=mask)
@@ -124,29 +140,30 @@ def reverse_step(
     model_output: torch.Tensor,
     coefs: torch.Tensor,
     index: torch.Tensor,
-    noise: torch.Tensor | None = None,
+    noise: torch.Tensor | NoiseKey | None = None,
     clip_denoised: bool = True,
     model_output_uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    noise_seed: int | torch.Tensor | None = None,
-    step: int | torch.Tensor = 0,
-    half_out: torch.Tensor | None = None,
+    *,
     out: torch.Tensor | None = None,
+    half_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One reverse step on the backend DDPM_FAST_BACKEND selects; returns x_prev (fp32)."""
-    _validate(x_t, model_output, coefs, index, noise, model_output_uncond)
-    if noise is not None and noise_seed is not None:
-        raise ValueError("reverse_step: give noise or noise_seed, not both")
-    if half_out is not None and (half_out.shape != x_t.shape or half_out.dtype not in (torch.float16, torch.bfloat16)
-                                 or half_out.stride() != x_t.stride() or half_out.device != x_t.device):
-        raise ValueError("reverse_step: half_out must be an fp16/bf16 tensor laid out like x_t")
-    if out is not None and (out.shape != x_t.shape or out.dtype != torch.float32 or out.stride() != x_t.stride()
-                            or out.device != x_t.device):
-        raise ValueError("reverse_step: out must be a float32 tensor laid out like x_t")
-    # The extension writes no half copy and no in-place result; its in-kernel noise runs on CUDA only.
-    native_ok = half_out is None and out is None and (noise_seed is None or x_t.is_cuda)
-    implemented = _IMPLEMENTED if native_ok else _IMPLEMENTED_INKERNEL_NOISE
-    backend = ops.resolve_backend("reverse_step", x_t.device, implemented)
+    """One reverse step on the backend DDPM_FAST_BACKEND selects; returns x_prev (fp32, ``out`` if given).
+
+    Reads no device value on the host: safe inside CUDA-graph capture.
+    """
+    key = noise if isinstance(noise, NoiseKey) else None
+    _validate(x_t, model_output, coefs, index, None if key is not None else noise, model_output_uncond)
+    if key is not None:
+        key.validate(x_t.shape[0], x_t.device)
+    for name, t, dtypes in (("out", out, (torch.float32,)), ("half_out", half_out, (torch.float16, torch.bfloat16))):
+        if t is not None and (t.shape != x_t.shape or t.dtype not in dtypes or t.stride() != x_t.stride()
+                              or t.device != x_t.device):
+            kinds = "/".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"reverse_step: {name} must be a {kinds} tensor laid out like x_t")
+    torch._assert_async(((index >= 0) & (index < coefs.shape[0])).all(),
+                        f"reverse_step: index outside the coefficient table of {coefs.shape[0]} rows")
+    backend = ops.resolve_backend("reverse_step", x_t.device, _IMPLEMENTED)
     fmt = ops.memory_format(x_t)
 
     def dense(t, dtype=None):
@@ -156,58 +173,42 @@ def reverse_step(
         return t.contiguous(memory_format=fmt)
 
     coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
-    index = index.to(x_t.device).contiguous()  # kernels read it densely (callers may pass an expand)
+    index = index.contiguous()  # kernels read it densely (callers may pass an expand)
+    z = None if key is not None else dense(noise, torch.float32)
     if backend == "cuda":
-        noise_key = None
-        if noise_seed is not None:
-            noise_key = torch.cat([_scalar_tensor(noise_seed, "noise_seed", x_t.device),
-                                   _scalar_tensor(step, "step", x_t.device)])
         return ops.extension().reverse_step(
-            dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index,
-            dense(noise, torch.float32), float(guidance_scale), bool(clip_denoised), noise_key,
-        )
+            dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index, z, float(guidance_scale),
+            bool(clip_denoised), None if key is None else key.counter, None if key is None else key.images.contiguous(),
+            out, half_out)
     if backend == "triton":
-        return _reverse_step_triton(dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index,
-                                    dense(noise, torch.float32), float(guidance_scale), bool(clip_denoised),
-                                    noise_seed, step, half_out, out)
-    if noise_seed is not None:
-        noise = torch.randn(x_t.shape, device=x_t.device, generator=_torch_generator(noise_seed, step, x_t.device))
-    result = reverse_step_ref(x_t, model_output, coefs, index, noise, clip_denoised, model_output_uncond,
+        return _reverse_step_triton(dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index, z,
+                                    key, float(guidance_scale), bool(clip_denoised), out, half_out)
+    if key is not None:
+        z = randn_like_key(x_t, key)
+    result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
                               guidance_scale)
     if half_out is not None:
         half_out.copy_(result)
     return result if out is None else out.copy_(result)
 
 
-def _scalar_tensor(value, name, device) -> torch.Tensor:
-    if torch.is_tensor(value):
-        if value.numel() != 1 or value.dtype != torch.int64 or value.device != device:
-            raise ValueError(f"reverse_step: {name} must be one int64 on {device}")
-        return value
-    return torch.tensor([int(value)], dtype=torch.int64, device=device)
-
-
-def _torch_generator(noise_seed, step, device) -> torch.Generator:
-    seed, step = (int(v.item()) if torch.is_tensor(v) else int(v) for v in (noise_seed, step))
-    return torch.Generator(device).manual_seed((seed + step * _STEP_KEY) & 0x7FFFFFFF)
-
-
-def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, w, clip, noise_seed, step, half_out, out):
+def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out):
     numel = x.numel()
     if numel >= 2**31:
         raise ValueError("reverse_step: tensors of 2**31 elements or more are not supported; split the batch")
     out = torch.empty_like(x) if out is None else out
     if numel == 0:
         return out
-    noise_mode = 1 if noise is not None else (2 if noise_seed is not None else 0)
+    noise_mode = 1 if noise is not None else (2 if key is not None else 0)
+    n, c, h, w_ = x.shape
     block = 1024
-    _reverse_step_kernel[(triton.cdiv(numel, block),)](
+    ops.launch(
+        _reverse_step_kernel, (triton.cdiv(numel, block),),
         x, eps, eps_u if eps_u is not None else eps, noise if noise is not None else x, coefs, index,
-        _scalar_tensor(noise_seed or 0, "noise_seed", x.device), _scalar_tensor(step, "step", x.device),
+        key.counter if key is not None else index, key.images if key is not None else index,
         out, half_out if half_out is not None else out,
-        numel, numel // x.shape[0], w,
+        numel, numel // n, c, h * w_, coefs.shape[0], w,
         HAS_UNCOND=eps_u is not None, NOISE_MODE=noise_mode, CLIP=clip, HAS_HALF=half_out is not None,
-        BLOCK_SIZE=block,
+        CHANNELS_LAST=ops.memory_format(x) == torch.channels_last, BLOCK_SIZE=block,
     )
     return out
-

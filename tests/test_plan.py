@@ -1,0 +1,160 @@
+"""Sampling plans: capture safety (no device->host read in a step), per-image seeds, one step for every loop."""
+
+import pytest
+import torch
+from conftest import randomize_
+from host_sync import HostSyncError, no_host_sync
+
+from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig, engine, ops, training_loss
+from ddpm_fast.noise import NoiseKey
+
+SAMPLERS = {
+    "ddpm": lambda: DDPMSampler(NoiseSchedule.linear(20)),
+    "ddim-eta1": lambda: DDIMSampler(NoiseSchedule.cosine(100), 4, eta=1.0),
+    "ddim-eta0": lambda: DDIMSampler(NoiseSchedule.linear(100), 4, spacing="trailing"),
+}
+LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+
+
+def _model(num_classes=3):
+    return randomize_(UNet(UNetConfig.from_name("tiny", num_classes=num_classes, dropout=0.0)).eval(), 0.05)
+
+
+def test_guard_catches_host_reads():
+    t = torch.tensor([1, 2])
+    for read in (lambda: bool(t[0]), lambda: t.item() if t.numel() == 1 else t[0].item(), lambda: int(t[1]),
+                 lambda: t.tolist(), lambda: t.cpu(), lambda: t.numpy(), lambda: t.nonzero(), lambda: f"{t}"):
+        with pytest.raises(HostSyncError), no_host_sync():
+            read()
+    with no_host_sync():  # device work is fine
+        (t * 2).any()
+
+
+def test_guard_catches_the_old_seed_truthiness():
+    """The bug this guard was made for: `noise_seed or 0` on a device tensor is Tensor.__bool__."""
+    seed = torch.tensor([5])
+    with pytest.raises(HostSyncError, match="bool"), no_host_sync():
+        _ = seed or 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fast_plan_step_makes_no_host_read(dtype, name, guided, backend):
+    """What the graph engine captures, run on CPU tensors (Triton through its interpreter; the C++ kernels)
+    under the guard: any device->host read would be an error inside CUDA-graph capture."""
+    if ops.backend_unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} backend not available here")
+    fast = _model().to_fast(dtype)
+    kw = dict(class_labels=LABELS[:2], guidance_scale=2.5) if guided else dict(class_labels=LABELS[:2])
+    with ops.use_backend(backend):
+        plan = SAMPLERS[name]().plan(fast, (2, 3, 8, 8), seed=7, **kw)
+        before = plan.x.clone()
+        with no_host_sync():
+            plan.step()
+            plan.step()
+    assert plan.done == 2 and plan.counter.tolist() == [7, 2]
+    assert torch.isfinite(plan.x).all() and not torch.equal(plan.x, before)
+    torch.testing.assert_close(plan.x_half.float(), plan.x, atol=1e-2, rtol=1e-2)
+
+
+def test_fast_training_step_makes_no_host_read():
+    """The training step of the GPU form (fp32 masters, fused ops, autocast) reads nothing back either."""
+    model = randomize_(UNet(UNetConfig.from_name("tiny", num_classes=3)), 0.05).to_fast(torch.float32).train()
+    schedule = NoiseSchedule.linear(50)
+    x0 = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    with ops.use_backend("triton"), no_host_sync():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = training_loss(model, schedule, x0, torch.tensor([0, 2]), cond_drop_prob=0.5, generator=g)
+        loss.backward()
+    assert torch.isfinite(loss) and model.conv_in.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("fast", [False, True])
+def test_images_do_not_depend_on_the_batch(name, fast):
+    """Image k's draws depend on (seed, k, step) only: the same x_T and noise in any batch. The images
+    then agree to the network's own batch-size rounding (GEMM/conv blocking, ~1e-7 in fp32)."""
+    sampler, model = SAMPLERS[name](), _model()
+    if fast:
+        model = model.to_fast(torch.bfloat16)
+    full = sampler.plan(model, (7, 3, 8, 8), seed=3, class_labels=LABELS)
+    parts = [sampler.plan(model, (len(ix), 3, 8, 8), seed=3, class_labels=LABELS[ix], image_index=ix)
+             for ix in (torch.tensor([4, 5, 6]), torch.tensor([0, 2]), torch.tensor([3]), torch.tensor([1]))]
+    order = torch.cat([p.images for p in parts])
+    assert torch.equal(torch.cat([p.x for p in parts])[torch.argsort(order)], full.x), "x_T must be per image"
+    with ops.use_backend("torch"):
+        want = full.run()
+        got = torch.cat([p.run() for p in parts])[torch.argsort(order)]
+    atol = 1e-5 if not fast else 2e-2
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_eager_and_engine_loops_agree_bit_for_bit(name):
+    """sample(), plan().run() and the engine's C++ loop run the same plan step."""
+    sampler, model = SAMPLERS[name](), _model()
+    kw = dict(seed=11, class_labels=LABELS[:3], guidance_scale=1.5)
+    a = sampler.sample(model, (3, 3, 8, 8), progress=False, **kw)
+    b = sampler.plan(model, (3, 3, 8, 8), **kw).run()
+    c = engine.GraphEngine().sample(sampler, model, (3, 3, 8, 8), **kw)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_fast_path_backends_draw_the_same_noise(backend):
+    """The fused kernels draw the reference stream: the fast path on every backend samples the same images
+    as the torch ops, to fp16 rounding (not merely the same distribution)."""
+    if ops.backend_unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} backend not available here")
+    sampler, fast = SAMPLERS["ddim-eta1"](), _model().to_fast(torch.float16)
+    with ops.use_backend("torch"):
+        want = sampler.sample(fast, (2, 3, 8, 8), seed=2, class_labels=LABELS[:2], progress=False)
+    with ops.use_backend(backend):
+        got = sampler.sample(fast, (2, 3, 8, 8), seed=2, class_labels=LABELS[:2], progress=False)
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_takes_x_T(name):
+    sampler, model = SAMPLERS[name](), _model(None)
+    x_T = torch.randn(2, 3, 8, 8)
+    a = sampler.sample(model, (2, 3, 8, 8), seed=0, x_T=x_T, progress=False)
+    b = engine.GraphEngine().sample(sampler, model, (2, 3, 8, 8), seed=0, x_T=x_T)
+    c = sampler.sample(model, (2, 3, 8, 8), seed=0, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    if name == "ddim-eta0":  # deterministic: x_T alone fixes the result
+        assert torch.equal(a, sampler.sample(model, (2, 3, 8, 8), seed=99, x_T=x_T, progress=False))
+    with pytest.raises(ValueError, match=r"x_T must be a floating tensor of shape \(2, 3, 8, 8\)"):
+        sampler.plan(model, (2, 3, 8, 8), x_T=torch.randn(2, 3, 8, 4))
+
+
+def test_plan_contract_and_restart():
+    sampler, model = SAMPLERS["ddpm"](), _model(None)
+    plan = sampler.plan(model, (2, 3, 8, 8), seed=5)
+    x_T = plan.x.clone()
+    plan.step()
+    assert plan.done == 1 and plan.counter.tolist() == [5, 1]
+    rest = plan.run()
+    assert plan.done == sampler.num_steps
+    plan.start(seed=5)
+    assert torch.equal(plan.x, x_T) and plan.done == 0
+    assert torch.equal(plan.run(), rest)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert sampler.plan(model, (2, 3, 8, 8), generator=g1).seed == sampler.plan(model, (2, 3, 8, 8), generator=g2).seed
+    for bad, msg in ((-1, "seed must lie in"), (2**64, "seed must lie in"), (1.5, "seed must be an integer")):
+        with pytest.raises(ValueError, match=msg):
+            sampler.plan(model, (2, 3, 8, 8), seed=bad)
+    with pytest.raises(ValueError, match="image_index must be an int or 2 integer indices"):
+        sampler.plan(model, (2, 3, 8, 8), seed=0, image_index=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        sampler.plan(_model(), (2, 3, 8, 8), seed=0, class_labels=[0, 1], guidance_scale=float("nan"))
+
+
+def test_noise_key_must_live_with_the_state():
+    x = torch.randn(2, 3, 4, 4)
+    key = NoiseKey(torch.tensor([1, 0], dtype=torch.int32), torch.arange(2))
+    with pytest.raises(ValueError, match="counter must be an int64"):
+        ops.reverse_step(x, x, torch.rand(3, 6), torch.tensor([0, 1]), key)
