@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 
 import torch
@@ -260,18 +261,34 @@ def load_state_dict_strict(model: UNet, sd: dict, source: str) -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in fixed.items()}, strict=True)
 
 
+RUN_MODEL_FOLDER = "model"  # where ddpm_fast.train exports the EMA model inside its --out folder
+RUN_CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_model_path(path) -> str:
+    """``path`` itself, or for a ddpm_fast.train --out folder its exported model/ (else its checkpoint.pt)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        exported = os.path.join(path, RUN_MODEL_FOLDER)
+        if os.path.isfile(os.path.join(exported, CONFIG_NAME)):
+            return exported
+        if os.path.isfile(os.path.join(path, RUN_CHECKPOINT)):
+            return os.path.join(path, RUN_CHECKPOINT)
+        raise CheckpointError(f"{path}: no {CONFIG_NAME} (not a diffusers/ddpm_fast model folder), and not a "
+                              f"ddpm_fast.train run folder ({RUN_MODEL_FOLDER}/{CONFIG_NAME} or {RUN_CHECKPOINT})")
+    return path
+
+
 def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet:
     """Load a U-Net from a diffusers/ddpm_fast folder, a pytorch_diffusion .ckpt, or a .safetensors file.
 
     ``config`` overrides what the checkpoint says (needed for .ckpt files of unusual sizes).
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
+    path = resolve_model_path(path)
     if os.path.isdir(path):
         cfg_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"{path}: no {CONFIG_NAME} (not a diffusers/ddpm_fast model folder)")
         cfg = config or from_diffusers_config(_read_json(cfg_path), cfg_path)
         st, binf = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
         if os.path.isfile(st):
@@ -320,10 +337,54 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
     return model if device is None else model.to(device)
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def prepare_output_folder(path, flag: str = "--out") -> int:
+    """Make ``path`` (and its parents) and prove it writable, before any long work; errors name the flag.
+
+    Temporary files that an earlier, killed write left behind (``.tmp-*``, see atomic_write) are removed;
+    returns how many.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(f"{flag} {path}: exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OSError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    return remove_stale_temp_files(path)
+
+
+def remove_stale_temp_files(folder: str) -> int:
+    """Delete the ``.tmp-*`` files an interrupted atomic_write left in ``folder``; returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        full = os.path.join(folder, name)
+        if name.startswith(TEMP_PREFIX) and os.path.isfile(full):
+            try:
+                os.unlink(full)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write(path: str, write) -> None:
-    """write(tmp_path) then rename over ``path``: readers never see a half-written file."""
+    """write(tmp_path) then rename over ``path``: readers never see a half-written file, and a failed or
+    interrupted write leaves the previous ``path`` as it was. Write failures (a full disk, a vanished
+    folder) become one OSError naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
+    except OSError as exc:
+        raise OSError(f"{path}: cannot write ({exc.strerror or exc})") from None
     os.close(fd)
     try:
         write(tmp)
@@ -336,9 +397,19 @@ def atomic_write(path: str, write) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # torch.save reports a full disk as a RuntimeError, safetensors as its own error type.
+        if isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError":
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or (str(exc).strip().splitlines()
+                                                                             or [type(exc).__name__])[-1]
+            try:
+                if shutil.disk_usage(folder).free < 16 << 20:
+                    reason += "; the disk is full"
+            except OSError:
+                pass
+            raise OSError(f"{path}: cannot write ({reason}); the previous file, if any, is unchanged") from None
         raise
 
 
@@ -346,7 +417,7 @@ def load_schedule(path):
     """The NoiseSchedule saved beside a model (scheduler_config.json), or None if there is none."""
     from ddpm_fast.schedule import NoiseSchedule
 
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     candidates = [os.path.join(folder, SCHEDULER_CONFIG_NAME), os.path.join(folder, "scheduler", SCHEDULER_CONFIG_NAME)]
     if not os.path.isdir(path) and path.endswith((".pt", ".pth")):

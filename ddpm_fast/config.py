@@ -39,21 +39,48 @@ class UNetConfig:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
         errors = []
-        if self.sample_size < 1:
-            errors.append(f"sample_size must be positive, got {self.sample_size}")
+
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                errors.append(f"{name} must be a positive integer, got {v!r}")
+                return False
+            return True
+
+        sizes_ok = all([positive_int(n) for n in ("sample_size", "in_channels", "out_channels", "ch",
+                                                  "num_res_blocks", "num_groups")])
         if not self.ch_mult:
             errors.append("ch_mult must not be empty")
-        if self.sample_size % (2 ** (len(self.ch_mult) - 1)):
-            errors.append(f"sample_size {self.sample_size} must be divisible by 2**(levels-1)")
-        for m in self.ch_mult:
-            if (self.ch * m) % self.num_groups:
-                errors.append(f"channels {self.ch * m} not divisible by num_groups {self.num_groups}")
-        if self.ch % 2:
+        elif any(m < 1 for m in self.ch_mult):
+            errors.append(f"ch_mult entries must be positive, got {self.ch_mult}")
+        elif sizes_ok:
+            if self.sample_size % (2 ** (len(self.ch_mult) - 1)):
+                errors.append(f"sample_size {self.sample_size} must be divisible by 2**(levels-1) = "
+                              f"{2 ** (len(self.ch_mult) - 1)}")
+            for m in sorted(set(self.ch_mult)):
+                if (self.ch * m) % self.num_groups:
+                    errors.append(f"channels {self.ch * m} not divisible by num_groups {self.num_groups}")
+            missing = [r for r in self.attn_resolutions if r not in self.resolutions]
+            if missing:
+                errors.append(f"attn_resolutions {missing} match no level (the levels are at {self.resolutions})")
+            if self.attention_head_dim is not None:
+                if isinstance(self.attention_head_dim, bool) or not isinstance(self.attention_head_dim, int) \
+                        or self.attention_head_dim < 1:
+                    errors.append(f"attention_head_dim must be a positive integer or None, "
+                                  f"got {self.attention_head_dim!r}")
+                else:
+                    for r, m in zip(self.resolutions, self.ch_mult, strict=True):
+                        if r in self.attn_resolutions and (self.ch * m) % self.attention_head_dim:
+                            errors.append(f"attention at {r}x{r} has {self.ch * m} channels, not divisible by "
+                                          f"attention_head_dim {self.attention_head_dim}")
+        if sizes_ok and self.ch % 2:
             errors.append(f"ch must be even for the sinusoidal embedding, got {self.ch}")
-        if self.num_res_blocks < 1:
-            errors.append("num_res_blocks must be >= 1")
+        if sizes_ok and self.ch // 2 - self.freq_shift == 0:
+            errors.append(f"freq_shift {self.freq_shift} equals ch/2: the embedding frequencies divide by zero")
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.norm_eps, (int, float)) and 0.0 < self.norm_eps < float("inf")):
+            errors.append(f"norm_eps must be positive and finite, got {self.norm_eps!r}")
         if self.downsample_padding not in (0, 1):
             errors.append(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
         if self.num_classes is not None and self.num_classes < 1:

@@ -1,14 +1,18 @@
 """Training data: an image folder, an .npz of uint8 images, or the built-in scikit-learn digits.
 
-Everything loads into one uint8 NHWC tensor (plus optional int64 labels) held in memory: the data sets
-this engine trains on here are small, and a tensor makes batch sampling exact and resumable (indices
-drawn from a saved generator). Bad data fails early with one line naming the file and the problem.
+Everything loads into one NHWC tensor (plus optional int64 labels) held in memory: uint8, or uint16 when
+any image has 16 bits per sample (16-bit grayscale PNG/TIFF keep their precision; 8-bit images in the same
+set are widened exactly, v * 257). The data sets this engine trains on here are small, and a tensor makes
+batch sampling exact and resumable (indices drawn from a saved generator). Bad data fails early with one
+line naming the file and the problem; conversions (mixed modes, dropped alpha) are listed once in
+``ImageData.notes``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,9 +27,10 @@ class DataError(ValueError):
 
 @dataclass
 class ImageData:
-    images: torch.Tensor  # uint8 (N, H, W, C)
+    images: torch.Tensor  # uint8 or uint16 (N, H, W, C)
     labels: torch.Tensor | None  # int64 (N,) or None
     class_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)  # what loading converted, for the user to read once
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -36,7 +41,11 @@ class ImageData:
 
     def batch(self, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images as float NCHW in [-1, 1] on ``device``, and their labels."""
-        x = self.images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        picked = self.images[index]
+        if picked.dtype == torch.uint16:  # 0..65535 -> [-1, 1]; int32 travels where uint16 kernels are few
+            x = picked.to(torch.int32).to(device).permute(0, 3, 1, 2).float() / 32767.5 - 1.0
+        else:
+            x = picked.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         y = None if self.labels is None else self.labels[index].to(device)
         return x, y
 
@@ -72,8 +81,8 @@ def load_npz(path: str) -> ImageData:
         raise
     except Exception as exc:
         raise DataError(f"{path}: not a readable .npz ({exc})") from None
-    if arr.dtype != np.uint8:
-        raise DataError(f"{path}: arr_0 must be uint8 images, got {arr.dtype}")
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: arr_0 must be uint8 (or uint16) images, got {arr.dtype}")
     if arr.ndim == 3:
         arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
@@ -88,37 +97,81 @@ def load_npz(path: str) -> ImageData:
     return ImageData(torch.from_numpy(np.ascontiguousarray(arr)), lab)
 
 
-def load_image_folder(path: str, channels: int = 3) -> ImageData:
-    """Every image under ``path``; with class subfolders (path/<class>/img.png) they become labels."""
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _read_image(path: str, channels: int) -> tuple[np.ndarray, str, bool]:
+    """One image as (H, W, channels) uint8, or uint16 for 16-bit grayscale; also the file's mode and whether
+    Pillow itself reduced 16-bit color samples to 8 bits (it reads 48/64-bit PNGs that way)."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            reduced = mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in (im.tile or []))
+            if mode in _SIXTEEN_BIT_GRAY or mode == "I":
+                arr = np.asarray(im)
+                if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+                    raise DataError(f"{path}: 32-bit integer samples outside 0..65535 "
+                                    f"({arr.min()}..{arr.max()}); save it as an 8- or 16-bit image")
+                arr = arr.astype(np.uint16)[..., None]
+                if channels == 3:
+                    arr = np.repeat(arr, 3, axis=-1)
+                return arr, mode, False
+            if mode == "F":
+                raise DataError(f"{path}: 32-bit float images have no fixed range; save it as an 8- or 16-bit image")
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+    return (arr if arr.ndim == 3 else arr[..., None]), mode, reduced
+
+
+def load_image_folder(path: str, channels: int = 3) -> ImageData:
+    """Every image under ``path``; with class subfolders (path/<class>/img.png) they become labels.
+
+    Images are converted to the model's channels (grayscale "L" or "RGB"); 16-bit grayscale stays 16-bit."""
     files = []
     for root, _, names in os.walk(path):
         files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     files.sort()
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    mode = "L" if channels == 1 else "RGB"
-    arrays, size, first = [], None, None
+    target = "L" if channels == 1 else "RGB"
+    arrays, size, first, modes, reduced = [], None, None, Counter(), 0
     for f in files:
-        try:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert(mode))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{f}: cannot read image ({exc})") from None
+        arr, mode, was_reduced = _read_image(f, channels)
+        modes[mode] += 1
+        reduced += was_reduced
         if size is None:
             size, first = arr.shape[:2], f
         elif arr.shape[:2] != size:
             raise DataError(f"images of mixed sizes: {first} is {size[1]}x{size[0]}, "
                             f"{f} is {arr.shape[1]}x{arr.shape[0]}")
-        arrays.append(arr if arr.ndim == 3 else arr[..., None])
+        arrays.append(arr)
+    notes = []
+    gray16 = _SIXTEEN_BIT_GRAY + ("I",)
+    if any(a.dtype == np.uint16 for a in arrays):
+        arrays = [a if a.dtype == np.uint16 else a.astype(np.uint16) * 257 for a in arrays]  # exact: 255 -> 65535
+        widened = sum(k for m, k in modes.items() if m not in gray16)
+        notes.append(f"{path}: 16-bit images kept at 16-bit precision"
+                     + (f" ({widened} 8-bit images widened exactly)" if widened else ""))
+    # A mode is native when it needs no conversion to the model's channels (16-bit gray is native for "L").
+    converted = {m: k for m, k in modes.items() if m != target and not (channels == 1 and m in gray16)}
+    if converted:
+        found = ", ".join(f"{k} {m}" for m, k in sorted(converted.items()))
+        dropped = " (alpha dropped)" if any("A" in m for m in converted) else ""
+        notes.append(f"{path}: converted {sum(converted.values())} of {len(files)} images to {target}: {found}"
+                     + dropped)
+    if reduced:
+        notes.append(f"{path}: {reduced} 16-bit color image(s) read at 8-bit precision (Pillow reads 16-bit "
+                     "color at 8 bits; 16-bit grayscale keeps its precision)")
     images = torch.from_numpy(np.stack(arrays))
     classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
     if len(classes) > 1 and "." not in classes:
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[os.path.relpath(os.path.dirname(f), path)] for f in files])
-        return ImageData(images, labels, classes)
-    return ImageData(images, None)
+        return ImageData(images, labels, classes, notes)
+    return ImageData(images, None, notes=notes)
 
 
 def load_data(spec: str, image_size: int, channels: int) -> ImageData:

@@ -18,8 +18,8 @@ import warnings
 
 import torch
 
-from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
-from ddpm_fast.distributed import Dist
+from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, prepare_output_folder
+from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
 from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
     p.add_argument("--steps", type=int, default=None,
                    help="reverse steps (default: 100 for ddim; every timestep for ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta in [0, 1] (default 0: deterministic; 1: DDPM-like); ddim only")
     p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"])
-    p.add_argument("--variance", default="fixed_small", choices=["fixed_small", "fixed_large"],
-                   help="DDPM sigma^2: posterior variance or beta")
+    p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large"],
+                   help="DDPM sigma^2: posterior variance (fixed_small, the default) or beta; ddpm only")
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -75,11 +76,18 @@ def _labels(args, num_classes):
 def run(args) -> str | None:
     dist_ctx = Dist(args.device)
     world, rank, device = dist_ctx.world, dist_ctx.rank, dist_ctx.device
+    if rank == 0:
+        if prepare_output_folder(args.out):  # before any work: a bad --out fails now, not after sampling
+            print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
     path = args.checkpoint or DEFAULT_MODEL
     if not os.path.exists(path):
         what = "the embedded model is missing from this install" if args.checkpoint is None else "no such file"
         raise CheckpointError(f"{path}: {what}")
     model = load_pretrained(path, device=device)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # up front: sampling would only turn these into NaN images
+        raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"
+                              + (f" and {len(bad) - 4} more tensors" if len(bad) > 4 else ""))
     schedule = load_schedule(path) or NoiseSchedule.linear(1000)
     cfg = model.config
 
@@ -105,12 +113,12 @@ def run(args) -> str | None:
             notes.append("--engine graph: no CUDA device; ran the C++ loop without CUDA graphs")
 
     if args.sampler == "ddim":
-        sampler = DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta,
+        sampler = DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta or 0.0,
                               spacing=args.spacing)
     else:
         if args.steps and args.steps != schedule.num_timesteps:
             schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing))
-        sampler = DDPMSampler(schedule, variance=args.variance)
+        sampler = DDPMSampler(schedule, variance=args.variance or "fixed_small")
 
     labels = _labels(args, cfg.num_classes)
     mine = torch.arange(args.num_samples)[rank::world]  # this rank's share of the images
@@ -157,7 +165,6 @@ def run(args) -> str | None:
     if rank != 0:
         return None
     n, h, w, c = images.shape
-    os.makedirs(args.out, exist_ok=True)
     npz = os.path.join(args.out, f"samples_{n}x{h}x{w}x{c}.npz")
     save_npz(images, npz, labels)
     grid_path = os.path.join(args.out, "grid.png")
@@ -178,7 +185,11 @@ def main(argv=None) -> int:
         parser.error("--num-samples and --batch-size must be positive")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be positive")
-    if not 0 <= args.eta <= 1:
+    if args.eta is not None and args.sampler != "ddim":
+        parser.error(f"--eta applies to --sampler ddim only (--sampler {args.sampler} ignores it)")
+    if args.variance is not None and args.sampler != "ddpm":
+        parser.error(f"--variance applies to --sampler ddpm only (--sampler {args.sampler} ignores it)")
+    if args.eta is not None and not 0 <= args.eta <= 1:
         parser.error("--eta must lie in [0, 1]")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         parser.error("--guidance-scale must be finite")
@@ -186,6 +197,10 @@ def main(argv=None) -> int:
         check_seed(args.seed)
     except ValueError as exc:
         parser.error(f"--seed: {exc}")
+    try:
+        parse_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         run(args)
     except (CheckpointError, ValueError, OSError) as exc:

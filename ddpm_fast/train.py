@@ -1,8 +1,11 @@
 """python -m ddpm_fast.train: train a DDPM on an image folder, an .npz, or the built-in digits.
 
 Everything random is drawn from generators whose states go into the checkpoint (batch indices,
-timesteps and noise, label dropout, dropout masks), and the checkpoint is written atomically: a run
-resumed with --resume continues exactly where the saved one stopped (bit for bit on the CPU).
+timesteps and noise, label dropout, dropout masks), and every checkpoint is a step boundary written
+atomically: a run resumed with --resume continues exactly where the saved one stopped (bit for bit on
+the CPU), also after Ctrl-C or SIGTERM, which finish the current step, save and exit (130 / 143).
+A checkpoint is written only after the loss, the gradients and the weights about to be saved are
+checked finite, so a diverging run stops with an error and keeps its last good checkpoint.
 Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.train ... (DistributedDataParallel; gloo on CPU).
 """
 
@@ -10,58 +13,141 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import math
 import os
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from ddpm_fast.checkpoint import CheckpointError, atomic_write, read_torch_file, save_pretrained
+from ddpm_fast.checkpoint import (
+    CONFIG_NAME,
+    RUN_CHECKPOINT,
+    RUN_MODEL_FOLDER,
+    CheckpointError,
+    atomic_write,
+    prepare_output_folder,
+    read_torch_file,
+    remove_stale_temp_files,
+    save_pretrained,
+)
 from ddpm_fast.config import PRESETS, UNetConfig
-from ddpm_fast.data import DataError, load_data
-from ddpm_fast.distributed import Dist
+from ddpm_fast.data import DataError, ImageData, load_data
+from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.images import save_grid
 from ddpm_fast.losses import training_loss
 from ddpm_fast.samplers import DDIMSampler, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import UNet
 
-CHECKPOINT_NAME = "checkpoint.pt"
-# Flags that define the run: a resumed run must use the same ones.
-_RUN_DEFINING = ("data", "config", "schedule", "num_timesteps", "batch_size", "lr", "ema_decay", "amp",
-                 "grad_clip", "cond_drop_prob", "seed", "warmup", "weight_decay")
+CHECKPOINT_NAME = RUN_CHECKPOINT
+MAX_SEED = 2**50  # the per-process generators are seeded with seed * 1000 + offsets (< 2**63)
+# L_simple is E|eps - eps_hat|^2 per element with eps ~ N(0, 1): about 1 for a model that predicts no noise at
+# all. A loss a thousand times that is no training dynamics but diverged weights (one more step is NaN).
+DIVERGED_LOSS = 1e3
+
+
+def _opt(default, help: str, *, run: bool = False, **argparse_kw):
+    """A TrainConfig field: its flag's help and argparse options; ``run``: it defines the run (a resumed run
+    must use the same value)."""
+    return field(default=default, metadata={"help": help, "run": run, "argparse": argparse_kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of ``python -m ddpm_fast.train``; the fields marked run-defining must match on --resume."""
+
+    data: str = _opt(None, "an image folder, an .npz of uint8/uint16 images, or 'digits'", run=True, required=True)
+    config: str = _opt("digits", "U-Net preset", run=True, choices=sorted(PRESETS))
+    schedule: str = _opt("linear", "beta schedule", run=True, choices=["linear", "cosine"])
+    num_timesteps: int = _opt(1000, "diffusion steps T", run=True)
+    batch_size: int = _opt(128, "per process", run=True)
+    lr: float = _opt(2e-4, "AdamW learning rate", run=True)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", run=True)
+    warmup: int = _opt(500, "linear learning-rate warm-up steps (0: none)", run=True)
+    steps: int = _opt(10000, "total optimizer steps (may grow on --resume)")
+    ema_decay: float = _opt(0.999, "EMA decay in [0, 1)", run=True)
+    amp: str = _opt("none", "mixed precision (fp16 with loss scaling)", run=True, choices=["none", "fp16", "bf16"])
+    grad_clip: float = _opt(1.0, "max gradient norm (0: off)", run=True)
+    cond_drop_prob: float = _opt(0.1, "label dropout for classifier-free guidance (conditional presets)", run=True)
+    seed: int = _opt(0, f"random seed in [0, 2**{int(math.log2(MAX_SEED))})", run=True)
+    sample_every: int = _opt(0, "write a sample grid every N steps (0: off)")
+    save_every: int = _opt(1000, "write the checkpoint every N steps (0: only at the end)")
+    log_every: int = _opt(50, "update the progress bar's loss every N steps")
+    out: str = _opt("runs/ddpm", "output folder (checkpoint.pt, samples/, model/)")
+    resume: str | None = _opt(None, "continue from a checkpoint (default: OUT/checkpoint.pt)", nargs="?", const="auto")
+    overwrite: bool = _opt(False, "start a new run in an --out folder that holds another one (it is replaced)")
+    device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
+    export_dtype: str = _opt("float32", "dtype of the exported model/ weights", choices=["float32", "float16"])
+    no_progress: bool = _opt(False, "no progress bar")
+
+    @classmethod
+    def run_defining(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["run"])
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def errors(self) -> list[str]:
+        """What is wrong with these values, one line per flag (empty: fine)."""
+        errs = []
+        for name in ("batch_size", "steps", "num_timesteps", "log_every"):
+            if getattr(self, name) < 1:
+                errs.append(f"{self.flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("save_every", "sample_every", "warmup"):
+            if getattr(self, name) < 0:
+                errs.append(f"{self.flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            errs.append(f"--lr must be positive and finite, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                errs.append(f"{self.flag(name)} must be finite and >= 0, got {v}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            errs.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            errs.append(f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}")
+        if not 0 <= self.seed < MAX_SEED:
+            errs.append(f"--seed must be in [0, 2**{int(math.log2(MAX_SEED))}), got {self.seed}")
+        if self.resume is not None and self.overwrite:
+            errs.append("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+        try:
+            parse_device(self.device)
+        except ValueError as exc:
+            errs.append(str(exc))
+        return errs
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="an image folder, an .npz of uint8 images, or 'digits'")
-    p.add_argument("--config", default="digits", choices=sorted(PRESETS), help="U-Net preset")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule")
-    p.add_argument("--num-timesteps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
-    p.add_argument("--steps", type=int, default=10000, help="total optimizer steps")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"],
-                   help="mixed precision (fp16 with loss scaling)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--cond-drop-prob", type=float, default=0.1,
-                   help="label dropout for classifier-free guidance (conditional presets)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: off)")
-    p.add_argument("--save-every", type=int, default=1000, help="write the checkpoint every N steps")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--out", default="runs/ddpm", help="output folder (checkpoint, samples, model/)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: OUT/checkpoint.pt)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--export-dtype", default="float32", choices=["float32", "float16"],
-                   help="dtype of the exported model/ weights")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TrainConfig):
+        kw = dict(f.metadata["argparse"])
+        if f.type in ("bool", bool):
+            kw["action"] = "store_true"
+        else:
+            kw.setdefault("type", {"int": int, "float": float}.get(str(f.type), str))
+            if not kw.get("required"):
+                kw["default"] = f.default
+        p.add_argument(TrainConfig.flag(f.name), help=f.metadata["help"], **kw)
     return p
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss, the gradients or the weights became non-finite; nothing non-finite was saved."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: the run stopped at a step boundary and saved it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _rng_state(gens: dict) -> dict:
@@ -80,147 +166,308 @@ def _set_rng_state(gens: dict, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _lr_at(step: int, args) -> float:
-    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
+def _all_finite(tensors) -> torch.Tensor:
+    """One device bool: every element of every tensor is finite (no host read)."""
+    norms = torch._foreach_norm([t.detach().float() for t in tensors], float("inf"))
+    return torch.isfinite(torch.stack(norms)).all()
 
 
-def _sample_grid(ema: UNet, schedule: NoiseSchedule, path: str, device) -> None:
+class Trainer:
+    """One training run on this process: model, EMA, optimizer, loss scaler, generators and step count.
+
+    ``step()`` is one optimizer step with no host read; ``state_dict()`` / ``load_state_dict()`` are the
+    checkpoint (a step boundary: the generators' states are those the next step draws from);
+    ``check_finite()`` and ``verify_weights()`` are the health checks a save runs first (see DIVERGED_LOSS).
+    """
+
+    def __init__(self, cfg: TrainConfig, data: ImageData, dist_ctx: Dist):
+        self.cfg, self.data, self.dist = cfg, data, dist_ctx
+        self.device = device = dist_ctx.device
+        self.unet_config = ucfg = UNetConfig.from_name(cfg.config)
+        if ucfg.num_classes and data.labels is None:
+            raise DataError(f"preset {cfg.config!r} is class-conditional but {cfg.data} has no labels")
+        if data.labels is not None and ucfg.num_classes and data.num_classes > ucfg.num_classes:
+            raise DataError(f"{cfg.data} has {data.num_classes} classes, preset {cfg.config!r} takes "
+                            f"{ucfg.num_classes}")
+        self.labels_used = ucfg.num_classes is not None
+        self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
+
+        torch.manual_seed(cfg.seed + dist_ctx.rank)
+        model = UNet(ucfg).to(device)
+        if device.type == "cuda":
+            model = model.to_fast(torch.float32)  # fp32 masters, channels_last, fused blocks; autocast does fp16
+        self.model = model
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.gens = {"data": torch.Generator().manual_seed(cfg.seed * 1000 + dist_ctx.rank),
+                     "loss": torch.Generator(device).manual_seed(cfg.seed * 1000 + 500 + dist_ctx.rank)}
+        self.step_count = 0
+        self.net = model
+        if dist_ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.loss = None  # the last step's loss (device tensor)
+        self.grad_norm = None  # the last step's gradient norm before clipping, when clipping
+        # First step whose loss or gradients were non-finite (0: none); kept on the device, read by check_finite.
+        self._first_bad = torch.zeros((), dtype=torch.int64, device=device)
+        self._last_batch = None
+
+    def lr_at(self, step: int) -> float:
+        warmup = self.cfg.warmup
+        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else self.cfg.lr
+
+    def _loss(self, net, x0, y, generator, cond_drop_prob):
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return training_loss(net, self.schedule, x0, y if self.labels_used else None,
+                                 cond_drop_prob=cond_drop_prob if self.labels_used else 0.0, generator=generator)
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step (batch, loss, backward, clip, update, EMA); returns the loss. No host read."""
+        cfg, opt = self.cfg, self.opt
+        for group in opt.param_groups:
+            group["lr"] = self.lr_at(self.step_count)
+        idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.gens["data"])
+        x0, y = self.data.batch(idx, self.device)
+        if self.device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        self._last_batch = (x0, y)
+        loss = self._loss(self.net, x0, y, self.gens["loss"], cfg.cond_drop_prob)
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        bad = ~(loss.detach() <= DIVERGED_LOSS)  # also true for NaN
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(opt)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if not self.scaler.is_enabled():  # with fp16 loss scaling, inf gradients only skip the step
+                bad = bad | ~torch.isfinite(self.grad_norm)
+        self.scaler.step(opt)
+        self.scaler.update()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                e.lerp_(p, 1.0 - cfg.ema_decay)
+            for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+                e.copy_(b)
+        self.step_count += 1
+        self._first_bad = torch.where((self._first_bad == 0) & bad, self.step_count, self._first_bad)
+        self.loss = loss.detach()
+        return self.loss
+
+    def check_finite(self) -> None:
+        """Raise TrainingDiverged if any step so far had a non-finite loss or gradient (one host read)."""
+        first = self.dist.max_int(int(self._first_bad))
+        if first:
+            raise TrainingDiverged(f"the run diverged at step {first} (a non-finite gradient, or a loss non-finite "
+                                   f"or above {DIVERGED_LOSS:g}); lower --lr, use --grad-clip or --amp bf16")
+
+    def verify_weights(self) -> None:
+        """The weights about to be saved are finite and give a finite loss on the last batch (a no-grad
+        forward that leaves every generator as it was); else TrainingDiverged."""
+        ok = _all_finite(list(self.model.parameters()) + list(self.ema.parameters()))
+        if self._last_batch is not None and bool(ok):
+            rng = _rng_state(self.gens)
+            try:
+                with torch.no_grad():
+                    probe = self._loss(self.model, *self._last_batch,
+                                       torch.Generator(self.device).manual_seed(self.cfg.seed), 0.0)
+            finally:
+                _set_rng_state(self.gens, rng)
+            ok = ok & (probe <= DIVERGED_LOSS)
+        if not self.dist.all_true(ok):
+            raise TrainingDiverged(f"the run diverged: the weights after step {self.step_count} are non-finite or "
+                                   f"give a loss non-finite or above {DIVERGED_LOSS:g}; lower --lr, use --grad-clip "
+                                   "or --amp bf16")
+
+    def state_dict(self) -> dict:
+        """The checkpoint (every rank must call it: the generators' states are gathered to rank 0)."""
+        rng_all = [_rng_state(self.gens)]
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            rng_all = [None] * self.dist.world
+            dist.all_gather_object(rng_all, _rng_state(self.gens))
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step_count, "rng": rng_all,
+                "args": dataclasses.asdict(self.cfg), "unet_config": self.unet_config.to_dict(),
+                "scheduler_config": self.schedule.to_config()}
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        rank = self.dist.rank
+        if rank >= len(state["rng"]):
+            raise CheckpointError(f"{source}: saved by {len(state['rng'])} processes, resumed with more")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{source}: does not match this run ({str(exc).splitlines()[0]})") from None
+        _set_rng_state(self.gens, state["rng"][rank])
+        self.step_count = int(state["step"])
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the training loop to stop at the next step boundary (``requested``); a second
+    signal only says that a save is under way; a third aborts at once with KeyboardInterrupt (atomic writes
+    leave the previous checkpoint intact). Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: int | None = None
+        self.count = 0
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count >= 3:
+            raise KeyboardInterrupt
+        if self.requested is None:
+            self.requested = signum
+            msg = f"\n{name}: finishing the current step, then saving a checkpoint (a third signal aborts)\n"
+        else:
+            msg = f"\n{name}: already stopping; the checkpoint is being saved (a third signal aborts)\n"
+        os.write(2, msg.encode())  # not print: the handler may run in the middle of a write to sys.stderr
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+        return False
+
+
+def _sample_grid(ema: UNet, schedule: NoiseSchedule, path: str) -> None:
     cfg = ema.config
     n = 10 * (cfg.num_classes or 10) if cfg.num_classes else 64
+    device = ema.conv_in.weight.device
     labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
     x = DDIMSampler(schedule, min(50, schedule.num_timesteps)).sample(
         ema, (n, cfg.in_channels, cfg.sample_size, cfg.sample_size), seed=0, class_labels=labels, progress=False)
     save_grid(to_uint8(x), path, nrow=cfg.num_classes or 8, scale=2)
 
 
-def train(args) -> str:
-    dist_ctx = Dist(args.device)
-    device = dist_ctx.device
-    out = args.out
+def _read_resume_state(cfg: TrainConfig, ckpt_path: str) -> tuple[dict, str]:
+    path = ckpt_path if cfg.resume == "auto" else cfg.resume
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    state = read_torch_file(path)
+    if not isinstance(state, dict) or not {"model", "ema", "optimizer", "scaler", "rng", "step", "args"} <= set(state):
+        raise CheckpointError(f"{path}: not a ddpm_fast.train checkpoint")
+    saved = state["args"]
+    diffs = [f"{TrainConfig.flag(k)} {saved.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r}"
+             for k in TrainConfig.run_defining() if saved.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise CheckpointError(f"{path}: the flags differ from the saved run: " + "; ".join(diffs))
+    if int(state["step"]) > cfg.steps:
+        raise CheckpointError(f"{path}: the saved run is at step {state['step']}, past --steps {cfg.steps}")
+    return state, path
+
+
+def _prepare_out(cfg: TrainConfig, dist_ctx: Dist, ckpt_path: str) -> None:
+    """Before any work: --out writable; another run there refused unless --resume / --overwrite."""
+    out = cfg.out
+    if not dist_ctx.main:
+        return
+    stale = prepare_output_folder(out)
+    stale += sum(remove_stale_temp_files(os.path.join(out, sub)) for sub in (RUN_MODEL_FOLDER, "samples"))
+    if stale:
+        print(f"removed {stale} temporary file(s) an interrupted save left in {out}", file=sys.stderr)
+    existing = [p for p in (ckpt_path, os.path.join(out, RUN_MODEL_FOLDER, CONFIG_NAME)) if os.path.exists(p)]
+    if existing and cfg.resume is None:
+        if not cfg.overwrite:
+            raise CheckpointError(f"--out {out} holds another run ({', '.join(existing)}); pass --resume to "
+                                  "continue it or --overwrite to replace it")
+        print(f"--overwrite: the run in {out} is replaced from the first save on", file=sys.stderr)
+
+
+def train(cfg: TrainConfig) -> str:
+    """Run the training ``cfg`` describes; returns the exported model folder.
+
+    Raises TrainingInterrupted after SIGINT/SIGTERM (the step boundary it stopped at is saved) and
+    TrainingDiverged on non-finite values (the last good checkpoint is kept)."""
+    dist_ctx = Dist(cfg.device)
+    out = cfg.out
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
-    resume_path = (ckpt_path if args.resume == "auto" else args.resume) if args.resume else None
-    state = None
-    if resume_path:
-        if os.path.isdir(resume_path):
-            resume_path = os.path.join(resume_path, CHECKPOINT_NAME)
-        if not os.path.isfile(resume_path):
-            raise CheckpointError(f"{resume_path}: no checkpoint to resume from")
-        state = read_torch_file(resume_path)
-        if not isinstance(state, dict) or "model" not in state or "args" not in state:
-            raise CheckpointError(f"{resume_path}: not a ddpm_fast.train checkpoint")
-        saved = state["args"]
-        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r}"
-                 for k in _RUN_DEFINING if saved.get(k) != getattr(args, k)]
-        if diffs:
-            raise CheckpointError(f"{resume_path}: the flags differ from the saved run: " + "; ".join(diffs))
+    _prepare_out(cfg, dist_ctx, ckpt_path)
+    state, resume_path = _read_resume_state(cfg, ckpt_path) if cfg.resume else (None, None)
 
-    cfg = UNetConfig.from_name(args.config)
-    data = load_data(args.data, cfg.sample_size, cfg.in_channels)
-    if cfg.num_classes and data.labels is None:
-        raise DataError(f"preset {args.config!r} is class-conditional but {args.data} has no labels")
-    if data.labels is not None and cfg.num_classes and data.num_classes > cfg.num_classes:
-        raise DataError(f"{args.data} has {data.num_classes} classes, preset {args.config!r} takes {cfg.num_classes}")
-    labels_used = cfg.num_classes is not None
-    schedule = NoiseSchedule.from_name(args.schedule, args.num_timesteps)
-
-    torch.manual_seed(args.seed + dist_ctx.rank)
-    model = UNet(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to_fast(torch.float32)  # fp32 masters, channels_last, fused blocks; autocast does fp16
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    gens = {"data": torch.Generator().manual_seed(args.seed * 1000 + dist_ctx.rank),
-            "loss": torch.Generator(device).manual_seed(args.seed * 1000 + 500 + dist_ctx.rank)}
-    step = 0
+    ucfg = UNetConfig.from_name(cfg.config)
+    data = load_data(cfg.data, ucfg.sample_size, ucfg.in_channels)
+    if dist_ctx.main:
+        for note in data.notes:
+            print(note, file=sys.stderr)
+    trainer = Trainer(cfg, data, dist_ctx)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        rng = state["rng"][dist_ctx.rank] if dist_ctx.rank < len(state["rng"]) else None
-        if rng is None:
-            raise CheckpointError(f"{resume_path}: saved by {len(state['rng'])} processes, resumed with more")
-        _set_rng_state(gens, rng)
-        step = int(state["step"])
+        trainer.load_state_dict(state, resume_path)
+        del state
+    saved_at = trainer.step_count if resume_path == ckpt_path else None
 
-    net = model
-    if dist_ctx.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def save(at_step):
-        rng_all = [_rng_state(gens)]
-        if dist_ctx.world > 1:
-            import torch.distributed as dist
-
-            rng_all = [None] * dist_ctx.world
-            dist.all_gather_object(rng_all, _rng_state(gens))
-        if not dist_ctx.main:
-            return
-        payload = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                   "scaler": scaler.state_dict(), "step": at_step, "rng": rng_all, "args": vars(args),
-                   "unet_config": cfg.to_dict(), "scheduler_config": schedule.to_config()}
-        os.makedirs(out, exist_ok=True)
-        atomic_write(ckpt_path, lambda p: torch.save(payload, p))
+    def save():
+        nonlocal saved_at
+        trainer.check_finite()
+        trainer.verify_weights()
+        payload = trainer.state_dict()
+        if dist_ctx.main:
+            atomic_write(ckpt_path, lambda p: torch.save(payload, p))
+        saved_at = trainer.step_count
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or not dist_ctx.main, desc="train",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=trainer.step_count, disable=cfg.no_progress or not dist_ctx.main,
+               desc="train", unit="step", dynamic_ncols=True)
+    # On the CPU a host read costs nothing: check every step. On a GPU, at the log steps (and every save).
+    check_every = 1 if dist_ctx.device.type == "cpu" else cfg.log_every
     seen, t0 = 0, time.perf_counter()
+    stopped = None
     try:
-        while step < args.steps:
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, args)
-            idx = torch.randint(0, len(data), (args.batch_size,), generator=gens["data"])
-            x0, y = data.batch(idx, device)
-            if device.type == "cuda":
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = training_loss(net, schedule, x0, y if labels_used else None,
-                                     cond_drop_prob=args.cond_drop_prob if labels_used else 0.0,
-                                     generator=gens["loss"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    e.lerp_(p, 1.0 - args.ema_decay)
-                for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-                    e.copy_(b)
-            step += 1
-            seen += args.batch_size * dist_ctx.world
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or use --grad-clip")
-            if step % args.log_every == 0 or step == args.steps:
-                rate = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{_lr_at(step - 1, args):.1e}")
-            bar.update(1)
-            if args.save_every and step % args.save_every == 0 and step < args.steps:
-                save(step)
-            if args.sample_every and step % args.sample_every == 0 and dist_ctx.main:
-                _sample_grid(ema, schedule, os.path.join(out, "samples", f"step_{step:07d}.png"), device)
-    except KeyboardInterrupt:
+        with StopSignals() as stop:
+            while trainer.step_count < cfg.steps:
+                loss = trainer.step()
+                step = trainer.step_count
+                seen += cfg.batch_size * dist_ctx.world
+                if step % check_every == 0:
+                    trainer.check_finite()
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    rate = seen / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{trainer.lr_at(step - 1):.1e}")
+                bar.update(1)
+                stopped = dist_ctx.max_int(stop.requested or 0) or None
+                if stopped:
+                    break
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    save()
+                if cfg.sample_every and step % cfg.sample_every == 0 and dist_ctx.main:
+                    _sample_grid(trainer.ema, trainer.schedule, os.path.join(out, "samples", f"step_{step:07d}.png"))
+            bar.close()
+            if saved_at != trainer.step_count:
+                save()
+    except TrainingDiverged as exc:
         bar.close()
-        save(step)
-        if dist_ctx.main:
-            print(f"interrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume)",
-                  file=sys.stderr)
         dist_ctx.close()
-        raise SystemExit(130) from None
-    bar.close()
-    save(step)
-    export = os.path.join(out, "model")
+        kept = (f"{ckpt_path} (step {saved_at}) is the last good state and was kept" if saved_at is not None
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"{exc}; {kept}") from None
+    if stopped:
+        dist_ctx.close()
+        name = signal.Signals(stopped).name
+        raise TrainingInterrupted(stopped, f"{name} at step {trainer.step_count}: checkpoint saved to {ckpt_path} "
+                                           "(continue with --resume)")
+    export = os.path.join(out, RUN_MODEL_FOLDER)
     if dist_ctx.main:
-        save_pretrained(ema, export, schedule=schedule, dtype=getattr(torch, args.export_dtype))
-        print(f"done: {step} steps; checkpoint {ckpt_path}; EMA model {export}")
+        save_pretrained(trainer.ema, export, schedule=trainer.schedule, dtype=getattr(torch, cfg.export_dtype))
+        print(f"done: {trainer.step_count} steps; checkpoint {ckpt_path}; EMA model {export}")
     dist_ctx.barrier()
     dist_ctx.close()
     return export
@@ -228,16 +475,19 @@ def train(args) -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "num_timesteps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if not 0.0 <= args.ema_decay < 1.0:
-        parser.error("--ema-decay must be in [0, 1)")
-    if not 0.0 <= args.cond_drop_prob <= 1.0:
-        parser.error("--cond-drop-prob must be in [0, 1]")
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    errors = cfg.errors()
+    if errors:
+        parser.error("; ".join(errors))
     try:
-        train(args)
+        train(cfg)
+    except TrainingInterrupted as exc:
+        print(f"ddpm_fast.train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("ddpm_fast.train: aborted; files already written are intact (the last checkpoint, if any)",
+              file=sys.stderr)
+        return 130
     except (CheckpointError, DataError, ValueError, FloatingPointError, OSError) as exc:
         print(f"ddpm_fast.train: error: {exc}", file=sys.stderr)
         return 2

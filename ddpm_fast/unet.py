@@ -305,6 +305,13 @@ class UNet(_Folding):
         if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
             desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"UNet: x must be a floating (N, C, H, W) tensor, got {desc}")
+        weight = self.conv_in.weight
+        if x.device != weight.device:
+            raise ValueError(f"UNet: x is on {x.device}, the model on {weight.device}")
+        if self.compute_dtype is None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # The fast form casts its input; the reference computes in its weights' dtype, as asked.
+            raise ValueError(f"UNet: x is {x.dtype}, the model's weights are {weight.dtype}; pass x.to({weight.dtype})"
+                             " or convert the model (model.to(dtype), model.to_fast(dtype))")
         n, c, h, w = x.shape
         if c != cfg.in_channels:
             raise ValueError(f"UNet: x has {c} channels, the model takes {cfg.in_channels}")

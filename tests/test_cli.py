@@ -111,9 +111,19 @@ def test_non_finite_samples_fail_and_write_nothing(tmp_path, capsys):
         model.conv_out.bias.fill_(float("nan"))
     save_pretrained(model, tmp_path / "nan_model", schedule=NoiseSchedule.linear(20))
     out = tmp_path / "o"
+    # Non-finite weights are refused before sampling, naming the tensor.
     assert _sample(["--checkpoint", str(tmp_path / "nan_model"), "--num-samples", "2", "--out", str(out)]) == 2
-    assert "non-finite values (image 0" in capsys.readouterr().err
-    assert not out.exists()
+    assert "nan_model: non-finite weights in conv_out.bias" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    # Finite weights whose output overflows: the samples are checked, nothing is written.
+    with torch.no_grad():
+        model.conv_out.bias.fill_(0.0)
+        model.conv_out.weight.fill_(3e38)
+        model.conv_in.bias.fill_(1.0)
+    save_pretrained(model, tmp_path / "inf_model", schedule=NoiseSchedule.linear(20))
+    assert _sample(["--checkpoint", str(tmp_path / "inf_model"), "--num-samples", "2", "--out", str(out)]) == 2
+    assert "sampling produced non-finite values (image 0" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
     for flag, value in (("--guidance-scale", "nan"), ("--eta", "inf"), ("--eta", "50")):
         with pytest.raises(SystemExit) as exc:
             sample_cli.main([flag, value, "--out", str(out)])

@@ -22,6 +22,8 @@ fits SINGLE_PASS_MAX take ``_bwd_single_pass``: one program, one read of (x, dy)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -449,7 +451,10 @@ def _validate(x, weight, bias, num_groups, add):
         raise ValueError(f"group_norm_silu: x must be a floating (N, C, H, W) tensor, got {desc}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"group_norm_silu: x must be float32, float16 or bfloat16, got {x.dtype}")
-    n, c = x.shape[:2]
+    n, c, h, w = x.shape
+    if h * w == 0 or c == 0:
+        # No statistics exist over an empty group (torch raises, a kernel would write nothing): one answer.
+        raise ValueError(f"group_norm_silu: x has shape {tuple(x.shape)}; C and H*W must be positive")
     if num_groups < 1 or c % num_groups:
         raise ValueError(f"group_norm_silu: {c} channels are not divisible by num_groups={num_groups}")
     if (weight is None) != (bias is None):
@@ -465,6 +470,8 @@ def _validate(x, weight, bias, num_groups, add):
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=None, silu: bool = True):
     """SiLU(GroupNorm(x + add[:, :, None, None])) on the backend DDPM_FAST_BACKEND selects."""
     _validate(x, weight, bias, num_groups, add)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"group_norm_silu: eps must be positive and finite, got {eps}")
     backend = ops.resolve_backend("group_norm_silu", x.device, _IMPLEMENTED)
     if backend == "triton":
         return _GroupNormSiLU.apply(x, weight, bias, add, int(num_groups), float(eps), bool(silu))
