@@ -1,6 +1,7 @@
 """python -m ddpm_fast.train / ddpm_fast.sample end to end, on small settings."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,6 +131,32 @@ def test_non_finite_samples_fail_and_write_nothing(tmp_path, capsys):
         assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--sampler", "ddpm", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["--sampler", "ddim", "--variance", "fixed_large"], "--variance applies to --sampler ddpm only"),
+    (["--device", "bogus"], "--device 'bogus': not a device"),
+    (["--device", "mps"], "only cpu and cuda are supported"),
+    (["--seed", str(2**64)], "--seed: seed must lie in"),
+    (["--guidance-scale", "inf"], "--guidance-scale must be finite"),
+])
+def test_sample_flags_that_would_be_ignored_or_wrong_are_refused(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        sample_cli.main([*flags, "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_bad_out_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    # The checkpoint does not exist either: the --out error comes first, before loading or sampling.
+    assert _sample(["--checkpoint", str(tmp_path / "missing"), "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ddpm_fast.sample: error: --out {blocker / 'sub'}: cannot write there (Not a directory)"
+    assert _sample(["--checkpoint", str(tmp_path / "missing"), "--out", str(blocker)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
 def test_unconditional_model_rejects_guidance(tmp_path, capsys):
     path = tmp_path / "uncond"
     save_pretrained(UNet(UNetConfig.from_name("tiny")), path)
@@ -160,9 +187,17 @@ def test_train_then_sample(tmp_path):
     assert (out / "checkpoint.pt").exists() and (out / "samples" / "step_0000003.png").exists()
     assert sorted(os.listdir(out / "model")) == ["config.json", "diffusion_pytorch_model.safetensors",
                                                  "scheduler_config.json"]
-    for ckpt in (out / "model", out / "checkpoint.pt"):
-        assert _sample(["--checkpoint", str(ckpt), "--num-samples", "2", "--steps", "3",
-                        "--out", str(tmp_path / "s")]) == 0
+    npzs = []
+    for ckpt in (out / "model", out / "checkpoint.pt", out):  # a run folder means its exported model/
+        assert _sample(["--checkpoint", str(ckpt), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "s")]) == 0
+        npzs.append(_images(tmp_path / "s" / "samples_2x8x8x3.npz"))
+    assert np.array_equal(npzs[0], npzs[2]) and _close_images(npzs[0], npzs[1])
+    # An interrupted run has no model/ yet: its folder means its checkpoint.pt (the EMA weights).
+    shutil.rmtree(out / "model")
+    assert _sample(["--checkpoint", str(out), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "s")]) == 0
+    assert np.array_equal(npzs[1], _images(tmp_path / "s" / "samples_2x8x8x3.npz"))
+    (out / "checkpoint.pt").unlink()
+    assert _sample(["--checkpoint", str(out), "--out", str(tmp_path / "s")]) == 2
 
 
 def _state(path):

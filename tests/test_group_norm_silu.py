@@ -182,3 +182,16 @@ def test_bad_input_names_the_problem():
         group_norm_silu(torch.randn(12, 4, 4), w, b, 4)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         group_norm_silu(x.double(), w, b, 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_empty_groups_get_one_answer_on_every_backend(backend):
+    """H*W = 0 has no statistics: torch raised, the kernels wrote an empty tensor. Now one error everywhere;
+    an empty batch (N = 0) is an empty result everywhere."""
+    w, b = torch.ones(8), torch.zeros(8)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match=r"C and H\*W must be positive"):
+            group_norm_silu(torch.randn(2, 8, 0, 4), w, b, 4)
+        with pytest.raises(ValueError, match="eps must be positive"):
+            group_norm_silu(torch.randn(2, 8, 2, 2), w, b, 4, eps=-1.0)
+        assert group_norm_silu(torch.randn(0, 8, 4, 4), w, b, 4).shape == (0, 8, 4, 4)

@@ -27,6 +27,38 @@ def test_bad_config():
         UNetConfig(sample_size=30)
 
 
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_groups=0), "num_groups must be a positive integer, got 0"),
+    (dict(num_groups=-4), "num_groups must be a positive integer, got -4"),
+    (dict(ch_mult=(1, 0)), r"ch_mult entries must be positive, got \(1, 0\)"),
+    (dict(ch=0), "ch must be a positive integer"),
+    (dict(norm_eps=-1.0), "norm_eps must be positive and finite"),
+    (dict(norm_eps=float("nan")), "norm_eps must be positive and finite"),
+    (dict(attn_resolutions=(16, 7)), r"attn_resolutions \[7\] match no level \(the levels are at \(32, 16, 8, 4\)\)"),
+    (dict(attention_head_dim=7), "not divisible by attention_head_dim 7"),
+    (dict(freq_shift=64), "freq_shift 64 equals ch/2"),
+    (dict(in_channels=0), "in_channels must be a positive integer"),
+])
+def test_bad_config_values_name_the_field(kw, message):
+    """Each used to be a ZeroDivisionError, or was accepted and gave NaN or a silently missing attention."""
+    with pytest.raises(ValueError, match=message):
+        UNetConfig(**kw)
+
+
+def test_input_dtype_and_device_mismatch_is_a_clear_error():
+    model = UNet(UNetConfig.from_name("tiny"))
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(ValueError, match=f"x is {dtype}, the model's weights are torch.float32"):
+            model(torch.randn(1, 3, 8, 8, dtype=dtype), 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the compute dtype: allowed
+        assert model(torch.randn(1, 3, 8, 8), 3).shape == (1, 3, 8, 8)
+    fast = model.to_fast(torch.bfloat16)  # the fast form casts its input
+    assert fast(torch.randn(1, 3, 8, 8, dtype=torch.float64), 3).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="x is on meta, the model on cpu"):
+        model(torch.randn(1, 3, 8, 8, device="meta"), 3)
+
+
 def _diffusers_twin(model: UNet):
     UNet2DModel = diffusers_peer().UNet2DModel
 
