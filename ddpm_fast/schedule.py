@@ -101,6 +101,10 @@ class NoiseSchedule:
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999):
         """Nichol & Dhariwal 2021: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), betas clipped."""
         _check_steps(num_timesteps)
+        if not (0 <= s < 1 and math.isfinite(s)):
+            raise ValueError(f"cosine schedule: s must lie in [0, 1), got {s}")
+        if not 0 < max_beta <= 1:
+            raise ValueError(f"cosine schedule: max_beta must lie in (0, 1], got {max_beta}")
 
         def alpha_bar(u):
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2

@@ -141,3 +141,11 @@ def test_q_sample_bad_input():
         s.q_sample(x0, torch.tensor([1, 10]), torch.randn_like(x0))
     with pytest.raises(ValueError, match="noise shape"):
         s.q_sample(x0, torch.tensor([1, 2]), torch.randn(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("kw, message", [(dict(s=-1.0), "s must lie in"), (dict(s=float("nan")), "s must lie in"),
+                                         (dict(max_beta=float("inf")), "max_beta must lie in"),
+                                         (dict(max_beta=0.0), "max_beta must lie in")])
+def test_cosine_parameters_are_checked(kw, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.cosine(100, **kw)
