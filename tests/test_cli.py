@@ -189,7 +189,8 @@ def test_train_then_sample(tmp_path):
                                                  "scheduler_config.json"]
     npzs = []
     for ckpt in (out / "model", out / "checkpoint.pt", out):  # a run folder means its exported model/
-        assert _sample(["--checkpoint", str(ckpt), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "s")]) == 0
+        args = ["--checkpoint", str(ckpt), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "s")]
+        assert _sample(args) == 0
         npzs.append(_images(tmp_path / "s" / "samples_2x8x8x3.npz"))
     assert np.array_equal(npzs[0], npzs[2]) and _close_images(npzs[0], npzs[1])
     # An interrupted run has no model/ yet: its folder means its checkpoint.pt (the EMA weights).
