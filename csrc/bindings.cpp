@@ -15,8 +15,9 @@ void register_sampling_loop(pybind11::module_& m);
 at::Tensor reverse_step(const at::Tensor& x, const at::Tensor& eps, const OptTensor& eps_uncond,
                         const at::Tensor& coefs, const at::Tensor& index, const OptTensor& noise,
                         double guidance_scale, bool clip, const OptTensor& noise_key, const OptTensor& images,
-                        const OptTensor& out, const OptTensor& half_out) {
-  const StepIO io{noise, noise_key, images, out, half_out};
+                        const OptTensor& out, const OptTensor& half_out, const OptTensor& history1,
+                        const OptTensor& history2) {
+  const StepIO io{noise, noise_key, images, out, half_out, history1, history2};
   if (x.is_cuda()) {
 #ifdef DDPM_FAST_WITH_CUDA
     return reverse_step_cuda(x, eps, eps_uncond, coefs, index, io, guidance_scale, clip);
@@ -31,12 +32,12 @@ at::Tensor reverse_step(const at::Tensor& x, const at::Tensor& eps, const OptTen
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ddpm_fast native kernels and the sampling loop";
   m.def("reverse_step", &ddpm_fast::reverse_step,
-        "DDPM/DDIM reverse-step update (CPU or CUDA); noise from a tensor or the Philox stream "
-        "keyed by noise_key = [seed, step] and images",
+        "DDPM/DDIM/DPM-Solver++ reverse-step update (CPU or CUDA); noise from a tensor or the Philox stream "
+        "keyed by noise_key = [seed, step] and images; history1/2: a multistep solver's previous x0_hat",
         py::arg("x_t"), py::arg("model_output"), py::arg("model_output_uncond"), py::arg("coefs"),
         py::arg("index"), py::arg("noise"), py::arg("guidance_scale"), py::arg("clip_denoised"),
         py::arg("noise_key") = py::none(), py::arg("images") = py::none(), py::arg("out") = py::none(),
-        py::arg("half_out") = py::none());
+        py::arg("half_out") = py::none(), py::arg("history1") = py::none(), py::arg("history2") = py::none());
   m.def("with_cuda", []() {
 #ifdef DDPM_FAST_WITH_CUDA
     return true;

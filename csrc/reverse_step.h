@@ -4,9 +4,11 @@
 // that ddpm_fast.samplers builds in float64 and hands over as fp32):
 //   eps     = eps_u + w (eps_c - eps_u)                 (classifier-free guidance, optional)
 //   x0_hat  = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps   (optionally clipped to [-1, 1])
-//   x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + sigma z
+//   x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + c_h1 h1 + c_h2 h2 + sigma z
+//   (multistep) h2 <- h1, h1 <- x0_hat
 // DDPM uses (c_x0, c_xt) = posterior mean coefficients, c_eps = 0; DDIM uses c_x0 = sqrt(abar_prev),
-// c_xt = 0, c_eps = sqrt(1 - abar_prev - sigma^2). Keeping one form keeps one kernel.
+// c_xt = 0, c_eps = sqrt(1 - abar_prev - sigma^2); DPM-Solver++ (multistep) weighs this step's data
+// prediction x0_hat and the previous ones h1, h2, with c_eps = 0. Keeping one form keeps one kernel.
 // Column names follow ddpm_fast.ops.reverse_step.COEF_COLUMNS.
 #pragma once
 
@@ -25,13 +27,20 @@ enum Coef : int {
   kCoefXt = 3,
   kCoefEps = 4,
   kSigma = 5,
-  kNumCoefs = 6,
+  kCoefHist1 = 6,
+  kCoefHist2 = 7,
+  kNumCoefs = 8,
 };
 
-DDPM_HD float reverse_step_element(const float* row, float x, float eps, float z, bool clip) {
+// x_prev of one element; x0 receives x0_hat (what a multistep solver keeps as h1). h1, h2 are 0 when the
+// step keeps no history.
+DDPM_HD float reverse_step_element(const float* row, float x, float eps, float z, bool clip, float h1, float h2,
+                                   float* x0_out) {
   float x0 = row[kSqrtRecipAcp] * x - row[kSqrtRecipm1Acp] * eps;
   if (clip) x0 = x0 < -1.f ? -1.f : (x0 > 1.f ? 1.f : x0);
-  return row[kCoefX0] * x0 + row[kCoefXt] * x + row[kCoefEps] * eps + row[kSigma] * z;
+  *x0_out = x0;
+  return row[kCoefX0] * x0 + row[kCoefXt] * x + row[kCoefEps] * eps + row[kCoefHist1] * h1 + row[kCoefHist2] * h2 +
+         row[kSigma] * z;
 }
 
 }  // namespace ddpm_fast

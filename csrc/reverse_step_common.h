@@ -20,6 +20,8 @@ struct StepIO {
   OptTensor images;     // int64 (N,): each sample's global image index (the Philox counter)
   OptTensor out;        // float32 laid out like x_t (may be x_t itself); else a new tensor
   OptTensor half_out;   // fp16/bf16 laid out like x_t: also receives x_prev
+  OptTensor hist1;      // float32 laid out like x_t: the previous x0_hat (multistep), read then replaced
+  OptTensor hist2;      // float32 laid out like x_t: the one before (needs hist1), read then replaced by hist1
 };
 
 inline bool channels_last_4d(const at::Tensor& t) {
@@ -77,6 +79,13 @@ inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps, 
   if (io.out) {
     same_layout(*io.out, "out");
     TORCH_CHECK(io.out->scalar_type() == at::kFloat, "reverse_step: out must be float32");
+  }
+  TORCH_CHECK(!io.hist2 || io.hist1, "reverse_step: history2 needs history1");
+  for (const OptTensor* h : {&io.hist1, &io.hist2}) {
+    if (*h) {
+      same_layout(**h, "history");
+      TORCH_CHECK((*h)->scalar_type() == at::kFloat, "reverse_step: history buffers must be float32");
+    }
   }
   if (io.half_out) {
     same_layout(*io.half_out, "half_out");

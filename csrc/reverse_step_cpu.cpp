@@ -28,6 +28,8 @@ void reverse_step_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const Opt
   const float* cp = coefs.data_ptr<float>();
   const int64_t* idx = index.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
+  float* h1p = io.hist1 ? io.hist1->data_ptr<float>() : nullptr;
+  float* h2p = io.hist2 ? io.hist2->data_ptr<float>() : nullptr;
   // N is the outermost dimension in both NCHW and NHWC, so sample n owns one contiguous span.
   at::parallel_for(0, n_batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -45,8 +47,12 @@ void reverse_step_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const Opt
           z = philox_normal(static_cast<uint64_t>(key[0]), nchw_element(i, per_sample, channels, hw, cl),
                             static_cast<uint32_t>(images[n]), static_cast<uint32_t>(key[1]), kStepStream);
         }
-        const float v = reverse_step_element(row, xp[i], e, z, clip);
+        const float h1 = h1p ? h1p[i] : 0.f;
+        float x0;
+        const float v = reverse_step_element(row, xp[i], e, z, clip, h1, h2p ? h2p[i] : 0.f, &x0);
         op[i] = v;
+        if (h2p) h2p[i] = h1;
+        if (h1p) h1p[i] = x0;
         if (hp) hp[i] = static_cast<half_t>(v);
       }
     }

@@ -7,7 +7,7 @@ from ddpm_fast import engine
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.losses import training_loss
-from ddpm_fast.samplers import DDIMSampler, DDPMSampler, SamplingPlan, to_uint8
+from ddpm_fast.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, SamplingPlan, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import UNet
 
@@ -17,6 +17,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "DDIMSampler",
+    "DPMSolverSampler",
     "DDPMSampler",
     "NoiseSchedule",
     "SamplingPlan",

@@ -22,7 +22,7 @@ from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
-from ddpm_fast.samplers import DDIMSampler, DDPMSampler, to_uint8
+from ddpm_fast.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
@@ -34,12 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="a diffusers/ddpm_fast model folder, a pytorch_diffusion .ckpt, or a ddpm_fast.train "
                         "checkpoint.pt (default: the embedded digits model)")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++", "dpm++sde"],
+                   help="ddpm: ancestral; ddim; dpm++: multistep DPM-Solver++ (ODE), dpm++sde: its SDE variant")
     p.add_argument("--steps", type=int, default=None,
-                   help="reverse steps (default: 100 for ddim; every timestep for ddpm)")
+                   help="reverse steps (default: 100 for ddim, 20 for dpm++ / dpm++sde, every timestep for ddpm)")
+    p.add_argument("--order", type=int, default=None, choices=[1, 2, 3],
+                   help="DPM-Solver++ order (default 2: 2M; 3: 3M); dpm++ / dpm++sde only")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default 0: deterministic; 1: DDPM-like); ddim only")
-    p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"])
+    p.add_argument("--spacing", default=None, choices=["leading", "trailing", "linspace"],
+                   help="timestep spacing (default: leading for ddim/ddpm, linspace for dpm++, as diffusers)")
     p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large"],
                    help="DDPM sigma^2: posterior variance (fixed_small, the default) or beta; ddpm only")
     p.add_argument("--num-samples", type=int, default=100)
@@ -114,10 +118,14 @@ def run(args) -> str | None:
 
     if args.sampler == "ddim":
         sampler = DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta or 0.0,
-                              spacing=args.spacing)
+                              spacing=args.spacing or "leading")
+    elif args.sampler in ("dpm++", "dpm++sde"):
+        sampler = DPMSolverSampler(schedule, args.steps or min(20, schedule.num_timesteps), order=args.order or 2,
+                                   algorithm="sde-dpmsolver++" if args.sampler == "dpm++sde" else "dpmsolver++",
+                                   spacing=args.spacing or "linspace")
     else:
         if args.steps and args.steps != schedule.num_timesteps:
-            schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing))
+            schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing or "leading"))
         sampler = DDPMSampler(schedule, variance=args.variance or "fixed_small")
 
     labels = _labels(args, cfg.num_classes)
@@ -189,6 +197,8 @@ def main(argv=None) -> int:
         parser.error(f"--eta applies to --sampler ddim only (--sampler {args.sampler} ignores it)")
     if args.variance is not None and args.sampler != "ddpm":
         parser.error(f"--variance applies to --sampler ddpm only (--sampler {args.sampler} ignores it)")
+    if args.order is not None and not args.sampler.startswith("dpm++"):
+        parser.error(f"--order applies to --sampler dpm++ / dpm++sde only (--sampler {args.sampler} ignores it)")
     if args.eta is not None and not 0 <= args.eta <= 1:
         parser.error("--eta must lie in [0, 1]")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):

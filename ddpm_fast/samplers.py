@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021), with classifier-free guidance.
+"""Samplers: DDPM ancestral (Ho et al. 2020), DDIM (Song et al. 2021) and multistep DPM-Solver++ (Lu et al.
+2022), with classifier-free guidance.
 
 Each sampler reduces to a float64 coefficient table, one row per kept timestep, in the column
 order of ops.COEF_COLUMNS; a step is then ops.reverse_step on that table (reference, Triton or
@@ -25,7 +26,9 @@ class _Sampler:
     def __init__(self, schedule: NoiseSchedule, coefs: torch.Tensor, clip_denoised: bool):
         self.schedule = schedule
         self.clip_denoised = bool(clip_denoised)
-        self.coefs = coefs  # float64 (S, 6) on the host
+        if coefs.shape[1] == len(ops.COEF_COLUMNS) - 2:  # no history terms (DDPM, DDIM): zero columns
+            coefs = torch.cat([coefs, coefs.new_zeros(coefs.shape[0], 2)], dim=1)
+        self.coefs = coefs  # float64 (S, len(COEF_COLUMNS)) on the host
         self.timesteps = schedule.timestep_map.flip(0).clone()  # model timesteps, descending
         lookup = torch.full((int(schedule.timestep_map.max()) + 1,), -1, dtype=torch.int64)
         lookup[schedule.timestep_map] = torch.arange(len(schedule), dtype=torch.int64)
@@ -108,7 +111,8 @@ class SamplingPlan:
 
     Holds the run's draws (x_T, labels and null labels, the noise key [seed, step] and each image's global
     index), the per-step device tables (model timestep and coefficient row of step i), the state buffers
-    (``x``: fp32 x_t; for a fast fp16/bf16 model also the half copy the U-Net reads) and the step counter.
+    (``x``: fp32 x_t; for a fast fp16/bf16 model also the half copy the U-Net reads; for a multistep solver
+    the ``history`` of previous data predictions) and the step counter.
     ``step()`` reads the step index from the device counter and updates the buffers in place: it makes no
     host read, so a CUDA graph can capture it once and replay it. ``start()`` loads new draws into the same
     buffers (the graph engine reuses a captured plan that way).
@@ -139,6 +143,8 @@ class SamplingPlan:
         self.counter = torch.zeros(2, dtype=torch.int64, device=self.device)  # [seed, step]
         self.images = torch.zeros(self.n, dtype=torch.int64, device=self.device)
         self.key = NoiseKey(self.counter, self.images) if bool((sampler.coefs[:, SIGMA] > 0).any()) else None
+        # A multistep solver's memory: the previous steps' data predictions (zeroed by start()).
+        self.history = tuple(torch.zeros_like(self.x) for _ in range(getattr(sampler, "history_depth", 0)))
         self.labels = self.null = None
         self.num_steps = sampler.num_steps
         self.start(seed=seed, generator=generator, x_T=x_T, class_labels=class_labels, image_index=image_index)
@@ -167,6 +173,8 @@ class SamplingPlan:
             desc = f"{tuple(x_T.shape)} {x_T.dtype}" if torch.is_tensor(x_T) else type(x_T).__name__
             raise ValueError(f"x_T must be a floating tensor of shape {self.shape}, got {desc}")
         self.x.copy_(x_T)
+        for h in self.history:
+            h.zero_()  # early steps weigh them by 0, and 0 * (garbage or NaN) must not appear
         if self.x_half is not None:
             self.x_half.copy_(self.x)
         self.images.copy_(images)
@@ -182,7 +190,7 @@ class SamplingPlan:
         eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
         ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
                          1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
-                         half_out=self.x_half)
+                         half_out=self.x_half, history=self.history)
         self.counter[1:] += 1
         self.done += 1
 
@@ -285,6 +293,130 @@ class DDIMSampler(_Sampler):
                              torch.zeros_like(acp), c_eps, sigma], dim=1)
         self.eta, self.spacing = float(eta), spacing
         super().__init__(s, coefs, clip_denoised)
+
+
+DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+DPM_SOLVER_TYPES = ("midpoint", "heun")
+
+
+def dpm_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "linspace") -> list[int]:
+    """Descending model timesteps of a ``num_steps`` DPM-Solver run, as diffusers' DPMSolverMultistepScheduler
+    spaces them (its own conventions, not DDIM's: 'leading' divides by num_steps + 1)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+    big_t = int(num_train_timesteps)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= big_t:
+        raise ValueError(f"num_steps must be an int in [1, {big_t}], got {num_steps!r}")
+    if spacing == "linspace":
+        ts = torch.linspace(0, big_t - 1, num_steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+    elif spacing == "leading":
+        ts = (torch.arange(0, num_steps + 1, dtype=torch.float64) * (big_t // (num_steps + 1))).flip(0)[:-1]
+    else:
+        ts = torch.arange(big_t, 0, -big_t / num_steps, dtype=torch.float64).round() - 1
+    ts = [int(t) for t in ts]
+    if len(set(ts)) != len(ts) or min(ts) < 0:
+        raise ValueError(f"{num_steps} steps with spacing {spacing!r} repeat a timestep of a {big_t}-step schedule; "
+                         "take fewer steps or another spacing")
+    return ts
+
+
+class DPMSolverSampler(_Sampler):
+    """Multistep DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095): data prediction, order 1, 2 or 3;
+    ``algorithm="sde-dpmsolver++"`` is its SDE variant (fresh noise each step).
+
+    The same timesteps and updates as diffusers' DPMSolverMultistepScheduler with final_sigmas_type="zero"
+    (its default): the first steps warm up at lower order, the last step is first order (it lands on the
+    data prediction), and with ``lower_order_final`` runs under 15 steps also take their second-to-last
+    step at order <= 2. Every step is one ``ops.reverse_step`` whose table row weighs x_t, this step's data
+    prediction and the previous one or two (the plan's history buffers): the update is the one fused
+    kernel, and the graph engine captures it like any other step. ``clip_denoised`` clamps each data
+    prediction to [-1, 1] (off by default, as in diffusers).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int = 20, order: int = 2, algorithm: str = "dpmsolver++",
+                 solver_type: str = "midpoint", lower_order_final: bool = True, spacing: str = "linspace",
+                 clip_denoised: bool = False):
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        if algorithm not in DPM_ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {DPM_ALGORITHMS}")
+        if solver_type not in DPM_SOLVER_TYPES:
+            raise ValueError(f"unknown solver_type {solver_type!r}; choose one of {DPM_SOLVER_TYPES}")
+        if not bool(torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps))):
+            raise ValueError("DPMSolverSampler takes the full training schedule (it picks its own timesteps)")
+        ts = dpm_timesteps(schedule.num_timesteps, num_steps, spacing)
+        self.order, self.algorithm, self.solver_type = int(order), algorithm, solver_type
+        self.lower_order_final, self.spacing = bool(lower_order_final), spacing
+        self.step_orders = self._orders(len(ts))
+        rows = self._rows(schedule.alphas_cumprod, ts)
+        self.history_depth = max(self.step_orders) - 1
+        # _Sampler keeps rows in ascending timestep order (row j <-> timestep_map[j]): steps run descending.
+        super().__init__(schedule.respace(ts), rows.flip(0), clip_denoised)
+
+    def _orders(self, n: int) -> list[int]:
+        """Each step's order, as diffusers chooses it (warm-up, lower_order_final, final_sigmas_type='zero')."""
+        orders = []
+        for i in range(n):
+            final = i == n - 1  # the last step lands on sigma = 0: always first order
+            second = i == n - 2 and self.lower_order_final and n < 15
+            if self.order == 1 or i < 1 or final:
+                orders.append(1)
+            elif self.order == 2 or i < 2 or second:
+                orders.append(2)
+            else:
+                orders.append(3)
+        return orders
+
+    def _rows(self, alphas_cumprod: torch.Tensor, ts: list[int]) -> torch.Tensor:
+        """float64 (n, len(COEF_COLUMNS)) rows in step order: x0_hat = a x - b eps, then
+        x_next = c_xt x + c_x0 x0_hat + c_hist1 h1 + c_hist2 h2 + sigma z."""
+        acp = alphas_cumprod.double()[ts]
+        # diffusers' variables: sigma = sqrt((1 - abar) / abar), alpha_t = 1/sqrt(1 + sigma^2) = sqrt(abar),
+        # sigma_t = sqrt(1 - abar), lambda = log(alpha_t / sigma_t); the end point has sigma_t = 0.
+        alpha = torch.cat([acp.sqrt(), acp.new_ones(1)])
+        sig = torch.cat([(1 - acp).sqrt(), acp.new_zeros(1)])
+        lam = alpha.log() - sig.log()  # +inf at the end point
+        sde = self.algorithm == "sde-dpmsolver++"
+        rows = []
+        for i, k in enumerate(self.step_orders):
+            a_t, s_t, s_0 = alpha[i + 1], sig[i + 1], sig[i]
+            h = lam[i + 1] - lam[i]
+            em = torch.exp(-h)  # 0 at the end point
+            m = torch.zeros(3, dtype=torch.float64)  # weights of (x0_hat, h1, h2)
+            if sde:
+                c_xt, phi, noise = s_t / s_0 * em, a_t * (1 - em * em), s_t * (1 - em * em).sqrt()
+            else:
+                c_xt, phi, noise = s_t / s_0, a_t * (1 - em), torch.zeros((), dtype=torch.float64)
+            m[0] = phi  # the D0 term
+            if k >= 2:
+                r0 = (lam[i] - lam[i - 1]) / h
+                d1_0 = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / r0
+                if k == 2:
+                    d1, d2 = d1_0, None
+                else:
+                    r1 = (lam[i - 1] - lam[i - 2]) / h
+                    d1_1 = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) / r1
+                    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                if k == 2 and self.solver_type == "midpoint":
+                    w1 = 0.5 * phi
+                elif sde:
+                    w1 = a_t * ((1 - em * em) / (-2 * h) + 1)
+                else:
+                    w1 = a_t * ((em - 1) / h + 1)
+                m = m + w1 * d1
+                if d2 is not None and sde:
+                    m = m + a_t * ((1 - em * em - 2 * h) / (2 * h) ** 2 - 0.5) * d2
+                elif d2 is not None:
+                    m = m - a_t * ((em - 1 + h) / h**2 - 0.5) * d2
+            a0, s0_ = alpha[i], sig[i]
+            rows.append(torch.stack([1 / a0, s0_ / a0, m[0], c_xt, torch.zeros((), dtype=torch.float64),
+                                     noise, m[1], m[2]]))
+        return torch.stack(rows)
+
+    def step(self, *args, **kwargs):
+        raise TypeError("DPMSolverSampler is a multistep solver: a step needs the previous steps' data predictions; "
+                        "run it through plan() / sample()")
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,15 @@ def test_sample_flags_change_what_they_should(tmp_path, tiny_model):
         return _images(out / "samples_4x8x8x3.npz")
 
     base = run()
-    for extra in (["--guidance-scale", "3.0"], ["--sampler", "ddpm"], ["--eta", "1.0"], ["--class-label", "1"]):
+    for extra in (["--guidance-scale", "3.0"], ["--sampler", "ddpm"], ["--eta", "1.0"], ["--class-label", "1"],
+                  ["--sampler", "dpm++"], ["--sampler", "dpm++sde"]):
         assert not np.array_equal(run(*extra), base), f"{extra} changed nothing"
+    dpm = run("--sampler", "dpm++", "--steps", "6")  # under 4 steps, order 3 is order 2 (warm-up, lower_order_final)
+    for extra in (["--order", "3"], ["--order", "1"]):
+        assert not np.array_equal(run("--sampler", "dpm++", "--steps", "6", *extra), dpm), f"{extra} changed nothing"
     assert np.array_equal(run("--engine", "graph"), base)
+    assert np.array_equal(run("--sampler", "dpm++sde", "--order", "3", "--engine", "graph"),
+                          run("--sampler", "dpm++sde", "--order", "3"))
     assert np.array_equal(run("--guidance-scale", "3.0", "--engine", "graph"), run("--guidance-scale", "3.0"))
 
 
@@ -134,6 +140,9 @@ def test_non_finite_samples_fail_and_write_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--sampler", "ddpm", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
     (["--sampler", "ddim", "--variance", "fixed_large"], "--variance applies to --sampler ddpm only"),
+    (["--sampler", "ddim", "--order", "3"], "--order applies to --sampler dpm++ / dpm++sde only"),
+    (["--sampler", "dpm++", "--eta", "1.0"], "--eta applies to --sampler ddim only"),
+    (["--sampler", "dpm++", "--order", "4"], "invalid choice: 4"),
     (["--device", "bogus"], "--device 'bogus': not a device"),
     (["--device", "mps"], "only cpu and cuda are supported"),
     (["--seed", str(2**64)], "--seed: seed must lie in"),

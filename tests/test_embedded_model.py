@@ -20,12 +20,14 @@ def test_embedded_model_is_small_and_loads():
     assert load_schedule(sample_cli.DEFAULT_MODEL) is not None
 
 
-def test_default_sampling_draws_the_asked_digits(tmp_path):
-    """A classifier trained on scikit-learn's real digits must read the conditioning label back."""
+@pytest.mark.parametrize("sampler", [[], ["--sampler", "dpm++"], ["--sampler", "dpm++sde", "--order", "3"]])
+def test_default_sampling_draws_the_asked_digits(tmp_path, sampler):
+    """A classifier trained on scikit-learn's real digits must read the conditioning label back: with the
+    default DDIM 100 steps, and with DPM-Solver++ in its default 20 steps (2M, and the 3rd-order SDE)."""
     load_digits = pytest.importorskip("sklearn.datasets").load_digits
     LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
 
-    assert sample_cli.main(["--num-samples", "100", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert sample_cli.main(["--num-samples", "100", "--out", str(tmp_path), "--no-progress", *sampler]) == 0
     with np.load(tmp_path / "samples_100x16x16x1.npz") as f:
         images, labels = f["arr_0"], f["arr_1"]
     assert images.shape == (100, 16, 16, 1) and sorted(set(labels.tolist())) == list(range(10))

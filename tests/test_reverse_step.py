@@ -10,6 +10,7 @@ from conftest import DEVICES
 from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, ops
 from ddpm_fast.noise import NoiseKey, normal
 from ddpm_fast.ops import reverse_step, reverse_step_ref
+from ddpm_fast.ops.reverse_step import NUM_COEFS
 
 # x_prev: every backend computes in fp32 from the same (exactly widened) half inputs, so the fp32 result
 # agrees to fp32 rounding whatever the model-output dtype. The half copy carries the dtype's own rounding.
@@ -35,7 +36,7 @@ def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7):
         t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dt)
         return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
-    coefs = torch.rand(rows, 6, generator=g).to(device) * 2
+    coefs = torch.rand(rows, NUM_COEFS, generator=g).to(device) * 2
     index = torch.randint(0, rows, (shape[0],), generator=g).to(device)
     return dict(
         x_t=r(scale=2.0), model_output=r(dtype), coefs=coefs, index=index,
@@ -77,11 +78,50 @@ def test_kernel_matches_ref(backend, device, shape, dtype, channels_last, guided
     torch.testing.assert_close(half_out.float(), want, atol=HALF_TOL[half][0], rtol=HALF_TOL[half][1])
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype, guided, clip, noisy", [(torch.float32, False, False, False),
+                                                        (torch.bfloat16, True, True, True)])
+def test_history_matches_ref(backend, device, depth, channels_last, dtype, guided, clip, noisy):
+    """The multistep form: c_hist1 h1 + c_hist2 h2 added, then h2 <- h1, h1 <- x0_hat, in place."""
+    if not _native_available(device, backend):
+        pytest.skip(f"{backend} backend not available here")
+    kw = _inputs((3, 5, 6, 6), dtype, channels_last, guided, noisy, device)
+    g = torch.Generator().manual_seed(depth)
+    hist = [torch.randn(kw["x_t"].shape, generator=g).to(device).contiguous(
+        memory_format=ops.memory_format(kw["x_t"])) for _ in range(depth)]
+    want_hist = [h.clone() for h in hist]
+    want = reverse_step_ref(clip_denoised=clip, history=want_hist, **kw)
+    state = kw.pop("x_t").clone()
+    with ops.use_backend(backend):
+        got = reverse_step(state, clip_denoised=clip, out=state, history=hist, **kw)
+    assert got is state
+    torch.testing.assert_close(state, want, atol=1e-5, rtol=1e-5)
+    for h, w in zip(hist, want_hist, strict=True):
+        torch.testing.assert_close(h, w, atol=1e-5, rtol=1e-5)
+
+
+def test_ref_history_formula():
+    x, eps = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25)
+    h1, h2 = torch.full_like(x, 0.3), torch.full_like(x, -0.7)
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.0, 0.4, 0.6]])
+    x0 = 2.0 * 0.5 - 0.25
+    got = reverse_step_ref(x, eps, coefs, torch.tensor([0]), None, False, history=(h1, h2))
+    assert got.item() == pytest.approx(0.3 * x0 + 0.2 * 0.5 + 0.1 * 0.25 + 0.4 * 0.3 + 0.6 * -0.7)
+    assert h1.item() == pytest.approx(x0) and h2.item() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="history holds at most 2 buffers"):
+        reverse_step(x, eps, coefs, torch.tensor([0]), history=(h1, h2, h1))
+    with pytest.raises(ValueError, match=r"history\[0\] must be a float32 tensor laid out like x_t"):
+        reverse_step(x, eps, coefs, torch.tensor([0]), history=(h1.half(),))
+
+
 def test_ref_clips_x0_and_uses_all_coefficients():
     x = torch.tensor([[[[3.0]]]])
     eps = torch.tensor([[[[0.5]]]])
     z = torch.tensor([[[[2.0]]]])
-    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.05]])
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.05, 0.0, 0.0]])
     idx = torch.zeros(1, dtype=torch.int64)
     # x0 = 2*3 - 0.5 = 5.5 -> clipped to 1
     want = 0.3 * 1.0 + 0.2 * 3.0 + 0.1 * 0.5 + 0.05 * 2.0
@@ -118,7 +158,7 @@ def _in_kernel_noise(backend, device, shape, seed, step, images=None, channels_l
     """With every coefficient 0 but sigma = 1, the step returns its noise z."""
     x = torch.randn(shape, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], device=device)
+    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]], device=device)
     index = torch.zeros(shape[0], dtype=torch.int64, device=device)
     images = list(range(shape[0])) if images is None else images
     with ops.use_backend(backend):
@@ -169,7 +209,7 @@ def test_out_of_range_index_is_an_error_on_every_backend(backend, bad):
     if not _native_available("cpu", backend):
         pytest.skip(f"{backend} backend not available here")
     x = torch.randn(2, 3, 4, 4)
-    coefs = torch.rand(7, 6)
+    coefs = torch.rand(7, NUM_COEFS)
     with ops.use_backend(backend), pytest.raises(RuntimeError, match="outside the coefficient table of 7 rows"):
         reverse_step(x, x, coefs, torch.tensor([0, bad]))
 
@@ -198,7 +238,7 @@ def test_native_rejects_bad_input():
         pytest.skip("ddpm_fast._C not available here")
     ext = ops.extension()
     x = torch.randn(2, 3, 4, 4)
-    coefs = torch.rand(5, 6)
+    coefs = torch.rand(5, NUM_COEFS)
     idx = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="outside the coefficient table"):
         ext.reverse_step(x, x, None, coefs, torch.tensor([0, 5]), None, 1.0, True)
@@ -206,7 +246,7 @@ def test_native_rejects_bad_input():
         ext.reverse_step(x.double(), x, None, coefs, idx, None, 1.0, True)
     with pytest.raises(RuntimeError, match="same memory format"):
         ext.reverse_step(x, x.contiguous(memory_format=torch.channels_last), None, coefs, idx, None, 1.0, True)
-    with pytest.raises(RuntimeError, match=r"coefs must be a contiguous float32 \(S, 6\)"):
+    with pytest.raises(RuntimeError, match=r"coefs must be a contiguous float32 \(S, 8\)"):
         ext.reverse_step(x, x, None, torch.rand(5, 4), idx, None, 1.0, True)
     with pytest.raises(RuntimeError, match="index must be int64"):
         ext.reverse_step(x, x, None, coefs, idx.int(), None, 1.0, True)
@@ -214,7 +254,7 @@ def test_native_rejects_bad_input():
 
 def test_python_entry_rejects_bad_input():
     x = torch.randn(2, 3, 4, 4)
-    coefs, idx = torch.rand(5, 6), torch.tensor([0, 1])
+    coefs, idx = torch.rand(5, NUM_COEFS), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="x_t must be a float32"):
         reverse_step(x.half(), x, coefs, idx)
     with pytest.raises(ValueError, match="noise shape"):
@@ -240,10 +280,10 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(1, 3, 4, 4)
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=triton cannot run"):
-        reverse_step(x, x, torch.rand(2, 6), torch.tensor([0]))
+        reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
     monkeypatch.setattr(ops, "_C", None)
     with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=cuda cannot run"):
-        reverse_step(x, x, torch.rand(2, 6), torch.tensor([0]))
+        reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
 
 
 @pytest.mark.gpu

@@ -1,10 +1,13 @@
-"""reverse_step: the whole DDPM/DDIM sampler update in one pass.
+"""reverse_step: the whole sampler update (DDPM, DDIM, multistep DPM-Solver++) in one pass.
 
     eps     = eps_u + w (eps_c - eps_u)                 (classifier-free guidance, optional)
     x0_hat  = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps    (clipped to [-1, 1] if clip_denoised)
-    x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + sigma z
+    x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + c_hist1 h1 + c_hist2 h2 + sigma z
+    (with history) h2 <- h1, h1 <- x0_hat
 
-Coefficients are rows of a (S, 6) fp32 table (columns COEF_COLUMNS) that the samplers build in float64;
+h1, h2 (``history``) are the previous steps' data predictions x0_hat, newest first: the memory of a
+multistep solver (DPM-Solver++ 2M/3M), updated in place by the same pass. DDPM and DDIM keep none.
+Coefficients are rows of a (S, 8) fp32 table (columns COEF_COLUMNS) that the samplers build in float64;
 ``index`` (N,) picks a row per sample and lives on the device, so a CUDA graph can replay the step.
 The state x_t and the result are fp32; the model output may be fp32, fp16 or bf16. ``half_out``
 (optional) also receives x_prev in fp16/bf16: the copy the next fast-path U-Net call reads.
@@ -32,26 +35,28 @@ except ImportError:
 
 # Column names of the coefficient table (csrc/reverse_step.h keeps the same order).
 COEF_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "coef_x0", "coef_xt", "coef_eps",
-                "sigma")
+                "sigma", "coef_hist1", "coef_hist2")
 SIGMA = COEF_COLUMNS.index("sigma")
+NUM_COEFS = len(COEF_COLUMNS)
 _IMPLEMENTED = ("cuda", "triton", "torch")
 
 if triton is not None:
 
     @triton.jit
     def _reverse_step_kernel(
-        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, KEY_ptr, IMG_ptr, OUT_ptr, HALF_ptr,
+        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, KEY_ptr, IMG_ptr, OUT_ptr, HALF_ptr, H1_ptr, H2_ptr,
         numel, per_sample, channels, hw, num_rows, guidance_scale,
         HAS_UNCOND: tl.constexpr, NOISE_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_HALF: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, HISTORY: tl.constexpr, NUM_COEFS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
+        # HISTORY: how many previous data predictions (h1, h2) the step reads and shifts (0, 1 or 2).
         # NOISE_MODE: 0 none, 1 tensor, 2 Philox keyed by KEY_ptr = [seed, step] and the image index.
         offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < numel
         sample = offs // per_sample
         idx = tl.load(INDEX_ptr + sample, mask=mask, other=0)
         tl.device_assert((idx >= 0) & (idx < num_rows), "reverse_step: index outside the coefficient table")
-        row = COEF_ptr + idx * 6
+        row = COEF_ptr + idx * NUM_COEFS
         a = tl.load(row, mask=mask, other=0.0)
         b = tl.load(row + 1, mask=mask, other=0.0)
         c_x0 = tl.load(row + 2, mask=mask, other=0.0)
@@ -67,6 +72,13 @@ if triton is not None:
         if CLIP:
             x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
         out = c_x0 * x0 + c_xt * x + c_eps * eps
+        if HISTORY >= 1:
+            h1 = tl.load(H1_ptr + offs, mask=mask, other=0.0)
+            out += tl.load(row + 6, mask=mask, other=0.0) * h1
+            if HISTORY == 2:
+                out += tl.load(row + 7, mask=mask, other=0.0) * tl.load(H2_ptr + offs, mask=mask, other=0.0)
+                tl.store(H2_ptr + offs, h1, mask=mask)
+            tl.store(H1_ptr + offs, x0, mask=mask)
         if NOISE_MODE == 1:
             out += sigma * tl.load(NOISE_ptr + offs, mask=mask, other=0.0)
         if NOISE_MODE == 2:
@@ -95,11 +107,12 @@ def reverse_step_ref(
     clip_denoised: bool = True,
     model_output_uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
-    """Pure-torch definition of the update, computed in fp32."""
+    """Pure-torch definition of the update, computed in fp32. ``history`` (h1[, h2]) is updated in place."""
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     row = coefs.float()[index]
-    a, b, c_x0, c_xt, c_eps, sigma = (row[:, i].view(shape) for i in range(len(COEF_COLUMNS)))
+    a, b, c_x0, c_xt, c_eps, sigma, c_h1, c_h2 = (row[:, i].view(shape) for i in range(NUM_COEFS))
     eps = model_output.float()
     if model_output_uncond is not None:
         u = model_output_uncond.float()
@@ -109,6 +122,13 @@ def reverse_step_ref(
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
     out = c_x0 * x0 + c_xt * x + c_eps * eps
+    if len(history) >= 1:
+        out = out + c_h1 * history[0]
+    if len(history) == 2:
+        out = out + c_h2 * history[1]
+        history[1].copy_(history[0])
+    if history:
+        history[0].copy_(x0)
     if noise is not None:
         out = out + sigma * noise.float()
     return out
@@ -147,16 +167,26 @@ def reverse_step(
     *,
     out: torch.Tensor | None = None,
     half_out: torch.Tensor | None = None,
+    history: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """One reverse step on the backend DDPM_FAST_BACKEND selects; returns x_prev (fp32, ``out`` if given).
 
+    ``history``: () or the fp32 buffers (h1,) / (h1, h2) laid out like x_t, holding the previous steps'
+    x0_hat (newest first); the step reads them and shifts this step's x0_hat in, in place.
     Reads no device value on the host: safe inside CUDA-graph capture.
     """
+    history = tuple(history)
+    if len(history) > 2:
+        raise ValueError(f"reverse_step: history holds at most 2 buffers (h1, h2), got {len(history)}")
     key = noise if isinstance(noise, NoiseKey) else None
     _validate(x_t, model_output, coefs, index, None if key is not None else noise, model_output_uncond)
     if key is not None:
         key.validate(x_t.shape[0], x_t.device)
-    for name, t, dtypes in (("out", out, (torch.float32,)), ("half_out", half_out, (torch.float16, torch.bfloat16))):
+    outputs = [("out", out, (torch.float32,)), ("half_out", half_out, (torch.float16, torch.bfloat16))]
+    outputs += [(f"history[{i}]", h, (torch.float32,)) for i, h in enumerate(history)]
+    for name, t, dtypes in outputs:
+        if name.startswith("history") and t is None:
+            raise ValueError(f"reverse_step: {name} is None")
         if t is not None and (t.shape != x_t.shape or t.dtype not in dtypes or t.stride() != x_t.stride()
                               or t.device != x_t.device):
             kinds = "/".join(str(d).replace("torch.", "") for d in dtypes)
@@ -179,20 +209,20 @@ def reverse_step(
         return ops.extension().reverse_step(
             dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index, z, float(guidance_scale),
             bool(clip_denoised), None if key is None else key.counter, None if key is None else key.images.contiguous(),
-            out, half_out)
+            out, half_out, *history)
     if backend == "triton":
         return _reverse_step_triton(dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index, z,
-                                    key, float(guidance_scale), bool(clip_denoised), out, half_out)
+                                    key, float(guidance_scale), bool(clip_denoised), out, half_out, history)
     if key is not None:
         z = randn_like_key(x_t, key)
     result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
-                              guidance_scale)
+                              guidance_scale, history)
     if half_out is not None:
         half_out.copy_(result)
     return result if out is None else out.copy_(result)
 
 
-def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out):
+def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out, history=()):
     numel = x.numel()
     if numel >= 2**31:
         raise ValueError("reverse_step: tensors of 2**31 elements or more are not supported; split the batch")
@@ -206,9 +236,10 @@ def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, 
         _reverse_step_kernel, (triton.cdiv(numel, block),),
         x, eps, eps_u if eps_u is not None else eps, noise if noise is not None else x, coefs, index,
         key.counter if key is not None else index, key.images if key is not None else index,
-        out, half_out if half_out is not None else out,
+        out, half_out if half_out is not None else out, *(tuple(history) + (out, out))[:2],
         numel, numel // n, c, h * w_, coefs.shape[0], w,
         HAS_UNCOND=eps_u is not None, NOISE_MODE=noise_mode, CLIP=clip, HAS_HALF=half_out is not None,
-        CHANNELS_LAST=ops.memory_format(x) == torch.channels_last, BLOCK_SIZE=block,
+        CHANNELS_LAST=ops.memory_format(x) == torch.channels_last, HISTORY=len(history), NUM_COEFS=NUM_COEFS,
+        BLOCK_SIZE=block,
     )
     return out
