@@ -213,6 +213,9 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     try:
         run(args)
+    except KeyboardInterrupt:
+        print("ddpm_fast.sample: interrupted (outputs are written only at the end, each atomically)", file=sys.stderr)
+        return 130
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"ddpm_fast.sample: error: {exc}", file=sys.stderr)
         return 2

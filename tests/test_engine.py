@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import randomize_
 
-from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig, engine, ops
+from ddpm_fast import DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, UNet, UNetConfig, engine, ops
 
 needs_ext = pytest.mark.skipif(ops.extension() is None, reason="ddpm_fast._C not built")
 
@@ -68,14 +68,23 @@ def test_graph_equals_eager_fast_path(sampler, guided):
     torch.testing.assert_close(graph, eager, atol=0, rtol=0)
 
 
+GRAPH_SAMPLERS = {
+    "ddim-eta1": lambda: DDIMSampler(NoiseSchedule.linear(1000), 6, eta=1.0),
+    # Multistep: the history buffers are captured state, zeroed by each restart.
+    "dpm++3m": lambda: DPMSolverSampler(NoiseSchedule.linear(1000), 6, order=3),
+    "dpm++sde": lambda: DPMSolverSampler(NoiseSchedule.cosine(1000), 6, algorithm="sde-dpmsolver++"),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_graph_draws_per_image_and_restarts(dtype):
+@pytest.mark.parametrize("name", GRAPH_SAMPLERS)
+def test_graph_draws_per_image_and_restarts(dtype, name):
     """A cached graph loads new draws (seed, labels, x_T, image indices) into its plan: the same images as
-    eager for each call, and image k's draws do not depend on its batch."""
+    eager for each call, and image k's draws do not depend on its batch. DDIM and DPM-Solver++ alike."""
     model = randomize_(UNet(UNetConfig.from_name("tiny", num_classes=3, dropout=0.0)).eval(), 0.02)
     fast = model.cuda().to_fast(dtype)
-    sampler = DDIMSampler(NoiseSchedule.linear(1000), 6, eta=1.0)
+    sampler = GRAPH_SAMPLERS[name]()
     eng = engine.GraphEngine()
     for seed, first in ((1, 0), (2, 10)):
         kw = dict(seed=seed, class_labels=torch.tensor([0, 2, 1], device="cuda"), guidance_scale=2.0,
