@@ -126,10 +126,32 @@ def _read_image(path: str, channels: int) -> tuple[np.ndarray, str, bool]:
     return (arr if arr.ndim == 3 else arr[..., None]), mode, reduced
 
 
-def load_image_folder(path: str, channels: int = 3) -> ImageData:
+def center_crop_resize(arr: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) uint8/uint16 -> (size, size, C), as guided-diffusion prepares its data: halve (box filter)
+    while the short side is at least 2 * size, resize bicubically so the short side is ``size``, then crop the
+    center. Each channel is resampled in float32, then rounded and clipped back to the input's range."""
+    from PIL import Image
+
+    h, w = arr.shape[:2]
+    top = np.iinfo(arr.dtype).max
+    planes = [Image.fromarray(arr[..., c].astype(np.float32), mode="F") for c in range(arr.shape[2])]
+    while min(h, w) >= 2 * size:
+        h, w = h // 2, w // 2
+        planes = [p.resize((w, h), resample=Image.BOX) for p in planes]
+    scale = size / min(h, w)
+    h, w = max(size, round(h * scale)), max(size, round(w * scale))
+    planes = [np.asarray(p.resize((w, h), resample=Image.BICUBIC)) for p in planes]
+    out = np.clip(np.rint(np.stack(planes, axis=-1)), 0, top).astype(arr.dtype)
+    y, x = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(out[y:y + size, x:x + size])
+
+
+def load_image_folder(path: str, channels: int = 3, image_size: int | None = None) -> ImageData:
     """Every image under ``path``; with class subfolders (path/<class>/img.png) they become labels.
 
-    Images are converted to the model's channels (grayscale "L" or "RGB"); 16-bit grayscale stays 16-bit."""
+    Images are converted to the model's channels (grayscale "L" or "RGB"); 16-bit grayscale stays 16-bit.
+    With ``image_size``, images of another size are resized and center-cropped to it (center_crop_resize);
+    without, all images must share one size."""
     files = []
     for root, _, names in os.walk(path):
         files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
@@ -137,11 +159,14 @@ def load_image_folder(path: str, channels: int = 3) -> ImageData:
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     target = "L" if channels == 1 else "RGB"
-    arrays, size, first, modes, reduced = [], None, None, Counter(), 0
+    arrays, size, first, modes, reduced, resized = [], None, None, Counter(), 0, Counter()
     for f in files:
         arr, mode, was_reduced = _read_image(f, channels)
         modes[mode] += 1
         reduced += was_reduced
+        if image_size is not None and arr.shape[:2] != (image_size, image_size):
+            resized[f"{arr.shape[1]}x{arr.shape[0]}"] += 1
+            arr = center_crop_resize(arr, image_size)
         if size is None:
             size, first = arr.shape[:2], f
         elif arr.shape[:2] != size:
@@ -162,6 +187,10 @@ def load_image_folder(path: str, channels: int = 3) -> ImageData:
         dropped = " (alpha dropped)" if any("A" in m for m in converted) else ""
         notes.append(f"{path}: converted {sum(converted.values())} of {len(files)} images to {target}: {found}"
                      + dropped)
+    if resized:
+        found = ", ".join(f"{k} {wh}" for wh, k in sorted(resized.items()))
+        notes.append(f"{path}: resized {sum(resized.values())} of {len(files)} images to {image_size}x{image_size} "
+                     f"(box halving, bicubic, center crop): {found}")
     if reduced:
         notes.append(f"{path}: {reduced} 16-bit color image(s) read at 8-bit precision (Pillow reads 16-bit "
                      "color at 8 bits; 16-bit grayscale keeps its precision)")
@@ -181,7 +210,7 @@ def load_data(spec: str, image_size: int, channels: int) -> ImageData:
     elif not os.path.exists(spec):
         raise DataError(f"{spec}: no such file or folder (use an image folder, an .npz, or 'digits')")
     elif os.path.isdir(spec):
-        data = load_image_folder(spec, channels)
+        data = load_image_folder(spec, channels, image_size)
     elif spec.endswith(".npz"):
         data = load_npz(spec)
     else:

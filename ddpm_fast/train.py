@@ -40,11 +40,14 @@ from ddpm_fast.data import DataError, ImageData, load_data
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.images import save_grid
 from ddpm_fast.losses import training_loss
+from ddpm_fast.metrics import LOSS_PLOT_NAME, METRICS_NAME, MetricsLog, plot_loss
 from ddpm_fast.samplers import DDIMSampler, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import UNet
 
 CHECKPOINT_NAME = RUN_CHECKPOINT
+# Flags added after checkpoints were first written: the value that reproduces what those runs did.
+_LEGACY_DEFAULTS = {"hflip": "off"}
 MAX_SEED = 2**50  # the per-process generators are seeded with seed * 1000 + offsets (< 2**63)
 # L_simple is E|eps - eps_hat|^2 per element with eps ~ N(0, 1): about 1 for a model that predicts no noise at
 # all. A loss a thousand times that is no training dynamics but diverged weights (one more step is NaN).
@@ -74,10 +77,13 @@ class TrainConfig:
     amp: str = _opt("none", "mixed precision (fp16 with loss scaling)", run=True, choices=["none", "fp16", "bf16"])
     grad_clip: float = _opt(1.0, "max gradient norm (0: off)", run=True)
     cond_drop_prob: float = _opt(0.1, "label dropout for classifier-free guidance (conditional presets)", run=True)
+    hflip: str = _opt("auto", "random horizontal flips, the paper's augmentation (auto: on for RGB data, off for "
+                      "grayscale such as the digits, which are not mirror-symmetric)", run=True,
+                      choices=["auto", "on", "off"])
     seed: int = _opt(0, f"random seed in [0, 2**{int(math.log2(MAX_SEED))})", run=True)
     sample_every: int = _opt(0, "write a sample grid every N steps (0: off)")
     save_every: int = _opt(1000, "write the checkpoint every N steps (0: only at the end)")
-    log_every: int = _opt(50, "update the progress bar's loss every N steps")
+    log_every: int = _opt(50, "update the progress bar's loss and append a line to OUT/metrics.jsonl every N steps")
     out: str = _opt("runs/ddpm", "output folder (checkpoint.pt, samples/, model/)")
     resume: str | None = _opt(None, "continue from a checkpoint (default: OUT/checkpoint.pt)", nargs="?", const="auto")
     overwrite: bool = _opt(False, "start a new run in an --out folder that holds another one (it is replaced)")
@@ -232,6 +238,9 @@ class Trainer:
             group["lr"] = self.lr_at(self.step_count)
         idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.gens["data"])
         x0, y = self.data.batch(idx, self.device)
+        if cfg.hflip == "on":
+            flip = (torch.rand(cfg.batch_size, generator=self.gens["data"]) < 0.5).to(self.device)
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
         self._last_batch = (x0, y)
@@ -366,8 +375,8 @@ def _read_resume_state(cfg: TrainConfig, ckpt_path: str) -> tuple[dict, str]:
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "scaler", "rng", "step", "args"} <= set(state):
         raise CheckpointError(f"{path}: not a ddpm_fast.train checkpoint")
     saved = state["args"]
-    diffs = [f"{TrainConfig.flag(k)} {saved.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r}"
-             for k in TrainConfig.run_defining() if saved.get(k) != getattr(cfg, k)]
+    diffs = [f"{TrainConfig.flag(k)} {saved.get(k, _LEGACY_DEFAULTS.get(k))!r} (checkpoint) vs {getattr(cfg, k)!r}"
+             for k in TrainConfig.run_defining() if saved.get(k, _LEGACY_DEFAULTS.get(k)) != getattr(cfg, k)]
     if diffs:
         raise CheckpointError(f"{path}: the flags differ from the saved run: " + "; ".join(diffs))
     if int(state["step"]) > cfg.steps:
@@ -400,10 +409,12 @@ def train(cfg: TrainConfig) -> str:
     dist_ctx = Dist(cfg.device)
     out = cfg.out
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
+    ucfg = UNetConfig.from_name(cfg.config)
+    if cfg.hflip == "auto":  # resolved before it is compared or saved: the checkpoint says what ran
+        cfg = dataclasses.replace(cfg, hflip="on" if ucfg.in_channels == 3 else "off")
     _prepare_out(cfg, dist_ctx, ckpt_path)
     state, resume_path = _read_resume_state(cfg, ckpt_path) if cfg.resume else (None, None)
 
-    ucfg = UNetConfig.from_name(cfg.config)
     data = load_data(cfg.data, ucfg.sample_size, ucfg.in_channels)
     if dist_ctx.main:
         for note in data.notes:
@@ -413,6 +424,8 @@ def train(cfg: TrainConfig) -> str:
         trainer.load_state_dict(state, resume_path)
         del state
     saved_at = trainer.step_count if resume_path == ckpt_path else None
+    metrics_path, plot_path = os.path.join(out, METRICS_NAME), os.path.join(out, LOSS_PLOT_NAME)
+    metrics = MetricsLog(metrics_path, trainer.step_count if resume_path else None) if dist_ctx.main else None
 
     def save():
         nonlocal saved_at
@@ -429,19 +442,25 @@ def train(cfg: TrainConfig) -> str:
                desc="train", unit="step", dynamic_ncols=True)
     # On the CPU a host read costs nothing: check every step. On a GPU, at the log steps (and every save).
     check_every = 1 if dist_ctx.device.type == "cpu" else cfg.log_every
-    seen, t0 = 0, time.perf_counter()
+    last_log = (trainer.step_count, time.perf_counter())
     stopped = None
     try:
         with StopSignals() as stop:
             while trainer.step_count < cfg.steps:
                 loss = trainer.step()
                 step = trainer.step_count
-                seen += cfg.batch_size * dist_ctx.world
                 if step % check_every == 0:
                     trainer.check_finite()
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    rate = seen / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{trainer.lr_at(step - 1):.1e}")
+                    now = time.perf_counter()
+                    rate = (step - last_log[0]) * cfg.batch_size * dist_ctx.world / max(now - last_log[1], 1e-9)
+                    last_log = (step, now)
+                    value, lr = loss.item(), trainer.lr_at(step - 1)
+                    bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.1e}")
+                    if metrics is not None:
+                        grad = None if trainer.grad_norm is None else float(trainer.grad_norm)
+                        metrics.append(step=step, loss=value, lr=lr, grad_norm=grad, images_per_s=round(rate, 2),
+                                       time=round(time.time(), 3))
                 bar.update(1)
                 stopped = dist_ctx.max_int(stop.requested or 0) or None
                 if stopped:
@@ -450,6 +469,7 @@ def train(cfg: TrainConfig) -> str:
                     save()
                 if cfg.sample_every and step % cfg.sample_every == 0 and dist_ctx.main:
                     _sample_grid(trainer.ema, trainer.schedule, os.path.join(out, "samples", f"step_{step:07d}.png"))
+                    plot_loss(metrics_path, plot_path)
             bar.close()
             if saved_at != trainer.step_count:
                 save()
@@ -459,6 +479,8 @@ def train(cfg: TrainConfig) -> str:
         kept = (f"{ckpt_path} (step {saved_at}) is the last good state and was kept" if saved_at is not None
                 else "no checkpoint was written")
         raise TrainingDiverged(f"{exc}; {kept}") from None
+    if dist_ctx.main:
+        plot_loss(metrics_path, plot_path)
     if stopped:
         dist_ctx.close()
         name = signal.Signals(stopped).name

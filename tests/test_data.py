@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ddpm_fast import train as train_cli
-from ddpm_fast.data import DataError, load_data, load_image_folder, load_npz
+from ddpm_fast.data import DataError, center_crop_resize, load_data, load_image_folder, load_npz
 
 RAMP = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)  # 64 levels, 0..65535
 
@@ -102,3 +102,47 @@ def test_training_on_a_16_bit_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "16-bit images kept at 16-bit precision" in err and "converted 4 of 4 images to RGB: 4 I;16" in err
     assert (out / "model" / "config.json").exists()
+
+
+def _guided_diffusion_crop(img, size):
+    """guided-diffusion's center_crop_arr on a Pillow image (the reference for center_crop_resize)."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.array(img)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
+
+
+@pytest.mark.parametrize("hw", [(40, 72), (9, 8), (8, 8), (33, 17)])
+def test_center_crop_resize_matches_guided_diffusion(hw):
+    rng = np.random.default_rng(hw[0])
+    yy, xx = np.mgrid[0:hw[0], 0:hw[1]]
+    arr = np.stack([(yy * 7 + xx * 3) % 256, (xx * 11) % 256, rng.integers(0, 256, hw)], -1).astype(np.uint8)
+    got = center_crop_resize(arr, 8)
+    want = _guided_diffusion_crop(Image.fromarray(arr), 8)
+    assert got.shape == want.shape == (8, 8, 3) and got.dtype == np.uint8
+    # Pillow's 8-bit resampler rounds after each stage (halving, bicubic); ours rounds once, in float32.
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 2 and diff.mean() <= 1.0
+
+
+def test_folder_of_other_sizes_is_resized_with_one_notice(tmp_path):
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((24, 16, 3), 200, np.uint8)).save(tmp_path / "b.png")
+    Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(tmp_path / "c.png")
+    data = load_data(str(tmp_path), 8, 3)
+    assert data.images.shape == (3, 8, 8, 3)
+    assert data.images[1].unique().tolist() == [200] and data.images[2].unique().tolist() == [90]
+    assert data.notes == [f"{tmp_path}: resized 2 of 3 images to 8x8 (box halving, bicubic, center crop): "
+                          "1 16x24, 1 32x16"]
+    with pytest.raises(DataError, match="images of mixed sizes"):
+        load_image_folder(str(tmp_path), 3)  # without a target size, sizes must agree
+
+
+def test_resizing_keeps_16_bit_precision(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "r.png")
+    data = load_data(str(tmp_path), 8, 1)
+    assert data.images.dtype == torch.uint16 and data.images.unique().numel() == 64

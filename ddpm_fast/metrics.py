@@ -1,0 +1,90 @@
+"""Training metrics: ``OUT/metrics.jsonl`` (one JSON object per logged step) and the ``OUT/loss.png`` curve.
+
+Each line is appended, flushed and fsync'ed on its own, so a crash loses at most the line being written
+(a torn last line is skipped on reading). A resumed run keeps the lines up to its checkpoint's step and
+continues the file; a new run starts a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from ddpm_fast.checkpoint import atomic_write
+
+METRICS_NAME = "metrics.jsonl"
+LOSS_PLOT_NAME = "loss.png"
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics file; a torn (half-written) line is skipped."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "step" in row:
+                    rows.append(row)
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+class MetricsLog:
+    """Appends rows to ``path``. ``resume_step``: None starts a new file; an int keeps the rows up to that
+    step (what a resumed run continues from) and drops the rest (steps an interrupted run logged after its
+    last checkpoint, which the resumed run logs again)."""
+
+    def __init__(self, path: str, resume_step: int | None):
+        self.path = path
+        kept = [] if resume_step is None else [r for r in read_metrics(path) if r["step"] <= resume_step]
+        if resume_step is None and not os.path.exists(path):
+            return
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write(path, write)
+
+    def append(self, **row) -> None:
+        line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def plot_loss(metrics_path: str, png_path: str, smoothing: float = 0.9) -> bool:
+    """Write the loss curve (raw, faint; exponentially smoothed; log y) to ``png_path`` atomically.
+    Returns False (and writes nothing) when there is nothing to plot."""
+    rows = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float)) and r["loss"] > 0]
+    if not rows:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state, no display
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    smooth, avg = [], None
+    for v in loss:
+        avg = v if avg is None else smoothing * avg + (1 - smoothing) * v
+        smooth.append(avg)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    ax.plot(steps, smooth, color="tab:blue", linewidth=1.6, label=f"EMA {smoothing:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("L_simple")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+    return True

@@ -1,0 +1,113 @@
+"""Training records what it did: OUT/metrics.jsonl (continued across --resume), OUT/loss.png; --hflip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_fast import train as train_cli
+from ddpm_fast.data import load_data
+from ddpm_fast.distributed import Dist
+from ddpm_fast.metrics import MetricsLog, plot_loss, read_metrics
+
+TRAIN = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--no-progress",
+         "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, arr_0=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_metrics_and_loss_plot(data, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli.main(TRAIN + ["--data", data, "--steps", "5", "--out", str(out)]) == 0
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert set(r) == {"step", "loss", "lr", "grad_norm", "images_per_s", "time"}
+        assert 0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["images_per_s"] > 0
+    assert rows[0]["lr"] == pytest.approx(1e-4) and rows[1]["lr"] == pytest.approx(2e-4)  # warm-up 2
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_continue_across_resume_without_duplicates(data, tmp_path):
+    out = tmp_path / "run"
+    args = TRAIN + ["--data", data, "--save-every", "2", "--out", str(out)]
+    assert train_cli.main(args + ["--steps", "4"]) == 0
+    path = out / "metrics.jsonl"
+    straight = tmp_path / "straight"
+    assert train_cli.main(TRAIN + ["--data", data, "--save-every", "2", "--steps", "6", "--out", str(straight)]) == 0
+    # What an interrupted run may leave: a step logged after its last checkpoint, and a torn line.
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n" + '{"step": 6, "lo')
+    assert train_cli.main(args + ["--steps", "6", "--resume"]) == 0
+    rows = read_metrics(str(path))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    want = read_metrics(str(straight / "metrics.jsonl"))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in want], "the resumed run logs the straight run's losses"
+    assert train_cli.main(args + ["--steps", "2", "--overwrite"]) == 0
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2], "a new run starts a new file"
+
+
+def test_metrics_log_unit(tmp_path):
+    path = str(tmp_path / "m.jsonl")
+    log = MetricsLog(path, None)
+    log.append(step=1, loss=float("nan"), lr=1e-4)
+    log.append(step=2, loss=0.5, lr=1e-4)
+    assert read_metrics(path) == [{"step": 1, "loss": None, "lr": 1e-4}, {"step": 2, "loss": 0.5, "lr": 1e-4}]
+    MetricsLog(path, 1)
+    assert [r["step"] for r in read_metrics(path)] == [1]
+    assert not plot_loss(path, str(tmp_path / "l.png")) and not (tmp_path / "l.png").exists(), "nothing to plot"
+
+
+def _trainer(data, hflip, tmp_path):
+    cfg = train_cli.TrainConfig(data=data, config="tiny", batch_size=64, num_timesteps=50, hflip=hflip,
+                                out=str(tmp_path))
+    return train_cli.Trainer(cfg, load_data(data, 8, 3), Dist("cpu"))
+
+
+@pytest.mark.parametrize("hflip", ["on", "off"])
+def test_hflip_flips_about_half_the_images(data, tmp_path, hflip):
+    trainer = _trainer(data, hflip, tmp_path)
+    flipped = total = 0
+    for _ in range(4):
+        g = torch.Generator()
+        g.set_state(trainer.gens["data"].get_state())
+        idx = torch.randint(0, len(trainer.data), (64,), generator=g)
+        plain, _ = trainer.data.batch(idx, "cpu")
+        trainer.step()
+        seen = trainer._last_batch[0]
+        same = (seen == plain).flatten(1).all(1)
+        mirrored = (seen == plain.flip(3)).flatten(1).all(1)
+        assert bool((same | mirrored).all()), "every image is itself or its mirror image"
+        flipped += int((mirrored & ~same).sum())
+        total += 64
+    if hflip == "off":
+        assert flipped == 0
+    else:
+        assert 0.35 < flipped / total < 0.65, flipped / total
+
+
+def test_hflip_auto_is_resolved_and_saved(data, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    rgb, gray = tmp_path / "rgb", tmp_path / "gray"
+    assert train_cli.main(TRAIN + ["--data", data, "--steps", "1", "--out", str(rgb)]) == 0
+    assert torch.load(rgb / "checkpoint.pt", weights_only=True)["args"]["hflip"] == "on"
+    assert train_cli.main(["--data", "digits", "--config", "digits", "--batch-size", "2", "--steps", "1",
+                           "--num-timesteps", "20", "--no-progress", "--out", str(gray)]) == 0
+    assert torch.load(gray / "checkpoint.pt", weights_only=True)["args"]["hflip"] == "off"
+    # A checkpoint from before --hflip existed never flipped: resuming it with flips is refused, naming it.
+    state = torch.load(rgb / "checkpoint.pt", weights_only=True)
+    del state["args"]["hflip"]
+    torch.save(state, rgb / "checkpoint.pt")
+    assert train_cli.main(TRAIN + ["--data", data, "--steps", "2", "--out", str(rgb), "--resume"]) == 2
+    assert "--hflip 'off' (checkpoint) vs 'on'" in capsys.readouterr().err
+    resume_unflipped = ["--data", data, "--steps", "2", "--out", str(rgb), "--resume", "--hflip", "off"]
+    assert train_cli.main(TRAIN + resume_unflipped) == 0
