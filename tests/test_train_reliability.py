@@ -258,3 +258,26 @@ def test_run_defining_flags_come_from_the_config():
     assert not run & {"steps", "out", "resume", "save_every", "device", "no_progress", "overwrite"}
     parser = train_cli.build_parser()
     assert vars(parser.parse_args(["--data", "x"])) == vars(train_cli.TrainConfig(data="x"))
+
+
+@pytest.mark.slow
+def test_cli_failures_as_processes(data, tmp_path):
+    """The exit code and the files are the point: run the real commands."""
+    def run(module, *args):
+        return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    out = tmp_path / "o"
+    res = run("ddpm_fast.train", "--data", data, "--log-every", "0", "--out", str(out))
+    assert res.returncode == 2 and "--log-every must be positive" in res.stderr and not out.exists()
+    res = run("ddpm_fast.sample", "--sampler", "ddpm", "--eta", "0.5", "--out", str(out))
+    assert res.returncode == 2 and "--eta applies to --sampler ddim only" in res.stderr and not out.exists()
+    res = run("ddpm_fast.train", *TRAIN, "--data", data, "--warmup", "0", "--lr", "1e6", "--save-every", "1",
+              "--steps", "20", "--out", str(out))
+    assert res.returncode == 2 and "no checkpoint was written" in res.stderr
+    assert res.stderr.strip().count("\n") == 0, "one line"
+    assert not (out / "checkpoint.pt").exists() and not (out / "model").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run("ddpm_fast.sample", "--out", str(blocker))
+    assert res.returncode == 2 and "exists and is not a folder" in res.stderr
