@@ -53,16 +53,17 @@ def _temp_files(folder):
 STEPS = 150
 
 
-def _train_process(args, **popen):
+def _train_process(args, cwd):
+    # cwd outside the source tree: the installed package (with its compiled extension) is what runs.
     cmd = [sys.executable, "-m", "ddpm_fast.train", *TRAIN, *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
     """The uninterrupted run, in a process like the interrupted one (same thread count)."""
     out = tmp_path_factory.mktemp("straight")
-    proc = _train_process(["--data", data, "--steps", str(STEPS), "--save-every", "5", "--out", str(out)])
+    proc = _train_process(["--data", data, "--steps", str(STEPS), "--save-every", "5", "--out", str(out)], out)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     return _state(out / "checkpoint.pt")
@@ -75,7 +76,7 @@ def test_real_signal_then_resume_is_bit_exact(data, straight, tmp_path, signum):
     --resume then ends bit for bit where the uninterrupted run ends."""
     out = tmp_path / "run"
     args = ["--data", data, "--steps", str(STEPS), "--save-every", "5", "--out", str(out)]
-    proc = _train_process(args)
+    proc = _train_process(args, tmp_path)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists():  # the first periodic save: the loop is running
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
@@ -89,7 +90,7 @@ def test_real_signal_then_resume_is_bit_exact(data, straight, tmp_path, signum):
     stopped = _state(out / "checkpoint.pt")["step"]
     assert 5 <= stopped < STEPS, "the signal must land mid-run for this test to mean anything"
     assert not _temp_files(out) and not (out / "model").exists()
-    proc = _train_process(args + ["--resume"])
+    proc = _train_process(args + ["--resume"], tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     _assert_same_run(straight, _state(out / "checkpoint.pt"))
@@ -265,7 +266,7 @@ def test_cli_failures_as_processes(data, tmp_path):
     """The exit code and the files are the point: run the real commands."""
     def run(module, *args):
         return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)  # the installed package
 
     out = tmp_path / "o"
     res = run("ddpm_fast.train", "--data", data, "--log-every", "0", "--out", str(out))
