@@ -57,7 +57,11 @@ def _extensions():
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     # No -std flag: BuildExtension picks the standard the installed torch needs (C++17 or C++20).
-    cxx_flags = ["-O3"]
+    # -fno-trapping-math lets the CPU kernels' float->int conversions (their exp) be vectorized; nothing
+    # here relies on floating-point traps. -fopenmp: at::parallel_for is a header template that runs
+    # serially unless the extension itself is compiled with OpenMP (it then shares torch's libgomp).
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     if with_cuda:
         # Without a GPU to ask, torch would compile for every architecture it knows: pick the
@@ -69,6 +73,7 @@ def _extensions():
             cpp_sources + sorted(glob.glob("csrc/*.cu")),
             include_dirs=[os.path.join(HERE, "csrc")] + _nvidia_pip_include_dirs(),
             define_macros=define_macros,
+            extra_link_args=link_flags,
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
@@ -82,6 +87,7 @@ def _extensions():
             cpp_sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=define_macros,
+            extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags},
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

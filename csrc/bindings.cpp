@@ -11,6 +11,9 @@ at::Tensor reverse_step_cuda(const at::Tensor&, const at::Tensor&, const OptTens
                              const at::Tensor&, const StepIO&, double, bool);
 #endif
 void register_sampling_loop(pybind11::module_& m);
+at::Tensor group_norm_silu_cpu(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
+                               double, bool);
+at::Tensor residual_add_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&);
 
 at::Tensor reverse_step(const at::Tensor& x, const at::Tensor& eps, const OptTensor& eps_uncond,
                         const at::Tensor& coefs, const at::Tensor& index, const OptTensor& noise,
@@ -38,6 +41,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("index"), py::arg("noise"), py::arg("guidance_scale"), py::arg("clip_denoised"),
         py::arg("noise_key") = py::none(), py::arg("images") = py::none(), py::arg("out") = py::none(),
         py::arg("half_out") = py::none(), py::arg("history1") = py::none(), py::arg("history2") = py::none());
+  m.def("group_norm_silu", &ddpm_fast::group_norm_silu_cpu,
+        "SiLU(GroupNorm(x + add[:, :, None, None])) forward on the CPU (fp32 statistics; NCHW or channels_last)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("add"), py::arg("num_groups"), py::arg("eps"),
+        py::arg("silu"));
+  m.def("residual_add", &ddpm_fast::residual_add_cpu,
+        "y + skip + bias[c] on the CPU (fp32 arithmetic; y and skip of one dtype and memory format)", py::arg("y"),
+        py::arg("skip"), py::arg("bias"));
   m.def("with_cuda", []() {
 #ifdef DDPM_FAST_WITH_CUDA
     return true;

@@ -182,6 +182,7 @@ class SamplingPlan:
         self.seed, self.done = seed, 0
         return self
 
+    @torch.no_grad()
     def step(self) -> None:
         """One reverse step, in place; the step index comes from the device counter (no host read)."""
         i = self.counter[1:]

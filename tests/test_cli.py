@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import randomize_
 
-from ddpm_fast import NoiseSchedule, UNet, UNetConfig, save_pretrained
+from ddpm_fast import NoiseSchedule, UNet, UNetConfig, ops, save_pretrained
 from ddpm_fast import sample as sample_cli
 from ddpm_fast import train as train_cli
 
@@ -86,13 +86,27 @@ def test_same_seed_same_images_whatever_the_batch_size(tmp_path, tiny_model, sam
     assert len({got["7"][i].tobytes() for i in range(7)}) == 7, "images must differ from each other"
 
 
-def test_sample_fp16_on_cpu_says_what_it_ran(tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_sample_fp16_on_cpu_runs_the_fast_path(tmp_path, tiny_model, capsys, monkeypatch, native_bf16):
+    """On a CPU --fp16 runs bf16 where the CPU computes it natively, else the fp32 fast form; --bf16 runs bf16
+    (with a note where it is slow). Each says so once, and the summary names what ran."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert _sample(["--checkpoint", tiny_model, "--num-samples", "1", "--steps", "2", "--fp16",
-                    "--out", str(tmp_path / "o")]) == 0
-    err = capsys.readouterr().err
-    assert "--fp16: no CUDA device, ran the fp32 reference path on the CPU instead" in err
+    monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: native_bf16)
+    for flag, ran in (("--fp16", "bfloat16" if native_bf16 else "float32"), ("--bf16", "bfloat16")):
+        out = tmp_path / flag.strip("-")
+        assert _sample(["--checkpoint", tiny_model, "--num-samples", "2", "--steps", "2", flag, "--out", str(out),
+                        "--no-progress"]) == 0
+        captured = capsys.readouterr()
+        assert f"fast path {ran} on cpu" in captured.out
+        if flag == "--fp16":
+            note = "--fp16 on a CPU runs bf16" if native_bf16 else "ran the fast path in fp32"
+        else:
+            note = None if native_bf16 else "no native bf16 arithmetic"
+        if note:
+            assert captured.err.count(note) == 1, captured.err
+        else:
+            assert "--bf16" not in captured.err, captured.err
 
 
 def test_sample_errors_are_one_line(tmp_path, tiny_model, capsys):

@@ -20,10 +20,12 @@ def test_embedded_model_is_small_and_loads():
     assert load_schedule(sample_cli.DEFAULT_MODEL) is not None
 
 
-@pytest.mark.parametrize("sampler", [[], ["--sampler", "dpm++"], ["--sampler", "dpm++sde", "--order", "3"]])
+@pytest.mark.parametrize("sampler", [[], ["--sampler", "dpm++"], ["--sampler", "dpm++sde", "--order", "3"],
+                                     ["--sampler", "dpm++", "--fp16"], ["--sampler", "dpm++", "--bf16"]])
 def test_default_sampling_draws_the_asked_digits(tmp_path, sampler):
     """A classifier trained on scikit-learn's real digits must read the conditioning label back: with the
-    default DDIM 100 steps, and with DPM-Solver++ in its default 20 steps (2M, and the 3rd-order SDE)."""
+    default DDIM 100 steps, with DPM-Solver++ in its default 20 steps (2M, and the 3rd-order SDE), and on the
+    fast path (on a CPU: --fp16 is bf16 or fp32 channels_last by the CPU, --bf16 is bf16)."""
     load_digits = pytest.importorskip("sklearn.datasets").load_digits
     LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
 

@@ -21,11 +21,12 @@ def test_cpu_loop_matches_python_sampler(sampler, guided):
     cfg = UNetConfig.from_name("tiny", num_classes=3)
     model = randomize_(UNet(cfg).eval(), 0.05)
     kw = dict(class_labels=torch.tensor([0, 2]), guidance_scale=2.0 if guided else None)
-    with ops.use_backend("torch"):
-        want = sampler.sample(model, (2, 3, 8, 8), seed=4, progress=False, **kw)
-    got = engine.GraphEngine().sample(sampler, model, (2, 3, 8, 8), seed=4, **kw)
-    # The same plan step, looped from C++: the same images, bit for bit.
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for backend in ("torch", "auto"):  # reference ops; the extension's C++ kernels
+        with ops.use_backend(backend):
+            want = sampler.sample(model, (2, 3, 8, 8), seed=4, progress=False, **kw)
+            got = engine.GraphEngine().sample(sampler, model, (2, 3, 8, 8), seed=4, **kw)
+        # The same plan step, looped from C++: the same images, bit for bit.
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
     again = engine.GraphEngine().sample(sampler, model, (2, 3, 8, 8), seed=4, **kw)
     assert torch.equal(got, again)
 

@@ -275,13 +275,17 @@ def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match="not one of"):
         with ops.use_backend("fastest"):
             pass
-    assert ops.resolve_backend("reverse_step", torch.device("cpu"), ("cuda", "torch")) == "torch"
+    # auto on the CPU: the extension's C++ kernel where the op has one, else the reference.
+    native = "cuda" if ops.extension() is not None else "torch"
+    assert ops.resolve_backend("reverse_step", torch.device("cpu"), ("cuda", "torch")) == native
+    assert ops.resolve_backend("q_sample", torch.device("cpu"), ("triton", "torch")) == "torch"
     # An explicit backend that cannot run raises (the tests otherwise run Triton through its interpreter).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(1, 3, 4, 4)
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=triton cannot run"):
         reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
     monkeypatch.setattr(ops, "_C", None)
+    assert ops.resolve_backend("reverse_step", torch.device("cpu"), ("cuda", "torch")) == "torch"
     with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=cuda cannot run"):
         reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
 

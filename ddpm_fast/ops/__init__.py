@@ -4,9 +4,11 @@ DDPM_FAST_BACKEND = auto | triton | cuda | torch, resolved per call from the ten
 ``resolve_backend``:
 - torch: the pure-PyTorch ``<op>_ref`` in each op's file; the definition of correct, runs anywhere.
 - triton: the op's Triton kernel; on a CUDA device, or on the CPU under TRITON_INTERPRET=1.
-- cuda: the compiled extension ddpm_fast._C (its CUDA kernels on a GPU, their C++ twins on the CPU).
+- cuda: the compiled extension ddpm_fast._C (its CUDA kernels on a GPU, its C++ kernels on the CPU).
 - auto: on a CUDA device, cuda then triton then torch, per op by what it implements and what this
-  build has, with one warning if it has to fall back to torch; on the CPU, torch.
+  build has, with one warning if it has to fall back to torch; on the CPU, the extension's C++ kernel
+  where the op has one (its ``implemented`` tuple is per device: a kernel the
+  extension has for the CPU only is listed for the CPU only), else torch.
 An explicit backend that cannot run here raises. Ops that do not implement the requested backend
 use the next one in auto's order (an op without a cuda kernel runs its triton kernel).
 
@@ -57,6 +59,11 @@ def _load_extension():
 _C = _load_extension()
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (the C++ CPU kernels are forward-only)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def memory_format(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a dense NHWC 4-D tensor, else contiguous_format (what kernels preserve)."""
     nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -105,6 +112,20 @@ def _record_launch(path, kernel, args, meta) -> None:
 def extension():
     """The compiled module ddpm_fast._C, or None when this install has none."""
     return _C
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 convolutions and GEMMs run on
+    oneDNN's fast kernels; without it they take slow generic code, far slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without this query: ask the CPU's flags
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def triton_available() -> bool:
@@ -158,11 +179,13 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
 
 
 def resolve_backend(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
-    """Pick the backend for one call of ``op`` on ``device``; ``implemented`` lists what the op has."""
+    """Pick the backend for one call of ``op`` on ``device``; ``implemented`` lists what the op has on
+    that device (an op with C++ CPU kernels but no CUDA kernel lists "cuda" for the CPU only)."""
     requested = requested_backend()
     if requested == "auto":
         if device.type != "cuda":
-            return "torch"
+            native = "cuda" in implemented and backend_unavailable_reason("cuda", device) is None
+            return "cuda" if native else "torch"
         for cand in _FALLBACK_ORDER:
             if cand in implemented and backend_unavailable_reason(cand, device) is None:
                 if cand == "torch":
@@ -189,6 +212,7 @@ __all__ = [
     "BACKENDS",
     "COEF_COLUMNS",
     "backend_unavailable_reason",
+    "cpu_has_native_bf16",
     "extension",
     "launch",
     "memory_format",

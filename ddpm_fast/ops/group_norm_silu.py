@@ -13,6 +13,9 @@ merges its group's partials and normalizes its chunk. Each chunk is walked in me
 (channel-major for NCHW, position-major for channels_last), so loads are coalesced in both formats;
 ``_apply`` also keeps each group's mean and rstd for the backward.
 
+On the CPU the extension's C++ kernel (csrc/group_norm_silu_cpu.cpp) runs the forward of calls that
+autograd does not record; the others take the reference.
+
 Backward, two kernels over tiles of (positions x the group's channels): ``_bwd_reduce`` sums
 dL/dxhat and dL/dxhat * xhat per group and the weight/bias gradients per channel; ``_bwd_apply``
 writes dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) and the per-channel sums of the add
@@ -36,6 +39,9 @@ except ImportError:  # the torch reference still works
     triton = None
 
 _IMPLEMENTED = ("triton", "torch")
+# On the CPU the extension has a forward kernel (csrc/group_norm_silu_cpu.cpp); calls that autograd
+# records take the reference, whose backward torch derives.
+_IMPLEMENTED_CPU = ("cuda", "triton", "torch")
 
 
 if triton is not None:
@@ -472,7 +478,11 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=Non
     _validate(x, weight, bias, num_groups, add)
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"group_norm_silu: eps must be positive and finite, got {eps}")
-    backend = ops.resolve_backend("group_norm_silu", x.device, _IMPLEMENTED)
+    implemented = _IMPLEMENTED_CPU if x.device.type == "cpu" else _IMPLEMENTED
+    backend = ops.resolve_backend("group_norm_silu", x.device, implemented)
     if backend == "triton":
         return _GroupNormSiLU.apply(x, weight, bias, add, int(num_groups), float(eps), bool(silu))
+    if backend == "cuda" and not ops.needs_grad(x, weight, bias, add):
+        return ops.extension().group_norm_silu(x.contiguous(memory_format=ops.memory_format(x)), weight, bias,
+                                               add, int(num_groups), float(eps), bool(silu))
     return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)

@@ -5,6 +5,8 @@ residual add is another (two reads + a write). The fast ResBlock runs conv2 (and
 without bias and hands the summed biases to this op: one pass of two reads and a write instead of
 five passes. Arithmetic in fp32; the output has the promoted dtype of y and skip (the bias never
 promotes: an fp32 master bias under autocast stays out of the dtype), and y's memory format.
+On the CPU the extension's C++ kernel runs the calls autograd does not record with y and skip of one
+dtype (the fast U-Net's); the others take the reference.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ except ImportError:
     triton = None
 
 _IMPLEMENTED = ("triton", "torch")
+_IMPLEMENTED_CPU = ("cuda", "triton", "torch")  # csrc/residual_add_cpu.cpp: forward, one dtype
 
 if triton is not None:
 
@@ -101,7 +104,12 @@ class _ResidualAdd(torch.autograd.Function):
 def residual_add(y, skip, bias=None):
     """y + skip + bias[None, :, None, None] on the backend DDPM_FAST_BACKEND selects."""
     _validate(y, skip, bias)
-    backend = ops.resolve_backend("residual_add", y.device, _IMPLEMENTED)
+    implemented = _IMPLEMENTED_CPU if y.device.type == "cpu" else _IMPLEMENTED
+    backend = ops.resolve_backend("residual_add", y.device, implemented)
     if backend == "triton":
         return _ResidualAdd.apply(y, skip, bias)
+    if backend == "cuda" and y.dtype == skip.dtype and not ops.needs_grad(y, skip, bias):
+        fmt = ops.memory_format(y)
+        return ops.extension().residual_add(y.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt),
+                                            bias)
     return residual_add_ref(y, skip, bias)

@@ -1,0 +1,192 @@
+"""The CPU as a target: the embedded digits model, one U-Net forward and a whole DDIM sampling run, per
+provider, on the same weights, interleaved in one run.
+
+Providers: reference (fp32 NCHW, torch ops), fast_fp32_torch / fast_fp32_ext (``to_fast(torch.float32)``:
+channels_last, folded blocks; torch ops or the extension's C++ kernels), fast_bf16_torch / fast_bf16_ext
+(the same in bf16), diffusers_fp32 / diffusers_bf16 (UNet2DModel with the same weights; sampling with its
+DDIMScheduler), compile_reference (torch.compile of the reference; full size only, compile time reported).
+``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
+
+Each round runs every provider once, in order; the table keeps the best round, the median and the spread
+(max/min) per provider, so a noisy neighbour shows as spread rather than as a winner. FLOPs come from
+torch's flop counter on the reference forward; GFLOP/s is set against the GEMM rate measured here in the
+provider's dtype (a square matmul, best of 5). DDPM_FAST_CPU_BENCH=full: batches 64 and 128, 5 rounds
+(3 for sampling, 20 steps); by default (CI) a quick pass: batch 4, 2 rounds, 4 steps.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+from harness import count_flops, record
+
+from ddpm_fast import DDIMSampler, NoiseSchedule, ops
+from ddpm_fast.checkpoint import load_pretrained, load_schedule, to_diffusers_config
+from ddpm_fast.sample import DEFAULT_MODEL
+
+FULL = os.environ.get("DDPM_FAST_CPU_BENCH", "quick") == "full"
+BATCHES = (64, 128) if FULL else (4,)
+ROUNDS, SAMPLE_ROUNDS = (5, 3) if FULL else (2, 2)
+STEPS = 20 if FULL else 4
+CPU = torch.device("cpu")
+PROVIDERS = ["reference", "fast_fp32_torch", "fast_fp32_ext", "fast_bf16_torch", "fast_bf16_ext", "diffusers_fp32",
+             "diffusers_bf16", "compile_reference"]
+CLI_FP16 = "fast_bf16_ext" if ops.cpu_has_native_bf16() else "fast_fp32_ext"
+
+
+def gemm_gflops(dtype: torch.dtype) -> float:
+    """Best of 5 square matmuls: 1024, or 384 for bf16 on a CPU without native bf16 (seconds per 1024 call)."""
+    size = 384 if dtype == torch.bfloat16 and not ops.cpu_has_native_bf16() else 1024
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_pretrained(DEFAULT_MODEL).eval()
+    return model, load_schedule(DEFAULT_MODEL) or NoiseSchedule.linear(1000)
+
+
+@pytest.fixture(scope="module")
+def peaks():
+    return {torch.float32: gemm_gflops(torch.float32), torch.bfloat16: gemm_gflops(torch.bfloat16)}
+
+
+def _diffusers_twin(model, dtype):
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.utils.logging.set_verbosity_error()  # its advice on from_pretrained(torch_dtype) does not apply
+    cfg = {k: v for k, v in to_diffusers_config(model.config).items() if k != "_class_name"}
+    twin = diffusers.UNet2DModel(**cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin.to(dtype), diffusers
+
+
+def _providers(model, schedule, batch):
+    """name -> (dtype, forward(), sample_run()); each call is one timed unit. None where it cannot run."""
+    x = torch.randn(batch, 1, 16, 16)
+    t = torch.full((batch,), 500)
+    labels = torch.arange(batch) % 10
+    shape = (batch, 1, 16, 16)
+    out = {}
+
+    def ours(name, net, backend, dtype):
+        def forward():
+            with ops.use_backend(backend):
+                return net(x, t, labels)
+
+        def run():
+            with ops.use_backend(backend):
+                return DDIMSampler(schedule, STEPS).sample(net, shape, seed=0, class_labels=labels, progress=False)
+
+        out[name] = (dtype, forward, run)
+
+    ours("reference", model, "torch", torch.float32)
+    if ops.extension() is not None:
+        for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            fast = model.to_fast(dtype)
+            ours(f"fast_{tag}_torch", fast, "torch", dtype)
+            ours(f"fast_{tag}_ext", fast, "auto", dtype)
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        twin, diffusers = _diffusers_twin(model, dtype)
+        xd = x.to(dtype)
+
+        def d_forward(twin=twin, xd=xd):
+            return twin(xd, t, class_labels=labels).sample
+
+        def d_run(twin=twin, dtype=dtype, diffusers=diffusers):
+            sched = diffusers.DDIMScheduler(num_train_timesteps=schedule.num_timesteps, beta_schedule="linear",
+                                            clip_sample=True, set_alpha_to_one=False, timestep_spacing="leading")
+            sched.set_timesteps(STEPS)
+            xt = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+            for step in sched.timesteps:
+                eps = twin(xt, step, class_labels=labels).sample
+                xt = sched.step(eps.float(), step, xt.float()).prev_sample.to(dtype)
+            return xt
+
+        out[f"diffusers_{tag}"] = (dtype, d_forward, d_run)
+    if FULL:
+        start = time.perf_counter()
+        compiled = torch.compile(model)
+        with ops.use_backend("torch"):
+            compiled(x, t, labels)
+        compile_s = time.perf_counter() - start
+        ours("compile_reference", compiled, "torch", torch.float32)
+        out["compile_reference"] += (compile_s,)
+    return out
+
+
+def _interleaved(units: dict, rounds: int) -> dict[str, list[float]]:
+    times = {name: [] for name in units}
+    with torch.no_grad():
+        for fn in units.values():  # warm-up, outside the timed rounds
+            fn()
+        for _ in range(rounds):
+            for name, fn in units.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _table(kind, batch, times, per_call_img_steps, flops_per_img_step, dtypes, peaks, compile_s=None):
+    ref = min(times["reference"])
+    rows = []
+    lines = [f"\n{kind}, digits, batch {batch} (CPU, {torch.get_num_threads()} threads; `sample --fp16` = {CLI_FP16})",
+             "| provider | ms / img-step (best) | median | spread | GFLOP/s | % of GEMM peak | vs reference |",
+             "|---|---|---|---|---|---|---|"]
+    for name, ts in times.items():
+        best = min(ts)
+        ms = best * 1e3 / per_call_img_steps
+        gflops = flops_per_img_step * per_call_img_steps / best / 1e9
+        frac = gflops / peaks[dtypes[name]]
+        row = dict(provider=name, ms_per_img_step=round(ms, 4), median_ms=round(statistics.median(ts) * 1e3 /
+                   per_call_img_steps, 4), spread=round(max(ts) / best, 2), gflops=round(gflops, 1),
+                   frac_of_gemm_peak=round(frac, 3), speedup_vs_reference=round(ref / best, 2))
+        if compile_s and name == "compile_reference":
+            row["compile_s"] = round(compile_s, 1)
+        rows.append(row)
+        lines.append(f"| {name} | {ms:.3f} | {row['median_ms']:.3f} | {row['spread']:.2f} | {gflops:.1f} | "
+                     f"{100 * frac:.0f}% ({str(dtypes[name]).replace('torch.', '')}) | {ref / best:.2f}x |")
+    print("\n".join(lines))
+    return rows
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_cpu_unet_forward(benchmark, digits, peaks, batch):
+    model, schedule = digits
+    providers = _providers(model, schedule, batch)
+    flops = count_flops(lambda: model(torch.randn(batch, 1, 16, 16), torch.full((batch,), 500),
+                                      torch.arange(batch) % 10)) / batch
+    times = _interleaved({k: v[1] for k, v in providers.items()}, ROUNDS)
+    compile_s = providers["compile_reference"][3] if "compile_reference" in providers else None
+    rows = _table("U-Net forward", batch, times, batch, flops, {k: v[0] for k, v in providers.items()}, peaks,
+                  compile_s)
+    with torch.no_grad():
+        benchmark.pedantic(providers[CLI_FP16][1], rounds=3 if FULL else 1, iterations=1, warmup_rounds=0)
+    record(benchmark, kind="forward", batch=batch, gflop_per_img=round(flops / 1e9, 4),
+           gemm_peak_gflops={str(k): round(v, 1) for k, v in peaks.items()}, rows=rows, timed=CLI_FP16)
+
+
+@pytest.mark.parametrize("batch", BATCHES[:1])
+def test_cpu_sampling_run(benchmark, digits, peaks, batch):
+    model, schedule = digits
+    providers = _providers(model, schedule, batch)
+    providers.pop("compile_reference", None)  # the forward table has it; a run adds no new information
+    flops = count_flops(lambda: model(torch.randn(batch, 1, 16, 16), torch.full((batch,), 500),
+                                      torch.arange(batch) % 10)) / batch
+    times = _interleaved({k: v[2] for k, v in providers.items()}, SAMPLE_ROUNDS)
+    rows = _table(f"DDIM {STEPS} steps, whole run", batch, times, batch * STEPS, flops,
+                  {k: v[0] for k, v in providers.items()}, peaks)
+    with torch.no_grad():
+        benchmark.pedantic(providers[CLI_FP16][2], rounds=1, iterations=1, warmup_rounds=0)
+    record(benchmark, kind="sampling", batch=batch, steps=STEPS, rows=rows, timed=CLI_FP16)
