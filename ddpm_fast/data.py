@@ -1,11 +1,18 @@
 """Training data: an image folder, an .npz of uint8 images, or the built-in scikit-learn digits.
 
-Everything loads into one NHWC tensor (plus optional int64 labels) held in memory: uint8, or uint16 when
-any image has 16 bits per sample (16-bit grayscale PNG/TIFF keep their precision; 8-bit images in the same
-set are widened exactly, v * 257). The data sets this engine trains on here are small, and a tensor makes
-batch sampling exact and resumable (indices drawn from a saved generator). Bad data fails early with one
-line naming the file and the problem; conversions (mixed modes, dropped alpha) are listed once in
-``ImageData.notes``.
+Two kinds of data set, one interface (``len``, ``labels``, ``get(index)`` -> NHWC uint8/uint16 images):
+- ``ImageData``: the whole set in one tensor in memory (.npz, digits; small sets, no decoding per step);
+- ``FolderDataset``: an image folder decoded lazily. Construction scans the files' headers only (modes,
+  sizes, 16-bit samples), so memory does not grow with the folder; ``get`` reads, converts and resizes.
+Images are uint8, or uint16 when any image has 16 bits per sample (16-bit grayscale PNG/TIFF keep their
+precision; 8-bit images in the same set are widened exactly, v * 257). Bad data fails early with one line
+naming the file and the problem; conversions (mixed modes, dropped alpha, resizing) are listed once in
+``notes``.
+
+Training reads batches through ``batch_loader``: a torch DataLoader whose items are whole batches. The
+index stream (``BatchStream``) is drawn in the main process from the run's saved generator, each rank from
+its own shard; workers only decode the indices they are given, and every batch carries the generator state
+after its draws, so a checkpoint records exactly what was consumed however far the workers read ahead.
 """
 
 from __future__ import annotations
@@ -39,21 +46,26 @@ class ImageData:
     def num_classes(self) -> int | None:
         return None if self.labels is None else int(self.labels.max()) + 1
 
+    def get(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images[index]
+
     def batch(self, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images as float NCHW in [-1, 1] on ``device``, and their labels."""
-        picked = self.images[index]
-        if picked.dtype == torch.uint16:  # 0..65535 -> [-1, 1]; int32 travels where uint16 kernels are few
-            x = picked.to(torch.int32).to(device).permute(0, 3, 1, 2).float() / 32767.5 - 1.0
-        else:
-            x = picked.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         y = None if self.labels is None else self.labels[index].to(device)
-        return x, y
+        return to_model_range(self.get(index), device), y
 
     def check_fits(self, image_size: int, channels: int) -> None:
         _, h, w, c = self.images.shape
         if (h, w) != (image_size, image_size) or c != channels:
             raise DataError(f"data is {h}x{w} with {c} channel(s), the model config wants "
                             f"{image_size}x{image_size} with {channels}")
+
+
+def to_model_range(images: torch.Tensor, device) -> torch.Tensor:
+    """NHWC uint8/uint16 images -> float NCHW in [-1, 1] on ``device``."""
+    if images.dtype == torch.uint16:  # 0..65535 -> [-1, 1]; int32 travels where uint16 kernels are few
+        return images.to(torch.int32).to(device).permute(0, 3, 1, 2).float() / 32767.5 - 1.0
+    return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def load_digits(image_size: int = 16) -> ImageData:
@@ -100,30 +112,27 @@ def load_npz(path: str) -> ImageData:
 _SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _read_image(path: str, channels: int) -> tuple[np.ndarray, str, bool]:
-    """One image as (H, W, channels) uint8, or uint16 for 16-bit grayscale; also the file's mode and whether
-    Pillow itself reduced 16-bit color samples to 8 bits (it reads 48/64-bit PNGs that way)."""
+def _read_image(path: str, channels: int) -> np.ndarray:
+    """One image as (H, W, channels) uint8, or uint16 for 16-bit grayscale."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             mode = im.mode
-            reduced = mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in (im.tile or []))
             if mode in _SIXTEEN_BIT_GRAY or mode == "I":
                 arr = np.asarray(im)
                 if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
                     raise DataError(f"{path}: 32-bit integer samples outside 0..65535 "
                                     f"({arr.min()}..{arr.max()}); save it as an 8- or 16-bit image")
                 arr = arr.astype(np.uint16)[..., None]
-                if channels == 3:
-                    arr = np.repeat(arr, 3, axis=-1)
-                return arr, mode, False
+                return np.repeat(arr, 3, axis=-1) if channels == 3 else arr
             if mode == "F":
                 raise DataError(f"{path}: 32-bit float images have no fixed range; save it as an 8- or 16-bit image")
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
-    return (arr if arr.ndim == 3 else arr[..., None]), mode, reduced
+    arr = np.array(arr)  # writable and owned (np.asarray of a Pillow image is a read-only view)
+    return arr if arr.ndim == 3 else arr[..., None]
 
 
 def center_crop_resize(arr: np.ndarray, size: int) -> np.ndarray:
@@ -146,74 +155,178 @@ def center_crop_resize(arr: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(out[y:y + size, x:x + size])
 
 
-def load_image_folder(path: str, channels: int = 3, image_size: int | None = None) -> ImageData:
-    """Every image under ``path``; with class subfolders (path/<class>/img.png) they become labels.
+_GRAY16 = _SIXTEEN_BIT_GRAY + ("I",)
 
-    Images are converted to the model's channels (grayscale "L" or "RGB"); 16-bit grayscale stays 16-bit.
-    With ``image_size``, images of another size are resized and center-cropped to it (center_crop_resize);
-    without, all images must share one size."""
+
+def _list_images(path: str) -> list[str]:
     files = []
     for root, _, names in os.walk(path):
         files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    files.sort()
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    target = "L" if channels == 1 else "RGB"
-    arrays, size, first, modes, reduced, resized = [], None, None, Counter(), 0, Counter()
-    for f in files:
-        arr, mode, was_reduced = _read_image(f, channels)
-        modes[mode] += 1
-        reduced += was_reduced
-        if image_size is not None and arr.shape[:2] != (image_size, image_size):
-            resized[f"{arr.shape[1]}x{arr.shape[0]}"] += 1
-            arr = center_crop_resize(arr, image_size)
-        if size is None:
-            size, first = arr.shape[:2], f
-        elif arr.shape[:2] != size:
-            raise DataError(f"images of mixed sizes: {first} is {size[1]}x{size[0]}, "
-                            f"{f} is {arr.shape[1]}x{arr.shape[0]}")
-        arrays.append(arr)
-    notes = []
-    gray16 = _SIXTEEN_BIT_GRAY + ("I",)
-    if any(a.dtype == np.uint16 for a in arrays):
-        arrays = [a if a.dtype == np.uint16 else a.astype(np.uint16) * 257 for a in arrays]  # exact: 255 -> 65535
-        widened = sum(k for m, k in modes.items() if m not in gray16)
-        notes.append(f"{path}: 16-bit images kept at 16-bit precision"
-                     + (f" ({widened} 8-bit images widened exactly)" if widened else ""))
-    # A mode is native when it needs no conversion to the model's channels (16-bit gray is native for "L").
-    converted = {m: k for m, k in modes.items() if m != target and not (channels == 1 and m in gray16)}
-    if converted:
-        found = ", ".join(f"{k} {m}" for m, k in sorted(converted.items()))
-        dropped = " (alpha dropped)" if any("A" in m for m in converted) else ""
-        notes.append(f"{path}: converted {sum(converted.values())} of {len(files)} images to {target}: {found}"
-                     + dropped)
-    if resized:
-        found = ", ".join(f"{k} {wh}" for wh, k in sorted(resized.items()))
-        notes.append(f"{path}: resized {sum(resized.values())} of {len(files)} images to {image_size}x{image_size} "
-                     f"(box halving, bicubic, center crop): {found}")
-    if reduced:
-        notes.append(f"{path}: {reduced} 16-bit color image(s) read at 8-bit precision (Pillow reads 16-bit "
-                     "color at 8 bits; 16-bit grayscale keeps its precision)")
-    images = torch.from_numpy(np.stack(arrays))
-    classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
-    if len(classes) > 1 and "." not in classes:
-        index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[os.path.relpath(os.path.dirname(f), path)] for f in files])
-        return ImageData(images, labels, classes, notes)
-    return ImageData(images, None, notes=notes)
+    return sorted(files)
 
 
-def load_data(spec: str, image_size: int, channels: int) -> ImageData:
-    """``digits``, a .npz file, or an image folder; checked against the model's size and channels."""
+def _scan_header(path: str) -> tuple[str, tuple[int, int], bool]:
+    """(mode, (width, height), whether Pillow reads its 16-bit color samples at 8 bits), without decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+            reduced = mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in (im.tile or []))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+    if mode == "F":
+        raise DataError(f"{path}: 32-bit float images have no fixed range; save it as an 8- or 16-bit image")
+    return mode, size, reduced
+
+
+class FolderDataset:
+    """Every image under ``path``, decoded lazily; with class subfolders (path/<class>/img.png) they become
+    labels. Images are converted to the model's channels (grayscale "L" or "RGB"; 16-bit grayscale stays
+    16-bit) and, when ``image_size`` is given, images of another size are resized and center-cropped to it
+    (center_crop_resize); without it, all images must share one size. Memory: the file list and labels."""
+
+    def __init__(self, path: str, channels: int = 3, image_size: int | None = None):
+        self.path, self.channels = path, channels
+        self.files = files = _list_images(path)
+        target = "L" if channels == 1 else "RGB"
+        modes, sizes, reduced, first = Counter(), Counter(), 0, {}
+        for f in files:
+            mode, size, was_reduced = _scan_header(f)
+            modes[mode] += 1
+            sizes[size] += 1
+            reduced += was_reduced
+            first.setdefault(size, f)
+        if image_size is None:
+            if len(sizes) > 1:
+                (a, fa), (b, fb) = sorted(first.items(), key=lambda kv: kv[1])[:2]
+                raise DataError(f"images of mixed sizes: {fa} is {a[0]}x{a[1]}, {fb} is {b[0]}x{b[1]}")
+            (w, h), = sizes
+            if w != h:
+                raise DataError(f"{files[0]}: images are {w}x{h}; give an image size to crop them square")
+            image_size = w
+        self.image_size = image_size
+        sixteen = any(m in _GRAY16 for m in modes)
+        self.dtype = torch.uint16 if sixteen else torch.uint8
+        notes = []
+        if sixteen:
+            widened = sum(k for m, k in modes.items() if m not in _GRAY16)
+            notes.append(f"{path}: 16-bit images kept at 16-bit precision"
+                         + (f" ({widened} 8-bit images widened exactly)" if widened else ""))
+        # A mode is native when it needs no conversion to the model's channels (16-bit gray is native for "L").
+        converted = {m: k for m, k in modes.items() if m != target and not (channels == 1 and m in _GRAY16)}
+        if converted:
+            found = ", ".join(f"{k} {m}" for m, k in sorted(converted.items()))
+            dropped = " (alpha dropped)" if any("A" in m for m in converted) else ""
+            notes.append(f"{path}: converted {sum(converted.values())} of {len(files)} images to {target}: {found}"
+                         + dropped)
+        resized = {wh: k for wh, k in sizes.items() if wh != (image_size, image_size)}
+        if resized:
+            found = ", ".join(f"{k} {w}x{h}" for (w, h), k in sorted(resized.items()))
+            notes.append(f"{path}: resized {sum(resized.values())} of {len(files)} images to "
+                         f"{image_size}x{image_size} (box halving, bicubic, center crop): {found}")
+        if reduced:
+            notes.append(f"{path}: {reduced} 16-bit color image(s) read at 8-bit precision (Pillow reads 16-bit "
+                         "color at 8 bits; 16-bit grayscale keeps its precision)")
+        self.notes = notes
+        classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+        self.labels, self.class_names = None, None
+        if len(classes) > 1 and "." not in classes:
+            index = {c: i for i, c in enumerate(classes)}
+            self.labels = torch.tensor([index[os.path.relpath(os.path.dirname(f), path)] for f in files])
+            self.class_names = classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+    def get(self, index: torch.Tensor) -> torch.Tensor:
+        """Images ``index`` as one NHWC tensor (self.dtype), decoded now."""
+        size, out = self.image_size, []
+        for k in index.tolist():
+            arr = _read_image(self.files[k], self.channels)
+            if arr.shape[:2] != (size, size):
+                arr = center_crop_resize(arr, size)
+            if self.dtype == torch.uint16 and arr.dtype != np.uint16:
+                arr = arr.astype(np.uint16) * 257  # exact: 255 -> 65535
+            out.append(torch.from_numpy(np.ascontiguousarray(arr)))
+        return torch.stack(out) if out else torch.empty((0, size, size, self.channels), dtype=self.dtype)
+
+    def check_fits(self, image_size: int, channels: int) -> None:
+        if self.image_size != image_size or self.channels != channels:
+            raise DataError(f"data is {self.image_size}x{self.image_size} with {self.channels} channel(s), the "
+                            f"model config wants {image_size}x{image_size} with {channels}")
+
+
+def load_image_folder(path: str, channels: int = 3, image_size: int | None = None) -> ImageData:
+    """A FolderDataset decoded into memory at once (small folders; see FolderDataset for the rules)."""
+    folder = FolderDataset(path, channels, image_size)
+    return ImageData(folder.get(torch.arange(len(folder))), folder.labels, folder.class_names, folder.notes)
+
+
+def load_data(spec: str, image_size: int, channels: int) -> ImageData | FolderDataset:
+    """``digits`` or a .npz file (in memory), or an image folder (lazy); checked against the model's size and
+    channels."""
     if spec == "digits":
         data = load_digits(image_size)
     elif not os.path.exists(spec):
         raise DataError(f"{spec}: no such file or folder (use an image folder, an .npz, or 'digits')")
     elif os.path.isdir(spec):
-        data = load_image_folder(spec, channels, image_size)
+        data = FolderDataset(spec, channels, image_size)
     elif spec.endswith(".npz"):
         data = load_npz(spec)
     else:
         raise DataError(f"{spec}: not an image folder, an .npz file, or 'digits'")
     data.check_fits(image_size, channels)
     return data
+
+
+# ---- the training stream --------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """The index stream, step after step: ``batch_size`` indices drawn with replacement from this rank's shard
+    (image k belongs to rank k % world; one rank: every image) and, with ``hflip``, a flip flag per image, all
+    from one generator started at ``state``. Each item carries the generator's state after its draws."""
+
+    def __init__(self, state: torch.Tensor, size: int, batch_size: int, hflip: bool, rank: int = 0, world: int = 1):
+        self.state, self.batch_size, self.hflip = state, batch_size, hflip
+        self.shard = torch.arange(rank, size, world)
+        if len(self.shard) == 0:
+            raise DataError(f"{size} images cannot be shared by {world} processes: rank {rank} would get none")
+
+    def __iter__(self):
+        gen = torch.Generator()
+        gen.set_state(self.state)
+        while True:
+            pick = torch.randint(0, len(self.shard), (self.batch_size,), generator=gen)
+            flip = torch.rand(self.batch_size, generator=gen) < 0.5 if self.hflip else None
+            yield {"index": self.shard[pick], "flip": flip, "state": gen.get_state()}
+
+
+class _WholeBatches(torch.utils.data.Dataset):
+    """DataLoader adapter: an item is a whole batch, built from one BatchStream entry (a worker decodes it)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getitem__(self, item: dict) -> dict:
+        batch = dict(item, images=self.data.get(item["index"]))
+        if self.data.labels is not None:
+            batch["labels"] = self.data.labels[item["index"]]
+        return batch
+
+
+def batch_loader(data, stream: BatchStream, workers: int = 0, pin_memory: bool = False):
+    """An iterator of batches (dicts: index, images (NHWC, the data's dtype), labels, flip, state) in stream
+    order. With workers > 0, that many processes decode batches ahead (2 each); the stream stays in order."""
+    # The loader draws its workers' base seed from ``generator``: never from torch's global generator, whose
+    # state a checkpoint saves (a resumed run starts a loader at another point of the global stream).
+    return iter(torch.utils.data.DataLoader(
+        _WholeBatches(data), batch_size=None, sampler=stream, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(0)))

@@ -2,7 +2,8 @@
 
 Each line is appended, flushed and fsync'ed on its own, so a crash loses at most the line being written
 (a torn last line is skipped on reading). A resumed run keeps the lines up to its checkpoint's step and
-continues the file; a new run starts a new one.
+continues the file; a new run starts a new one. With a TensorBoard folder the same rows also go to
+TensorBoard (torch.utils.tensorboard; the tensorboard package is optional).
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ class MetricsLog:
     step (what a resumed run continues from) and drops the rest (steps an interrupted run logged after its
     last checkpoint, which the resumed run logs again)."""
 
-    def __init__(self, path: str, resume_step: int | None):
+    def __init__(self, path: str, resume_step: int | None, tensorboard_dir: str | None = None):
         self.path = path
+        self.board = None
+        if tensorboard_dir is not None:  # purge_step: a resumed run replaces what followed its checkpoint
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(tensorboard_dir, purge_step=None if resume_step is None else resume_step + 1)
         kept = [] if resume_step is None else [r for r in read_metrics(path) if r["step"] <= resume_step]
         if resume_step is None and not os.path.exists(path):
             return
@@ -58,6 +64,15 @@ class MetricsLog:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.board is not None:
+            for key, value in row.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.board.add_scalar(key, value, row["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def plot_loss(metrics_path: str, png_path: str, smoothing: float = 0.9) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import math
 import os
 import signal
@@ -36,7 +37,7 @@ from ddpm_fast.checkpoint import (
     save_pretrained,
 )
 from ddpm_fast.config import PRESETS, UNetConfig
-from ddpm_fast.data import DataError, ImageData, load_data
+from ddpm_fast.data import BatchStream, DataError, FolderDataset, ImageData, batch_loader, load_data, to_model_range
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.images import save_grid
 from ddpm_fast.losses import training_loss
@@ -80,6 +81,8 @@ class TrainConfig:
     hflip: str = _opt("auto", "random horizontal flips, the paper's augmentation (auto: on for RGB data, off for "
                       "grayscale such as the digits, which are not mirror-symmetric)", run=True,
                       choices=["auto", "on", "off"])
+    workers: int = _opt(-1, "processes decoding batches of an image folder ahead of the training step (-1: auto, "
+                        "min(4, CPU cores - 1) for a folder, 0 for in-memory data: .npz, digits)")
     seed: int = _opt(0, f"random seed in [0, 2**{int(math.log2(MAX_SEED))})", run=True)
     sample_every: int = _opt(0, "write a sample grid every N steps (0: off)")
     save_every: int = _opt(1000, "write the checkpoint every N steps (0: only at the end)")
@@ -89,6 +92,7 @@ class TrainConfig:
     overwrite: bool = _opt(False, "start a new run in an --out folder that holds another one (it is replaced)")
     device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
     export_dtype: str = _opt("float32", "dtype of the exported model/ weights", choices=["float32", "float16"])
+    tensorboard: bool = _opt(False, "also log the metrics to OUT/tensorboard/ (needs the tensorboard package)")
     no_progress: bool = _opt(False, "no progress bar")
 
     @classmethod
@@ -118,8 +122,12 @@ class TrainConfig:
             errs.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             errs.append(f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}")
+        if self.workers < -1:
+            errs.append(f"--workers must be >= 0 (or -1: auto), got {self.workers}")
         if not 0 <= self.seed < MAX_SEED:
             errs.append(f"--seed must be in [0, 2**{int(math.log2(MAX_SEED))}), got {self.seed}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            errs.append("--tensorboard needs the tensorboard package (pip install tensorboard)")
         if self.resume is not None and self.overwrite:
             errs.append("--resume continues the run in --out, --overwrite replaces it: pass one of them")
         try:
@@ -186,8 +194,11 @@ class Trainer:
     ``check_finite()`` and ``verify_weights()`` are the health checks a save runs first (see DIVERGED_LOSS).
     """
 
-    def __init__(self, cfg: TrainConfig, data: ImageData, dist_ctx: Dist):
+    def __init__(self, cfg: TrainConfig, data: ImageData | FolderDataset, dist_ctx: Dist):
         self.cfg, self.data, self.dist = cfg, data, dist_ctx
+        self.workers = cfg.workers
+        if self.workers < 0:
+            self.workers = min(4, max(1, (os.cpu_count() or 2) - 1)) if isinstance(data, FolderDataset) else 0
         self.device = device = dist_ctx.device
         self.unet_config = ucfg = UNetConfig.from_name(cfg.config)
         if ucfg.num_classes and data.labels is None:
@@ -220,6 +231,7 @@ class Trainer:
         # First step whose loss or gradients were non-finite (0: none); kept on the device, read by check_finite.
         self._first_bad = torch.zeros((), dtype=torch.int64, device=device)
         self._last_batch = None
+        self._batches = None  # the batch iterator, started from gens["data"] at the first step (and on resume)
 
     def lr_at(self, step: int) -> float:
         warmup = self.cfg.warmup
@@ -236,10 +248,11 @@ class Trainer:
         cfg, opt = self.cfg, self.opt
         for group in opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
-        idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.gens["data"])
-        x0, y = self.data.batch(idx, self.device)
-        if cfg.hflip == "on":
-            flip = (torch.rand(cfg.batch_size, generator=self.gens["data"]) < 0.5).to(self.device)
+        batch = self._next_batch()
+        x0 = to_model_range(batch["images"], self.device)
+        y = batch["labels"].to(self.device) if "labels" in batch else None
+        if batch["flip"] is not None:
+            flip = batch["flip"].to(self.device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -264,6 +277,17 @@ class Trainer:
         self._first_bad = torch.where((self._first_bad == 0) & bad, self.step_count, self._first_bad)
         self.loss = loss.detach()
         return self.loss
+
+    def _next_batch(self) -> dict:
+        """The next batch of the index stream; gens["data"] becomes the state after its draws, so a checkpoint
+        holds what was consumed, not what the loader's workers have read ahead."""
+        if self._batches is None:
+            stream = BatchStream(self.gens["data"].get_state(), len(self.data), self.cfg.batch_size,
+                                 self.cfg.hflip == "on", self.dist.rank, self.dist.world)
+            self._batches = batch_loader(self.data, stream, self.workers, pin_memory=self.device.type == "cuda")
+        batch = next(self._batches)
+        self.gens["data"].set_state(batch["state"])
+        return batch
 
     def check_finite(self) -> None:
         """Raise TrainingDiverged if any step so far had a non-finite loss or gradient (one host read)."""
@@ -315,6 +339,7 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{source}: does not match this run ({str(exc).splitlines()[0]})") from None
         _set_rng_state(self.gens, state["rng"][rank])
+        self._batches = None  # restart the stream from the restored generator
         self.step_count = int(state["step"])
 
 
@@ -425,7 +450,8 @@ def train(cfg: TrainConfig) -> str:
         del state
     saved_at = trainer.step_count if resume_path == ckpt_path else None
     metrics_path, plot_path = os.path.join(out, METRICS_NAME), os.path.join(out, LOSS_PLOT_NAME)
-    metrics = MetricsLog(metrics_path, trainer.step_count if resume_path else None) if dist_ctx.main else None
+    board = os.path.join(out, "tensorboard") if cfg.tensorboard else None
+    metrics = MetricsLog(metrics_path, trainer.step_count if resume_path else None, board) if dist_ctx.main else None
 
     def save():
         nonlocal saved_at
@@ -480,6 +506,7 @@ def train(cfg: TrainConfig) -> str:
                 else "no checkpoint was written")
         raise TrainingDiverged(f"{exc}; {kept}") from None
     if dist_ctx.main:
+        metrics.close()
         plot_loss(metrics_path, plot_path)
     if stopped:
         dist_ctx.close()

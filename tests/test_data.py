@@ -95,7 +95,7 @@ def test_training_on_a_16_bit_folder(tmp_path, capsys):
     folder.mkdir()
     for i in range(4):
         Image.fromarray(np.roll(RAMP, i, axis=1)).save(folder / f"{i}.png")
-    assert load_data(str(folder), 8, 3).images.dtype == torch.uint16
+    assert load_data(str(folder), 8, 3).dtype == torch.uint16
     out = tmp_path / "run"
     assert train_cli.main(["--data", str(folder), "--config", "tiny", "--batch-size", "2", "--num-timesteps", "20",
                            "--steps", "2", "--out", str(out), "--no-progress"]) == 0
@@ -132,7 +132,8 @@ def test_folder_of_other_sizes_is_resized_with_one_notice(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.full((24, 16, 3), 200, np.uint8)).save(tmp_path / "b.png")
     Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(tmp_path / "c.png")
-    data = load_data(str(tmp_path), 8, 3)
+    data = load_image_folder(str(tmp_path), 3, 8)
+    assert torch.equal(data.images, load_data(str(tmp_path), 8, 3).get(torch.arange(3)))  # lazy == in memory
     assert data.images.shape == (3, 8, 8, 3)
     assert data.images[1].unique().tolist() == [200] and data.images[2].unique().tolist() == [90]
     assert data.notes == [f"{tmp_path}: resized 2 of 3 images to 8x8 (box halving, bicubic, center crop): "
@@ -144,5 +145,5 @@ def test_folder_of_other_sizes_is_resized_with_one_notice(tmp_path):
 def test_resizing_keeps_16_bit_precision(tmp_path):
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "r.png")
-    data = load_data(str(tmp_path), 8, 1)
+    data = load_image_folder(str(tmp_path), 1, 8)
     assert data.images.dtype == torch.uint16 and data.images.unique().numel() == 64

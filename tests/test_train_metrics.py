@@ -111,3 +111,22 @@ def test_hflip_auto_is_resolved_and_saved(data, tmp_path, capsys):
     assert "--hflip 'off' (checkpoint) vs 'on'" in capsys.readouterr().err
     resume_unflipped = ["--data", data, "--steps", "2", "--out", str(rgb), "--resume", "--hflip", "off"]
     assert train_cli.main(TRAIN + resume_unflipped) == 0
+
+
+def test_tensorboard_is_optional(data, tmp_path, capsys):
+    """--tensorboard without the package: refused up front, naming it; with it: the same rows as events."""
+    import importlib.util
+
+    args = TRAIN + ["--data", data, "--steps", "3", "--out", str(tmp_path / "tb"), "--tensorboard"]
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(SystemExit):
+            train_cli.main(args)
+        assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+        assert not (tmp_path / "tb").exists()
+        return
+    assert train_cli.main(args) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
