@@ -56,3 +56,12 @@ def diffusers_peer(module: str = "diffusers"):
 
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 random 8x8 RGB uint8 images in an .npz: training data for the tiny preset."""
+    path = tmp_path_factory.mktemp("data") / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, arr_0=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
+    return str(path)

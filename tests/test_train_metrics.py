@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,14 +14,6 @@ from ddpm_fast.metrics import MetricsLog, plot_loss, read_metrics
 
 TRAIN = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--no-progress",
          "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "d.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, arr_0=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
-    return str(path)
 
 
 def test_metrics_and_loss_plot(data, tmp_path):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,14 +16,6 @@ from ddpm_fast import train as train_cli
 from ddpm_fast.checkpoint import TEMP_PREFIX
 
 TRAIN = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "d.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, arr_0=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
-    return str(path)
 
 
 def _state(path):
