@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"

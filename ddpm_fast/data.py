@@ -63,9 +63,10 @@ class ImageData:
 
 def to_model_range(images: torch.Tensor, device) -> torch.Tensor:
     """NHWC uint8/uint16 images -> float NCHW in [-1, 1] on ``device``."""
+    # non_blocking: a pinned batch (the loader pins on a GPU) copies while the host goes on.
     if images.dtype == torch.uint16:  # 0..65535 -> [-1, 1]; int32 travels where uint16 kernels are few
-        return images.to(torch.int32).to(device).permute(0, 3, 1, 2).float() / 32767.5 - 1.0
-    return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return images.to(torch.int32).to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 32767.5 - 1.0
+    return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def load_digits(image_size: int = 16) -> ImageData:
@@ -131,7 +132,6 @@ def _read_image(path: str, channels: int) -> np.ndarray:
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
-    arr = np.array(arr)  # writable and owned (np.asarray of a Pillow image is a read-only view)
     return arr if arr.ndim == 3 else arr[..., None]
 
 
@@ -247,15 +247,17 @@ class FolderDataset:
 
     def get(self, index: torch.Tensor) -> torch.Tensor:
         """Images ``index`` as one NHWC tensor (self.dtype), decoded now."""
-        size, out = self.image_size, []
+        size, arrays = self.image_size, []
         for k in index.tolist():
             arr = _read_image(self.files[k], self.channels)
             if arr.shape[:2] != (size, size):
                 arr = center_crop_resize(arr, size)
             if self.dtype == torch.uint16 and arr.dtype != np.uint16:
                 arr = arr.astype(np.uint16) * 257  # exact: 255 -> 65535
-            out.append(torch.from_numpy(np.ascontiguousarray(arr)))
-        return torch.stack(out) if out else torch.empty((0, size, size, self.channels), dtype=self.dtype)
+            arrays.append(arr)
+        if not arrays:
+            return torch.empty((0, size, size, self.channels), dtype=self.dtype)
+        return torch.from_numpy(np.stack(arrays))  # the one copy: Pillow's read-only views into a new batch
 
     def check_fits(self, image_size: int, channels: int) -> None:
         if self.image_size != image_size or self.channels != channels:
