@@ -4,7 +4,9 @@ provider, on the same weights, interleaved in one run.
 Providers: reference (fp32 NCHW, torch ops), fast_fp32_torch / fast_fp32_ext (``to_fast(torch.float32)``:
 channels_last, folded blocks; torch ops or the extension's C++ kernels), fast_bf16_torch / fast_bf16_ext
 (the same in bf16), diffusers_fp32 / diffusers_bf16 (UNet2DModel with the same weights; sampling with its
-DDIMScheduler), compile_reference (torch.compile of the reference; full size only, compile time reported).
+DDIMScheduler), compile_reference (torch.compile of the reference; full size only, compile time reported);
+whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: image by image on
+one thread, what ``sample --batch-invariant`` runs).
 ``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
 
 Each round runs every provider once, in order; the table keeps the best round, the median and the spread
@@ -12,6 +14,7 @@ Each round runs every provider once, in order; the table keeps the best round, t
 torch's flop counter on the reference forward; GFLOP/s is set against the GEMM rate measured here in the
 provider's dtype (a square matmul, best of 5). DDPM_FAST_CPU_BENCH=full: batches 64 and 128, 5 rounds
 (3 for sampling, 20 steps); by default (CI) a quick pass: batch 4, 2 rounds, 4 steps.
+DDPM_FAST_CPU_BENCH_ONLY=name,name,...: those providers only (the reference is always kept: ratios need it).
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from ddpm_fast.checkpoint import load_pretrained, load_schedule, to_diffusers_co
 from ddpm_fast.sample import DEFAULT_MODEL
 
 FULL = os.environ.get("DDPM_FAST_CPU_BENCH", "quick") == "full"
+ONLY = {n for n in os.environ.get("DDPM_FAST_CPU_BENCH_ONLY", "").split(",") if n}
 BATCHES = (64, 128) if FULL else (4,)
 ROUNDS, SAMPLE_ROUNDS = (5, 3) if FULL else (2, 2)
 STEPS = 20 if FULL else 4
 CPU = torch.device("cpu")
 PROVIDERS = ["reference", "fast_fp32_torch", "fast_fp32_ext", "fast_bf16_torch", "fast_bf16_ext", "diffusers_fp32",
-             "diffusers_bf16", "compile_reference"]
+             "diffusers_bf16", "compile_reference", "reference_invariant", "fast_fp32_ext_invariant"]
 CLI_FP16 = "fast_bf16_ext" if ops.cpu_has_native_bf16() else "fast_fp32_ext"
 
 
@@ -79,23 +83,27 @@ def _providers(model, schedule, batch):
     shape = (batch, 1, 16, 16)
     out = {}
 
-    def ours(name, net, backend, dtype):
+    def ours(name, net, backend, dtype, batch_invariant=False):
         def forward():
             with ops.use_backend(backend):
                 return net(x, t, labels)
 
         def run():
             with ops.use_backend(backend):
-                return DDIMSampler(schedule, STEPS).sample(net, shape, seed=0, class_labels=labels, progress=False)
+                return DDIMSampler(schedule, STEPS).sample(net, shape, seed=0, class_labels=labels, progress=False,
+                                                           batch_invariant=batch_invariant)
 
         out[name] = (dtype, forward, run)
 
     ours("reference", model, "torch", torch.float32)
+    # sample --batch-invariant: image by image, one thread (a whole-run provider; its forward is the reference's).
+    ours("reference_invariant", model, "torch", torch.float32, batch_invariant=True)
     if ops.extension() is not None:
         for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             fast = model.to_fast(dtype)
             ours(f"fast_{tag}_torch", fast, "torch", dtype)
             ours(f"fast_{tag}_ext", fast, "auto", dtype)
+        ours("fast_fp32_ext_invariant", model.to_fast(torch.float32), "auto", torch.float32, batch_invariant=True)
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         twin, diffusers = _diffusers_twin(model, dtype)
         xd = x.to(dtype)
@@ -114,7 +122,7 @@ def _providers(model, schedule, batch):
             return xt
 
         out[f"diffusers_{tag}"] = (dtype, d_forward, d_run)
-    if FULL:
+    if FULL and (not ONLY or "compile_reference" in ONLY):
         start = time.perf_counter()
         compiled = torch.compile(model)
         with ops.use_backend("torch"):
@@ -122,7 +130,17 @@ def _providers(model, schedule, batch):
         compile_s = time.perf_counter() - start
         ours("compile_reference", compiled, "torch", torch.float32)
         out["compile_reference"] += (compile_s,)
+    if ONLY:
+        unknown = ONLY - set(PROVIDERS)
+        if unknown:
+            raise ValueError(f"DDPM_FAST_CPU_BENCH_ONLY: unknown providers {sorted(unknown)}; known: {PROVIDERS}")
+        out = {k: v for k, v in out.items() if k in ONLY or k == "reference"}
     return out
+
+
+def _timed(providers) -> str:
+    """The provider pytest-benchmark times: what sample --fp16 runs, or the reference where it is filtered out."""
+    return CLI_FP16 if CLI_FP16 in providers else "reference"
 
 
 def _interleaved(units: dict, rounds: int) -> dict[str, list[float]]:
@@ -165,6 +183,8 @@ def _table(kind, batch, times, per_call_img_steps, flops_per_img_step, dtypes, p
 def test_cpu_unet_forward(benchmark, digits, peaks, batch):
     model, schedule = digits
     providers = _providers(model, schedule, batch)
+    for name in [k for k in providers if k.endswith("_invariant")]:
+        providers.pop(name)  # the same forward as its base; whole runs show the image-by-image cost
     flops = count_flops(lambda: model(torch.randn(batch, 1, 16, 16), torch.full((batch,), 500),
                                       torch.arange(batch) % 10)) / batch
     times = _interleaved({k: v[1] for k, v in providers.items()}, ROUNDS)
@@ -172,9 +192,9 @@ def test_cpu_unet_forward(benchmark, digits, peaks, batch):
     rows = _table("U-Net forward", batch, times, batch, flops, {k: v[0] for k, v in providers.items()}, peaks,
                   compile_s)
     with torch.no_grad():
-        benchmark.pedantic(providers[CLI_FP16][1], rounds=3 if FULL else 1, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(providers[_timed(providers)][1], rounds=3 if FULL else 1, iterations=1, warmup_rounds=0)
     record(benchmark, kind="forward", batch=batch, gflop_per_img=round(flops / 1e9, 4),
-           gemm_peak_gflops={str(k): round(v, 1) for k, v in peaks.items()}, rows=rows, timed=CLI_FP16)
+           gemm_peak_gflops={str(k): round(v, 1) for k, v in peaks.items()}, rows=rows, timed=_timed(providers))
 
 
 @pytest.mark.parametrize("batch", BATCHES[:1])
@@ -188,5 +208,5 @@ def test_cpu_sampling_run(benchmark, digits, peaks, batch):
     rows = _table(f"DDIM {STEPS} steps, whole run", batch, times, batch * STEPS, flops,
                   {k: v[0] for k, v in providers.items()}, peaks)
     with torch.no_grad():
-        benchmark.pedantic(providers[CLI_FP16][2], rounds=1, iterations=1, warmup_rounds=0)
-    record(benchmark, kind="sampling", batch=batch, steps=STEPS, rows=rows, timed=CLI_FP16)
+        benchmark.pedantic(providers[_timed(providers)][2], rounds=1, iterations=1, warmup_rounds=0)
+    record(benchmark, kind="sampling", batch=batch, steps=STEPS, rows=rows, timed=_timed(providers))

@@ -1,4 +1,5 @@
-"""Whole sampling runs per provider: reference (fp32 eager), eager fast path (fp16), graph engine.
+"""Whole sampling runs per provider: reference (fp32 eager), eager fast path (fp16), graph engine, and the
+batch-invariant forms of the reference and the graph engine (image by image: what reproducibility costs).
 
 extra_info: per-step latency (ms) and img-steps/s. Goal on H100/H200 (cifar10 preset): batch-1 DDPM of
 1000 steps in <= 0.5 s with the graph engine, >= 5x the eager fp16 path at batch 1.
@@ -19,8 +20,10 @@ HALF = torch.float16 if DEVICE.type == "cuda" else torch.bfloat16
 
 
 def _runner(provider, model, sampler, shape):
+    invariant = provider.endswith("_invariant")
+    provider = provider.removesuffix("_invariant")
     if provider == "reference":
-        return lambda: sampler.sample(model, shape, seed=0, progress=False), "torch"
+        return lambda: sampler.sample(model, shape, seed=0, progress=False, batch_invariant=invariant), "torch"
     why = ops.backend_unavailable_reason("triton", DEVICE)
     if why:
         pytest.skip(why)
@@ -31,12 +34,14 @@ def _runner(provider, model, sampler, shape):
     if DEVICE.type != "cuda":
         pytest.skip("the graph engine captures CUDA graphs on a GPU only")
     eng = engine.GraphEngine()
-    return lambda: eng.sample(sampler, fast, shape, seed=0), backend
+    return lambda: eng.sample(sampler, fast, shape, seed=0, batch_invariant=invariant), backend
 
 
 @pytest.mark.parametrize("preset, batch", SHAPES, ids=[f"{p}-b{b}" for p, b in SHAPES])
-@pytest.mark.parametrize("provider", ["reference", "eager_fast", "graph"])
+@pytest.mark.parametrize("provider", ["reference", "eager_fast", "graph", "reference_invariant", "graph_invariant"])
 def test_sampling_run(benchmark, provider, preset, batch):
+    if provider.endswith("_invariant") and batch > 16:
+        pytest.skip("image by image: measured at batch <= 16")
     model = random_unet(preset)
     cfg = model.config
     shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)

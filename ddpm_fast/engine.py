@@ -89,20 +89,21 @@ class GraphEngine:
         self._pool = None
         self.captures = 0  # how many graphs this engine has captured (tests check the cache with it)
 
-    def _key(self, sampler, model, shape, conditional, w):
+    def _key(self, sampler, model, shape, conditional, w, batch_invariant):
         # Identity of model and sampler: a new object is a new setting (the cache holds both alive).
         return (id(model), id(sampler), tuple(shape), model.compute_dtype, conditional, w,
-                sampler.clip_denoised, tuple(sampler.timesteps.tolist()))
+                sampler.clip_denoised, tuple(sampler.timesteps.tolist()), batch_invariant)
 
     @torch.no_grad()
     def sample(self, sampler, model, shape, seed: int | None = None, guidance_scale: float | None = None,
                class_labels=None, generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-               image_index=0) -> torch.Tensor:
+               image_index=0, batch_invariant: bool = False) -> torch.Tensor:
         """The same images as ``sampler.sample`` (same plan, same noise stream), looped without Python."""
         device = next(model.parameters()).device
         draws = dict(seed=seed, generator=generator, x_T=x_T, class_labels=class_labels, image_index=image_index)
+        setting = dict(guidance_scale=guidance_scale, batch_invariant=bool(batch_invariant))
         if device.type != "cuda":
-            return self._sample_cpu(sampler.plan(model, shape, guidance_scale=guidance_scale, **draws))
+            return self._sample_cpu(sampler.plan(model, shape, **setting, **draws))
         if not getattr(model, "is_fast", False):
             raise ValueError("the graph engine runs the fast path: pass model.to_fast(torch.float16) (or bf16)")
         why = unavailable_reason(device)
@@ -110,14 +111,14 @@ class GraphEngine:
             raise RuntimeError(f"graph engine: {why}")
         shape = tuple(int(s) for s in shape)
         conditional = getattr(model.config, "num_classes", None) is not None
-        key = self._key(sampler, model, shape, conditional, guidance_scale)
+        key = self._key(sampler, model, shape, conditional, guidance_scale, setting["batch_invariant"])
         weights = weights_fingerprint(model)
         captured = self._cache.get(key)
         if captured is None or captured.weights != weights:
             self._cache.pop(key, None)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            captured = _Captured(sampler.plan(model, shape, guidance_scale=guidance_scale, **draws), self._pool)
+            captured = _Captured(sampler.plan(model, shape, **setting, **draws), self._pool)
             captured.weights = weights
             self._cache[key] = captured
             self.captures += 1
@@ -144,7 +145,8 @@ _default_engine = GraphEngine()
 
 
 def sample(sampler, model, shape, seed=None, guidance_scale=None, class_labels=None, generator=None, x_T=None,
-           image_index=0):
+           image_index=0, batch_invariant=False):
     """Run ``sampler`` on ``model`` with the process-wide graph engine (see GraphEngine.sample)."""
     return _default_engine.sample(sampler, model, shape, seed=seed, guidance_scale=guidance_scale,
-                                  class_labels=class_labels, generator=generator, x_T=x_T, image_index=image_index)
+                                  class_labels=class_labels, generator=generator, x_T=x_T, image_index=image_index,
+                                  batch_invariant=batch_invariant)

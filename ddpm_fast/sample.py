@@ -2,9 +2,10 @@
 
 With no arguments it samples the embedded default model (digits). Output: OUT/grid.png and
 OUT/samples_NxHxWxC.npz (uint8 NHWC in arr_0, labels in arr_1 for conditional models), the format
-FID tools read. Same seed, same output: image k depends only on (--seed, k), whatever --batch-size, the
-number of processes or --engine. Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.sample ... shards
-the images over ranks; rank 0 gathers and writes one .npz.
+FID tools read. Same seed, same draws: image k's randomness depends only on (--seed, k), whatever
+--batch-size, the number of processes or --engine; with --batch-invariant its bits do too.
+Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.sample ... shards the images over ranks; rank 0
+gathers and writes one .npz.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance weight w: eps = eps_u + w (eps_c - eps_u) (conditional models)")
     p.add_argument("--engine", default="eager", choices=["eager", "graph"],
                    help="graph: capture each step in a CUDA graph and loop in C++ (GPU)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="byte-identical images whatever --batch-size, the torchrun process count and --engine: the "
+                        "U-Net sees one image at a time (slower on a GPU; one core per process on a CPU)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true",
                            help="fast path: fp16 channels_last, fused kernels on a GPU; on a CPU bf16 where the CPU "
@@ -141,7 +145,8 @@ def run(args) -> str | None:
     for chunk in mine.split(args.batch_size):
         # Image k is a function of (--seed, k) alone: batch size and process count do not change it.
         batch_labels = None if labels is None else labels[chunk]
-        kw = dict(seed=args.seed, class_labels=batch_labels, guidance_scale=args.guidance_scale, image_index=chunk)
+        kw = dict(seed=args.seed, class_labels=batch_labels, guidance_scale=args.guidance_scale, image_index=chunk,
+                  batch_invariant=args.batch_invariant)
         if args.engine == "graph":
             from ddpm_fast import engine
 
@@ -182,6 +187,8 @@ def run(args) -> str | None:
     ran = "fast path " + str(dtype).replace("torch.", "") if dtype is not None else "fp32"
     for note in notes:
         print(note, file=sys.stderr)
+    if args.batch_invariant:
+        ran += ", batch-invariant"
     print(f"{n} images, {args.sampler} {sampler.num_steps} steps, {ran} on {device} ({args.engine}), "
           f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
     return npz

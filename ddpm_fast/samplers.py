@@ -9,6 +9,7 @@ A run is a SamplingPlan (``sampler.plan``): built once, stepped in place by ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -83,23 +84,26 @@ class _Sampler:
 
     def plan(self, model, shape, *, seed: int | None = None, generator: torch.Generator | None = None,
              x_T: torch.Tensor | None = None, guidance_scale: float | None = None, class_labels=None,
-             image_index=0, device=None) -> SamplingPlan:
+             image_index=0, device=None, batch_invariant: bool = False) -> SamplingPlan:
         """Everything one run needs, built once (see SamplingPlan); ``plan.run()`` samples."""
         return SamplingPlan(self, model, shape, seed=seed, generator=generator, x_T=x_T,
                             guidance_scale=guidance_scale, class_labels=class_labels, image_index=image_index,
-                            device=device)
+                            device=device, batch_invariant=batch_invariant)
 
     @torch.no_grad()
     def sample(self, model, shape, seed: int | None = None, guidance_scale: float | None = None,
                class_labels=None, progress: bool = True, device=None, generator: torch.Generator | None = None,
-               x_T: torch.Tensor | None = None, image_index=0) -> torch.Tensor:
+               x_T: torch.Tensor | None = None, image_index=0, batch_invariant: bool = False) -> torch.Tensor:
         """Run the whole chain; returns x_0 (fp32, roughly in [-1, 1]), laid out as the path keeps x_t.
 
-        Image k of a run (k = image_index + position in the batch) depends only on (seed, k): the same
-        image whatever the batch size, the process count or the loop (eager, graph engine).
+        Image k of a run (k = image_index + position in the batch) draws from (seed, k) alone: the same
+        x_T and noise whatever the batch size, the process count or the loop (eager, graph engine). With
+        ``batch_invariant`` the U-Net also sees each image alone, so image k is the same bits too (see
+        SamplingPlan).
         """
         plan = self.plan(model, shape, seed=seed, generator=generator, x_T=x_T, guidance_scale=guidance_scale,
-                         class_labels=class_labels, image_index=image_index, device=device)
+                         class_labels=class_labels, image_index=image_index, device=device,
+                         batch_invariant=batch_invariant)
         start = time.perf_counter()
         x = plan.run(progress=progress)
         self.last_run_seconds = time.perf_counter() - start
@@ -119,10 +123,17 @@ class SamplingPlan:
 
     Noise is the project's Philox stream (ddpm_fast.noise): x_T of image k is a function of (seed, k), the
     noise of step i of image k a function of (seed, k, i).
+
+    ``batch_invariant``: the U-Net sees one image per call (a guided image as its pair cond/uncond), read from
+    the same buffer every time, and on a CPU on one thread. GEMM and convolution libraries pick their blocking
+    (and so their rounding) by shape and thread count; here every image meets the same shapes, kernels and
+    threads whatever the batch, so image k is the same bits for any batch size, process count or loop. The
+    price is the batch's parallelism inside one forward: on a GPU a batch of n costs n small forwards; on a
+    CPU one core per process (run several processes under torchrun to use more: the images are the same).
     """
 
     def __init__(self, sampler: _Sampler, model, shape, *, seed=None, generator=None, x_T=None,
-                 guidance_scale=None, class_labels=None, image_index=0, device=None):
+                 guidance_scale=None, class_labels=None, image_index=0, device=None, batch_invariant=False):
         shape = tuple(int(s) for s in shape)
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
@@ -147,6 +158,9 @@ class SamplingPlan:
         self.history = tuple(torch.zeros_like(self.x) for _ in range(getattr(sampler, "history_depth", 0)))
         self.labels = self.null = None
         self.num_steps = sampler.num_steps
+        self.batch_invariant = bool(batch_invariant)
+        # The one image the U-Net reads in a batch-invariant step (same buffer, so same alignment, each time).
+        self._one = torch.empty_like(self.model_input[:1]) if self.batch_invariant else None
         self.start(seed=seed, generator=generator, x_T=x_T, class_labels=class_labels, image_index=image_index)
 
     @property
@@ -188,12 +202,33 @@ class SamplingPlan:
         i = self.counter[1:]
         t = self.steps_t[i].expand(self.n)
         row = self.steps_row[i].expand(self.n)
-        eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
+        if self.batch_invariant:
+            eps_c, eps_u = self._eps_image_by_image(t[:1])
+        else:
+            eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
         ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
                          1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
                          half_out=self.x_half, history=self.history)
         self.counter[1:] += 1
         self.done += 1
+
+    def _eps_image_by_image(self, t1: torch.Tensor):
+        """model_eps of each image alone (batch 1, or the guided pair), into buffers laid out as x."""
+        x, one = self.model_input, self._one
+        eps_c = eps_u = None
+        with _one_cpu_thread(self.device):
+            for k in range(self.n):
+                one.copy_(x[k:k + 1])
+                labels = None if self.labels is None else self.labels[k:k + 1]
+                null = None if self.null is None else self.null[k:k + 1]
+                c, u = model_eps(self.model, one, t1, labels, null)
+                if eps_c is None:
+                    eps_c = torch.empty_like(x, dtype=c.dtype)
+                    eps_u = None if u is None else torch.empty_like(x, dtype=u.dtype)
+                eps_c[k:k + 1].copy_(c)
+                if u is not None:
+                    eps_u[k:k + 1].copy_(u)
+        return eps_c, eps_u
 
     @torch.no_grad()
     def run(self, progress: bool = False) -> torch.Tensor:
@@ -207,6 +242,21 @@ class SamplingPlan:
                 self.step()
                 bar.update(self.n)
         return self.x.clone()
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On a CPU, torch's intra-op threads set to one for the block: oneDNN/MKL split some convolutions and
+    GEMMs by thread count, which changes their rounding (a 1x1 convolution of the digits model does)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _image_indices(image_index, n: int) -> torch.Tensor:

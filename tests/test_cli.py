@@ -76,14 +76,20 @@ def test_sample_flags_change_what_they_should(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("sampler", [["--sampler", "ddpm", "--steps", "5"], ["--sampler", "ddim", "--eta", "1.0"]])
 def test_same_seed_same_images_whatever_the_batch_size(tmp_path, tiny_model, sampler):
+    """Same draws for any --batch-size; with --batch-invariant the same bytes, also from --engine graph."""
     got = {}
-    for bs in ("7", "3", "1"):
-        out = tmp_path / f"b{bs}"
+    for bs, extra in (("7", []), ("3", []), ("1", []), ("7", ["--batch-invariant"]), ("3", ["--batch-invariant"]),
+                      ("1", ["--batch-invariant"]), ("2", ["--batch-invariant", "--engine", "graph"])):
+        out = tmp_path / f"b{bs}{len(extra)}"
         assert _sample(["--checkpoint", tiny_model, "--num-samples", "7", "--batch-size", bs, "--steps", "5",
-                        "--out", str(out), *sampler]) == 0
-        got[bs] = _images(out / "samples_7x8x8x3.npz")
-    assert _close_images(got["7"], got["3"]) and _close_images(got["7"], got["1"])
-    assert len({got["7"][i].tobytes() for i in range(7)}) == 7, "images must differ from each other"
+                        "--out", str(out), *sampler, *extra]) == 0
+        got[bs, len(extra)] = _images(out / "samples_7x8x8x3.npz")
+    assert _close_images(got["7", 0], got["3", 0]) and _close_images(got["7", 0], got["1", 0])
+    assert len({got["7", 0][i].tobytes() for i in range(7)}) == 7, "images must differ from each other"
+    invariant = got["7", 1]
+    assert _close_images(invariant, got["7", 0])
+    for key in (("3", 1), ("1", 1), ("2", 3)):
+        assert np.array_equal(got[key], invariant), f"--batch-size {key[0]} changed the bytes"
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
@@ -295,20 +301,26 @@ def _torchrun(module, args, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", [["--sampler", "ddpm"], ["--sampler", "ddim", "--eta", "1.0"]])
 def test_torchrun_sampling_shards_over_two_processes(tmp_path, tiny_model, sampler):
-    common = ["--checkpoint", tiny_model, "--num-samples", "5", "--steps", "3", "--device", "cpu", "--no-progress",
-              *sampler]
-    outs = []
-    for run in ("r1", "r2"):
-        res = _torchrun("ddpm_fast.sample", common + ["--out", str(tmp_path / run)], tmp_path)
-        assert res.returncode == 0, res.stderr[-3000:]
-        with np.load(tmp_path / run / "samples_5x8x8x3.npz") as f:
-            outs.append((f["arr_0"], f["arr_1"]))
-    (a, la), (b, _) = outs
+    """Two processes (one thread each) draw the images one process draws; with --batch-invariant the same
+    bytes. The embedded digits model: its 1x1 shortcut convolution rounds differently by thread count."""
+    common = ["--num-samples", "5", "--steps", "3", "--device", "cpu", "--no-progress", *sampler]
+    tiny = ["--checkpoint", tiny_model, *common]
+    res = _torchrun("ddpm_fast.sample", tiny + ["--out", str(tmp_path / "r1")], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with np.load(tmp_path / "r1" / "samples_5x8x8x3.npz") as f:
+        a, la = f["arr_0"], f["arr_1"]
     assert a.shape == (5, 8, 8, 3) and la.tolist() == [0, 1, 2, 0, 1]
-    assert np.array_equal(a, b), "same seed, same output under torchrun"
     assert len({a[i].tobytes() for i in range(5)}) == 5, "ranks must draw distinct images"
-    assert sample_cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert sample_cli.main(tiny + ["--out", str(tmp_path / "one")]) == 0
     assert _close_images(a, _images(tmp_path / "one" / "samples_5x8x8x3.npz")), "one process draws the same images"
+
+    invariant = common + ["--batch-invariant"]
+    res = _torchrun("ddpm_fast.sample", invariant + ["--out", str(tmp_path / "r2")], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = _images(tmp_path / "r2" / "samples_5x16x16x1.npz")
+    assert sample_cli.main(invariant + ["--batch-size", "3", "--out", str(tmp_path / "one_inv")]) == 0
+    assert np.array_equal(two, _images(tmp_path / "one_inv" / "samples_5x16x16x1.npz")), \
+        "--batch-invariant: two processes must write the bytes one process writes"
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
 """Sampling plans: capture safety (no device->host read in a step), per-image seeds, one step for every loop."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import randomize_
@@ -57,12 +61,25 @@ def test_guard_catches_the_old_seed_truthiness():
 def test_fast_plan_step_makes_no_host_read(dtype, name, guided, backend):
     """What the graph engine captures, run on CPU tensors (Triton through its interpreter; the C++ kernels)
     under the guard: any device->host read would be an error inside CUDA-graph capture."""
+    _two_steps_without_host_read(dtype, name, guided, backend)
+
+
+@pytest.mark.parametrize("name", ["ddim-eta1", "dpm++3m"])
+@pytest.mark.parametrize("dtype, guided", [(torch.float16, False), (torch.float16, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_batch_invariant_plan_step_makes_no_host_read(name, dtype, guided, backend):
+    """The image-by-image step is captured too: its loop and slicing read nothing back. (Its batch-1 and
+    guided-pair launches are recorded here for the AOT compile as well.)"""
+    _two_steps_without_host_read(dtype, name, guided, backend, batch_invariant=True)
+
+
+def _two_steps_without_host_read(dtype, name, guided, backend, **plan_kw):
     if ops.backend_unavailable_reason(backend, torch.device("cpu")):
         pytest.skip(f"{backend} backend not available here")
     fast = _model().to_fast(dtype)
     kw = dict(class_labels=LABELS[:2], guidance_scale=2.5) if guided else dict(class_labels=LABELS[:2])
     with ops.use_backend(backend):
-        plan = SAMPLERS[name]().plan(fast, (2, 3, 8, 8), seed=7, **kw)
+        plan = SAMPLERS[name]().plan(fast, (2, 3, 8, 8), seed=7, **kw, **plan_kw)
         before = plan.x.clone()
         with no_host_sync():
             plan.step()
@@ -104,6 +121,57 @@ def test_images_do_not_depend_on_the_batch(name, fast):
     # Relative to the result's scale: DPM-Solver without clipping on this random network reaches |x| ~ 100.
     atol = (1e-5 if not fast else 2e-2) * max(1.0, want.abs().max().item())
     torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("fast", [None, torch.float32, torch.bfloat16])
+def test_batch_invariant_images_are_the_same_bits_in_any_batch(name, fast):
+    """batch_invariant: image k is the same bits whatever batch it is drawn in, and whatever loop runs it."""
+    sampler, model = SAMPLERS[name](), _model()
+    if fast is not None:
+        model = model.to_fast(fast)
+    kw = dict(seed=3, guidance_scale=2.0, batch_invariant=True)
+    full = sampler.plan(model, (7, 3, 8, 8), class_labels=LABELS, **kw).run()
+    parts = [(ix, sampler.plan(model, (len(ix), 3, 8, 8), class_labels=LABELS[ix], image_index=ix, **kw).run())
+             for ix in (torch.tensor([4, 5, 6]), torch.tensor([0, 2]), torch.tensor([3]), torch.tensor([1]))]
+    for ix, x in parts:
+        assert torch.equal(x, full[ix]), f"images {ix.tolist()} changed with the batch"
+    looped = engine.GraphEngine().sample(sampler, model, (3, 3, 8, 8), class_labels=LABELS[4:], image_index=4, **kw)
+    assert torch.equal(looped, full[4:])
+
+
+_THREADS_SCRIPT = """
+import sys, torch
+from ddpm_fast import DDIMSampler, NoiseSchedule, UNet, UNetConfig
+torch.manual_seed(0)
+model = UNet(UNetConfig.from_name("digits", dropout=0.0)).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.normal_(0.0, 0.05)
+if sys.argv[2] == "fast":
+    model = model.to_fast(torch.float32)
+sampler = DDIMSampler(NoiseSchedule.linear(100), 3, eta=1.0)
+x = sampler.sample(model, (3, 1, 16, 16), seed=5, class_labels=torch.tensor([1, 7, 3]), guidance_scale=2.0,
+                   progress=False, batch_invariant=True)
+torch.save(x.contiguous(), sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_batch_invariant_bits_do_not_depend_on_the_thread_count(tmp_path, path):
+    """A torchrun process runs one thread, a lone process all cores: the same bits either way. (oneDNN splits
+    the digits model's 1x1 shortcut convolution by thread count; without the one-thread forward this fails.)"""
+    script = tmp_path / "run.py"
+    script.write_text(_THREADS_SCRIPT)
+    got = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"x{threads}.pt"
+        res = subprocess.run([sys.executable, str(script), str(out), path], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        assert res.returncode == 0, res.stderr[-3000:]
+        got.append(torch.load(out))
+    assert torch.isfinite(got[0]).all() and torch.equal(got[0], got[1])
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
