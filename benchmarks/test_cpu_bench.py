@@ -5,8 +5,8 @@ Providers: reference (fp32 NCHW, torch ops), fast_fp32_torch / fast_fp32_ext (``
 channels_last, folded blocks; torch ops or the extension's C++ kernels), fast_bf16_torch / fast_bf16_ext
 (the same in bf16), diffusers_fp32 / diffusers_bf16 (UNet2DModel with the same weights; sampling with its
 DDIMScheduler), compile_reference (torch.compile of the reference; full size only, compile time reported);
-whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: image by image on
-one thread, what ``sample --batch-invariant`` runs).
+whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: chunks of 16 images
+on one thread, what ``sample --batch-invariant`` runs).
 ``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
 
 Each round runs every provider once, in order; the table keeps the best round, the median and the spread
@@ -96,7 +96,7 @@ def _providers(model, schedule, batch):
         out[name] = (dtype, forward, run)
 
     ours("reference", model, "torch", torch.float32)
-    # sample --batch-invariant: image by image, one thread (a whole-run provider; its forward is the reference's).
+    # sample --batch-invariant: fixed chunks on one thread (a whole-run provider; its forward is the reference's).
     ours("reference_invariant", model, "torch", torch.float32, batch_invariant=True)
     if ops.extension() is not None:
         for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
@@ -184,7 +184,7 @@ def test_cpu_unet_forward(benchmark, digits, peaks, batch):
     model, schedule = digits
     providers = _providers(model, schedule, batch)
     for name in [k for k in providers if k.endswith("_invariant")]:
-        providers.pop(name)  # the same forward as its base; whole runs show the image-by-image cost
+        providers.pop(name)  # the same forward as its base; whole runs show what invariance costs
     flops = count_flops(lambda: model(torch.randn(batch, 1, 16, 16), torch.full((batch,), 500),
                                       torch.arange(batch) % 10)) / batch
     times = _interleaved({k: v[1] for k, v in providers.items()}, ROUNDS)

@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from ddpm_fast import ops
+from ddpm_fast.samplers import INVARIANT_CHUNK
 
 _notices: set[str] = set()
 
@@ -89,19 +90,20 @@ class GraphEngine:
         self._pool = None
         self.captures = 0  # how many graphs this engine has captured (tests check the cache with it)
 
-    def _key(self, sampler, model, shape, conditional, w, batch_invariant):
+    def _key(self, sampler, model, shape, conditional, w, invariant):
         # Identity of model and sampler: a new object is a new setting (the cache holds both alive).
         return (id(model), id(sampler), tuple(shape), model.compute_dtype, conditional, w,
-                sampler.clip_denoised, tuple(sampler.timesteps.tolist()), batch_invariant)
+                sampler.clip_denoised, tuple(sampler.timesteps.tolist()), invariant)
 
     @torch.no_grad()
     def sample(self, sampler, model, shape, seed: int | None = None, guidance_scale: float | None = None,
                class_labels=None, generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-               image_index=0, batch_invariant: bool = False) -> torch.Tensor:
+               image_index=0, batch_invariant: bool = False, invariant_chunk: int = INVARIANT_CHUNK) -> torch.Tensor:
         """The same images as ``sampler.sample`` (same plan, same noise stream), looped without Python."""
         device = next(model.parameters()).device
         draws = dict(seed=seed, generator=generator, x_T=x_T, class_labels=class_labels, image_index=image_index)
-        setting = dict(guidance_scale=guidance_scale, batch_invariant=bool(batch_invariant))
+        setting = dict(guidance_scale=guidance_scale, batch_invariant=bool(batch_invariant),
+                       invariant_chunk=invariant_chunk)
         if device.type != "cuda":
             return self._sample_cpu(sampler.plan(model, shape, **setting, **draws))
         if not getattr(model, "is_fast", False):
@@ -111,7 +113,8 @@ class GraphEngine:
             raise RuntimeError(f"graph engine: {why}")
         shape = tuple(int(s) for s in shape)
         conditional = getattr(model.config, "num_classes", None) is not None
-        key = self._key(sampler, model, shape, conditional, guidance_scale, setting["batch_invariant"])
+        invariant = invariant_chunk if batch_invariant else None
+        key = self._key(sampler, model, shape, conditional, guidance_scale, invariant)
         weights = weights_fingerprint(model)
         captured = self._cache.get(key)
         if captured is None or captured.weights != weights:
@@ -145,8 +148,8 @@ _default_engine = GraphEngine()
 
 
 def sample(sampler, model, shape, seed=None, guidance_scale=None, class_labels=None, generator=None, x_T=None,
-           image_index=0, batch_invariant=False):
+           image_index=0, batch_invariant=False, invariant_chunk=INVARIANT_CHUNK):
     """Run ``sampler`` on ``model`` with the process-wide graph engine (see GraphEngine.sample)."""
     return _default_engine.sample(sampler, model, shape, seed=seed, guidance_scale=guidance_scale,
                                   class_labels=class_labels, generator=generator, x_T=x_T, image_index=image_index,
-                                  batch_invariant=batch_invariant)
+                                  batch_invariant=batch_invariant, invariant_chunk=invariant_chunk)

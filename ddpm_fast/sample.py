@@ -24,7 +24,7 @@ from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
-from ddpm_fast.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, to_uint8
+from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="graph: capture each step in a CUDA graph and loop in C++ (GPU)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="byte-identical images whatever --batch-size, the torchrun process count and --engine: the "
-                        "U-Net sees one image at a time (slower on a GPU; one core per process on a CPU)")
+                        "U-Net always runs on --invariant-chunk images (padded), on one core per process on a CPU")
+    p.add_argument("--invariant-chunk", type=int, default=None,
+                   help=f"images per U-Net call with --batch-invariant (default {INVARIANT_CHUNK}); the bits "
+                        "depend on it, so compare runs made with the same value")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true",
                            help="fast path: fp16 channels_last, fused kernels on a GPU; on a CPU bf16 where the CPU "
@@ -146,7 +149,7 @@ def run(args) -> str | None:
         # Image k is a function of (--seed, k) alone: batch size and process count do not change it.
         batch_labels = None if labels is None else labels[chunk]
         kw = dict(seed=args.seed, class_labels=batch_labels, guidance_scale=args.guidance_scale, image_index=chunk,
-                  batch_invariant=args.batch_invariant)
+                  batch_invariant=args.batch_invariant, invariant_chunk=args.invariant_chunk or INVARIANT_CHUNK)
         if args.engine == "graph":
             from ddpm_fast import engine
 
@@ -188,7 +191,7 @@ def run(args) -> str | None:
     for note in notes:
         print(note, file=sys.stderr)
     if args.batch_invariant:
-        ran += ", batch-invariant"
+        ran += f", batch-invariant (chunks of {args.invariant_chunk or INVARIANT_CHUNK})"
     print(f"{n} images, {args.sampler} {sampler.num_steps} steps, {ran} on {device} ({args.engine}), "
           f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
     return npz
@@ -228,6 +231,10 @@ def main(argv=None) -> int:
         parser.error("--eta must lie in [0, 1]")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         parser.error("--guidance-scale must be finite")
+    if args.invariant_chunk is not None and not args.batch_invariant:
+        parser.error("--invariant-chunk applies with --batch-invariant only")
+    if args.invariant_chunk is not None and args.invariant_chunk < 1:
+        parser.error("--invariant-chunk must be positive")
     try:
         check_seed(args.seed)
     except ValueError as exc:

@@ -21,6 +21,8 @@ from ddpm_fast.ops.reverse_step import SIGMA
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
 VARIANCES = ("fixed_small", "fixed_large")
+# Images per U-Net call in a batch-invariant run: part of what the bits depend on, so one fixed default.
+INVARIANT_CHUNK = 16
 
 
 class _Sampler:
@@ -84,26 +86,27 @@ class _Sampler:
 
     def plan(self, model, shape, *, seed: int | None = None, generator: torch.Generator | None = None,
              x_T: torch.Tensor | None = None, guidance_scale: float | None = None, class_labels=None,
-             image_index=0, device=None, batch_invariant: bool = False) -> SamplingPlan:
+             image_index=0, device=None, batch_invariant: bool = False,
+             invariant_chunk: int = INVARIANT_CHUNK) -> SamplingPlan:
         """Everything one run needs, built once (see SamplingPlan); ``plan.run()`` samples."""
         return SamplingPlan(self, model, shape, seed=seed, generator=generator, x_T=x_T,
                             guidance_scale=guidance_scale, class_labels=class_labels, image_index=image_index,
-                            device=device, batch_invariant=batch_invariant)
+                            device=device, batch_invariant=batch_invariant, invariant_chunk=invariant_chunk)
 
     @torch.no_grad()
     def sample(self, model, shape, seed: int | None = None, guidance_scale: float | None = None,
                class_labels=None, progress: bool = True, device=None, generator: torch.Generator | None = None,
-               x_T: torch.Tensor | None = None, image_index=0, batch_invariant: bool = False) -> torch.Tensor:
+               x_T: torch.Tensor | None = None, image_index=0, batch_invariant: bool = False,
+               invariant_chunk: int = INVARIANT_CHUNK) -> torch.Tensor:
         """Run the whole chain; returns x_0 (fp32, roughly in [-1, 1]), laid out as the path keeps x_t.
 
         Image k of a run (k = image_index + position in the batch) draws from (seed, k) alone: the same
         x_T and noise whatever the batch size, the process count or the loop (eager, graph engine). With
-        ``batch_invariant`` the U-Net also sees each image alone, so image k is the same bits too (see
-        SamplingPlan).
+        ``batch_invariant`` image k is the same bits too (see SamplingPlan).
         """
         plan = self.plan(model, shape, seed=seed, generator=generator, x_T=x_T, guidance_scale=guidance_scale,
                          class_labels=class_labels, image_index=image_index, device=device,
-                         batch_invariant=batch_invariant)
+                         batch_invariant=batch_invariant, invariant_chunk=invariant_chunk)
         start = time.perf_counter()
         x = plan.run(progress=progress)
         self.last_run_seconds = time.perf_counter() - start
@@ -124,21 +127,26 @@ class SamplingPlan:
     Noise is the project's Philox stream (ddpm_fast.noise): x_T of image k is a function of (seed, k), the
     noise of step i of image k a function of (seed, k, i).
 
-    ``batch_invariant``: the U-Net sees one image per call (a guided image as its pair cond/uncond), read from
-    the same buffer every time, and on a CPU on one thread. GEMM and convolution libraries pick their blocking
-    (and so their rounding) by shape and thread count; here every image meets the same shapes, kernels and
-    threads whatever the batch, so image k is the same bits for any batch size, process count or loop. The
-    price is the batch's parallelism inside one forward: on a GPU a batch of n costs n small forwards; on a
-    CPU one core per process (run several processes under torchrun to use more: the images are the same).
+    ``batch_invariant``: the U-Net always sees a batch of exactly ``invariant_chunk`` images (the batch in
+    chunks, the last one padded with zeros; guided, the cond/uncond pair of such a chunk), read from the same
+    buffer every time, and on a CPU computes on one thread. GEMM and convolution libraries pick their kernels
+    and blocking (so their rounding) by shape and, on a CPU, by thread count, not by an image's place in the
+    batch; with shape and threads fixed, image k is the same bits for any batch size, process count or loop
+    (tests/test_plan.py holds this, each half failing without its part). Bits depend on the chunk size, so
+    compare runs made with the same one. The price: padding (a batch under the chunk size pays for a whole
+    chunk) and, on a CPU, one core per process (torchrun processes use more cores, with the same images).
     """
 
     def __init__(self, sampler: _Sampler, model, shape, *, seed=None, generator=None, x_T=None,
-                 guidance_scale=None, class_labels=None, image_index=0, device=None, batch_invariant=False):
+                 guidance_scale=None, class_labels=None, image_index=0, device=None, batch_invariant=False,
+                 invariant_chunk=INVARIANT_CHUNK):
         shape = tuple(int(s) for s in shape)
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if isinstance(invariant_chunk, bool) or not isinstance(invariant_chunk, int) or invariant_chunk < 1:
+            raise ValueError(f"invariant_chunk must be a positive int, got {invariant_chunk!r}")
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.sampler, self.model, self.shape, self.n = sampler, model, shape, shape[0]
@@ -158,10 +166,16 @@ class SamplingPlan:
         self.history = tuple(torch.zeros_like(self.x) for _ in range(getattr(sampler, "history_depth", 0)))
         self.labels = self.null = None
         self.num_steps = sampler.num_steps
-        self.batch_invariant = bool(batch_invariant)
-        # The one image the U-Net reads in a batch-invariant step (same buffer, so same alignment, each time).
-        self._one = torch.empty_like(self.model_input[:1]) if self.batch_invariant else None
         self.start(seed=seed, generator=generator, x_T=x_T, class_labels=class_labels, image_index=image_index)
+        self.batch_invariant, self.chunk = bool(batch_invariant), invariant_chunk
+        if self.batch_invariant:
+            # What the U-Net reads in a batch-invariant step: always this buffer, this shape (padding stays zero).
+            inp = self.model_input
+            self._chunk_x = torch.empty((self.chunk, *shape[1:]), dtype=inp.dtype, device=self.device,
+                                        memory_format=fmt).zero_()
+            self._chunk_labels = (None if self.labels is None else
+                                  torch.zeros(self.chunk, dtype=torch.int64, device=self.device))
+            self._chunk_null = None if self.null is None else self.null[:1].repeat(self.chunk)
 
     @property
     def model_input(self) -> torch.Tensor:
@@ -203,7 +217,7 @@ class SamplingPlan:
         t = self.steps_t[i].expand(self.n)
         row = self.steps_row[i].expand(self.n)
         if self.batch_invariant:
-            eps_c, eps_u = self._eps_image_by_image(t[:1])
+            eps_c, eps_u = self._eps_in_chunks(t[:1])
         else:
             eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
         ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
@@ -212,22 +226,27 @@ class SamplingPlan:
         self.counter[1:] += 1
         self.done += 1
 
-    def _eps_image_by_image(self, t1: torch.Tensor):
-        """model_eps of each image alone (batch 1, or the guided pair), into buffers laid out as x."""
-        x, one = self.model_input, self._one
+    def _eps_in_chunks(self, t1: torch.Tensor):
+        """model_eps over fixed-size chunks of the batch (see batch_invariant), into buffers laid out as x."""
+        x, buf, m = self.model_input, self._chunk_x, self.chunk
+        labels = self._chunk_labels
+        t = t1.expand(m)
         eps_c = eps_u = None
         with _one_cpu_thread(self.device):
-            for k in range(self.n):
-                one.copy_(x[k:k + 1])
-                labels = None if self.labels is None else self.labels[k:k + 1]
-                null = None if self.null is None else self.null[k:k + 1]
-                c, u = model_eps(self.model, one, t1, labels, null)
+            for start in range(0, self.n, m):
+                k = min(m, self.n - start)
+                buf[:k].copy_(x[start:start + k])
+                if k < m:
+                    buf[k:].zero_()
+                if labels is not None:
+                    labels[:k].copy_(self.labels[start:start + k])
+                c, u = model_eps(self.model, buf, t, labels, self._chunk_null)
                 if eps_c is None:
-                    eps_c = torch.empty_like(x, dtype=c.dtype)
-                    eps_u = None if u is None else torch.empty_like(x, dtype=u.dtype)
-                eps_c[k:k + 1].copy_(c)
+                    eps_c = torch.empty_like(self.x, dtype=c.dtype)
+                    eps_u = None if u is None else torch.empty_like(self.x, dtype=u.dtype)
+                eps_c[start:start + k].copy_(c[:k])
                 if u is not None:
-                    eps_u[k:k + 1].copy_(u)
+                    eps_u[start:start + k].copy_(u[:k])
         return eps_c, eps_u
 
     @torch.no_grad()

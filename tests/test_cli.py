@@ -76,20 +76,23 @@ def test_sample_flags_change_what_they_should(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("sampler", [["--sampler", "ddpm", "--steps", "5"], ["--sampler", "ddim", "--eta", "1.0"]])
 def test_same_seed_same_images_whatever_the_batch_size(tmp_path, tiny_model, sampler):
-    """Same draws for any --batch-size; with --batch-invariant the same bytes, also from --engine graph."""
-    got = {}
-    for bs, extra in (("7", []), ("3", []), ("1", []), ("7", ["--batch-invariant"]), ("3", ["--batch-invariant"]),
-                      ("1", ["--batch-invariant"]), ("2", ["--batch-invariant", "--engine", "graph"])):
-        out = tmp_path / f"b{bs}{len(extra)}"
+    """Same draws for any --batch-size; with --batch-invariant the same bytes, also from --engine graph (the
+    default chunk pads every batch here; chunks of 3 split a batch of 7 and place images differently)."""
+    def run(bs, *extra):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         assert _sample(["--checkpoint", tiny_model, "--num-samples", "7", "--batch-size", bs, "--steps", "5",
                         "--out", str(out), *sampler, *extra]) == 0
-        got[bs, len(extra)] = _images(out / "samples_7x8x8x3.npz")
-    assert _close_images(got["7", 0], got["3", 0]) and _close_images(got["7", 0], got["1", 0])
-    assert len({got["7", 0][i].tobytes() for i in range(7)}) == 7, "images must differ from each other"
-    invariant = got["7", 1]
-    assert _close_images(invariant, got["7", 0])
-    for key in (("3", 1), ("1", 1), ("2", 3)):
-        assert np.array_equal(got[key], invariant), f"--batch-size {key[0]} changed the bytes"
+        return _images(out / "samples_7x8x8x3.npz")
+
+    plain = run("7")
+    assert _close_images(plain, run("3")) and _close_images(plain, run("1"))
+    assert len({plain[i].tobytes() for i in range(7)}) == 7, "images must differ from each other"
+    for chunk in ([], ["--invariant-chunk", "3"]):
+        invariant = run("7", "--batch-invariant", *chunk)
+        assert _close_images(invariant, plain)
+        for bs, extra in (("3", []), ("1", []), ("2", ["--engine", "graph"])):
+            assert np.array_equal(run(bs, "--batch-invariant", *chunk, *extra), invariant), \
+                f"--batch-size {bs} {' '.join(chunk + extra)} changed the bytes"
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
@@ -130,6 +133,10 @@ def test_sample_errors_are_one_line(tmp_path, tiny_model, capsys):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         sample_cli.main(["--sampler", "euler"])
+    for bad in (["--invariant-chunk", "4"], ["--batch-invariant", "--invariant-chunk", "0"]):
+        with pytest.raises(SystemExit):
+            sample_cli.main(bad)
+    assert "--invariant-chunk" in capsys.readouterr().err
 
 
 def test_non_finite_samples_fail_and_write_nothing(tmp_path, capsys):

@@ -102,14 +102,15 @@ def test_graph_draws_per_image_and_restarts(dtype, name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", GRAPH_SAMPLERS)
-def test_batch_invariant_graph_and_eager_same_bits_in_any_batch(dtype, name):
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_batch_invariant_graph_and_eager_same_bits_in_any_batch(dtype, name, chunk):
     """batch_invariant on the GPU: image k is the same bits in a batch of 7, 3 or 1, graph or eager (cuBLAS and
-    cuDNN pick kernels by shape, and every image meets the same batch-1 shapes)."""
+    cuDNN pick kernels by shape, not by an image's place in the batch, and every call has the chunk's shape)."""
     model = randomize_(UNet(UNetConfig.from_name("digits", num_classes=3, dropout=0.0)).eval(), 0.02)
     fast = model.cuda().to_fast(dtype)
     sampler = GRAPH_SAMPLERS[name]()
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0], device="cuda")
-    kw = dict(seed=9, guidance_scale=2.0, batch_invariant=True)
+    kw = dict(seed=9, guidance_scale=2.0, batch_invariant=True, invariant_chunk=chunk)
     full = sampler.sample(fast, (7, 1, 16, 16), class_labels=labels, progress=False, **kw)
     eng = engine.GraphEngine()
     for ix in (torch.arange(0, 3), torch.arange(3, 6), torch.arange(6, 7)):

@@ -68,8 +68,8 @@ def test_fast_plan_step_makes_no_host_read(dtype, name, guided, backend):
 @pytest.mark.parametrize("dtype, guided", [(torch.float16, False), (torch.float16, True), (torch.bfloat16, False)])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_batch_invariant_plan_step_makes_no_host_read(name, dtype, guided, backend):
-    """The image-by-image step is captured too: its loop and slicing read nothing back. (Its batch-1 and
-    guided-pair launches are recorded here for the AOT compile as well.)"""
+    """The chunked step is captured too: its loop, slicing and padding read nothing back. (Its chunk-sized
+    launches are recorded here for the AOT compile as well.)"""
     _two_steps_without_host_read(dtype, name, guided, backend, batch_invariant=True)
 
 
@@ -126,11 +126,12 @@ def test_images_do_not_depend_on_the_batch(name, fast):
 @pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("fast", [None, torch.float32, torch.bfloat16])
 def test_batch_invariant_images_are_the_same_bits_in_any_batch(name, fast):
-    """batch_invariant: image k is the same bits whatever batch it is drawn in, and whatever loop runs it."""
+    """batch_invariant: image k is the same bits whatever batch it is drawn in (other chunks, other places in
+    a chunk, other padding), and whatever loop runs it."""
     sampler, model = SAMPLERS[name](), _model()
     if fast is not None:
         model = model.to_fast(fast)
-    kw = dict(seed=3, guidance_scale=2.0, batch_invariant=True)
+    kw = dict(seed=3, guidance_scale=2.0, batch_invariant=True, invariant_chunk=3)
     full = sampler.plan(model, (7, 3, 8, 8), class_labels=LABELS, **kw).run()
     parts = [(ix, sampler.plan(model, (len(ix), 3, 8, 8), class_labels=LABELS[ix], image_index=ix, **kw).run())
              for ix in (torch.tensor([4, 5, 6]), torch.tensor([0, 2]), torch.tensor([3]), torch.tensor([1]))]
@@ -138,6 +139,13 @@ def test_batch_invariant_images_are_the_same_bits_in_any_batch(name, fast):
         assert torch.equal(x, full[ix]), f"images {ix.tolist()} changed with the batch"
     looped = engine.GraphEngine().sample(sampler, model, (3, 3, 8, 8), class_labels=LABELS[4:], image_index=4, **kw)
     assert torch.equal(looped, full[4:])
+
+
+def test_batch_invariant_chunk_is_checked():
+    sampler, model = SAMPLERS["ddim-eta1"](), _model()
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="invariant_chunk must be a positive int"):
+            sampler.plan(model, (2, 3, 8, 8), seed=1, batch_invariant=True, invariant_chunk=bad)
 
 
 _THREADS_SCRIPT = """
@@ -151,9 +159,9 @@ with torch.no_grad():
 if sys.argv[2] == "fast":
     model = model.to_fast(torch.float32)
 sampler = DDIMSampler(NoiseSchedule.linear(100), 3, eta=1.0)
-x = sampler.sample(model, (3, 1, 16, 16), seed=5, class_labels=torch.tensor([1, 7, 3]), guidance_scale=2.0,
-                   progress=False, batch_invariant=True)
-torch.save(x.contiguous(), sys.argv[1])
+x = [sampler.sample(model, (3, 1, 16, 16), seed=5, class_labels=torch.tensor([1, 7, 3]), guidance_scale=2.0,
+                    progress=False, batch_invariant=True, invariant_chunk=chunk).contiguous() for chunk in (1, 16)]
+torch.save(torch.stack(x), sys.argv[1])
 """
 
 
@@ -161,7 +169,8 @@ torch.save(x.contiguous(), sys.argv[1])
 @pytest.mark.parametrize("path", ["reference", "fast"])
 def test_batch_invariant_bits_do_not_depend_on_the_thread_count(tmp_path, path):
     """A torchrun process runs one thread, a lone process all cores: the same bits either way. (oneDNN splits
-    the digits model's 1x1 shortcut convolution by thread count; without the one-thread forward this fails.)"""
+    the digits model's 1x1 shortcut convolution by thread count at batch 1-2; without the one-thread forward
+    the chunk-1 run fails here.)"""
     script = tmp_path / "run.py"
     script.write_text(_THREADS_SCRIPT)
     got = []
