@@ -1,5 +1,6 @@
 """The CPU as a target: the embedded digits model, one U-Net forward and a whole DDIM sampling run, per
-provider, on the same weights, interleaved in one run.
+provider, on the same weights, interleaved in one run; and one forward of the cifar10 preset (random weights,
+the same providers but torch.compile).
 
 Providers: reference (fp32 NCHW, torch ops), fast_fp32_torch / fast_fp32_ext (``to_fast(torch.float32)``:
 channels_last, folded blocks; torch ops or the extension's C++ kernels), fast_bf16_torch / fast_bf16_ext
@@ -12,8 +13,9 @@ on one thread, what ``sample --batch-invariant`` runs).
 Each round runs every provider once, in order; the table keeps the best round, the median and the spread
 (max/min) per provider, so a noisy neighbour shows as spread rather than as a winner. FLOPs come from
 torch's flop counter on the reference forward; GFLOP/s is set against the GEMM rate measured here in the
-provider's dtype (a square matmul, best of 5). DDPM_FAST_CPU_BENCH=full: batches 64 and 128, 5 rounds
-(3 for sampling, 20 steps); by default (CI) a quick pass: batch 4, 2 rounds, 4 steps.
+provider's dtype (a square matmul, best of 5). DDPM_FAST_CPU_BENCH=full: digits batches 64 and 128, 5 rounds
+(3 for sampling, 20 steps), cifar10 batch 4; by default (CI) a quick pass: digits batch 4, 2 rounds, 4 steps,
+cifar10 batch 1.
 DDPM_FAST_CPU_BENCH_ONLY=name,name,...: those providers only (the reference is always kept: ratios need it).
 """
 
@@ -25,7 +27,7 @@ import time
 
 import pytest
 import torch
-from harness import count_flops, record
+from harness import count_flops, random_unet, record
 
 from ddpm_fast import DDIMSampler, NoiseSchedule, ops
 from ddpm_fast.checkpoint import load_pretrained, load_schedule, to_diffusers_config
@@ -36,6 +38,7 @@ ONLY = {n for n in os.environ.get("DDPM_FAST_CPU_BENCH_ONLY", "").split(",") if 
 BATCHES = (64, 128) if FULL else (4,)
 ROUNDS, SAMPLE_ROUNDS = (5, 3) if FULL else (2, 2)
 STEPS = 20 if FULL else 4
+CIFAR_BATCH = 4 if FULL else 1
 CPU = torch.device("cpu")
 PROVIDERS = ["reference", "fast_fp32_torch", "fast_fp32_ext", "fast_bf16_torch", "fast_bf16_ext", "diffusers_fp32",
              "diffusers_bf16", "compile_reference", "reference_invariant", "fast_fp32_ext_invariant"]
@@ -75,12 +78,17 @@ def _diffusers_twin(model, dtype):
     return twin.to(dtype), diffusers
 
 
-def _providers(model, schedule, batch):
+def _inputs(model, batch):
+    """(shape, x, t, labels) for a forward of ``model`` at ``batch``; labels k % 10 (None if unconditional)."""
+    cfg = model.config
+    shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    labels = torch.arange(batch) % min(cfg.num_classes, 10) if cfg.num_classes else None
+    return shape, torch.randn(shape), torch.full((batch,), 500), labels
+
+
+def _providers(model, schedule, batch, compile_ok=True):
     """name -> (dtype, forward(), sample_run()); each call is one timed unit. None where it cannot run."""
-    x = torch.randn(batch, 1, 16, 16)
-    t = torch.full((batch,), 500)
-    labels = torch.arange(batch) % 10
-    shape = (batch, 1, 16, 16)
+    shape, x, t, labels = _inputs(model, batch)
     out = {}
 
     def ours(name, net, backend, dtype, batch_invariant=False):
@@ -122,7 +130,7 @@ def _providers(model, schedule, batch):
             return xt
 
         out[f"diffusers_{tag}"] = (dtype, d_forward, d_run)
-    if FULL and (not ONLY or "compile_reference" in ONLY):
+    if FULL and compile_ok and (not ONLY or "compile_reference" in ONLY):
         start = time.perf_counter()
         compiled = torch.compile(model)
         with ops.use_backend("torch"):
@@ -159,7 +167,7 @@ def _interleaved(units: dict, rounds: int) -> dict[str, list[float]]:
 def _table(kind, batch, times, per_call_img_steps, flops_per_img_step, dtypes, peaks, compile_s=None):
     ref = min(times["reference"])
     rows = []
-    lines = [f"\n{kind}, digits, batch {batch} (CPU, {torch.get_num_threads()} threads; `sample --fp16` = {CLI_FP16})",
+    lines = [f"\n{kind}, batch {batch} (CPU, {torch.get_num_threads()} threads; `sample --fp16` = {CLI_FP16})",
              "| provider | ms / img-step (best) | median | spread | GFLOP/s | % of GEMM peak | vs reference |",
              "|---|---|---|---|---|---|---|"]
     for name, ts in times.items():
@@ -179,33 +187,46 @@ def _table(kind, batch, times, per_call_img_steps, flops_per_img_step, dtypes, p
     return rows
 
 
+def _forward_table(benchmark, peaks, model, schedule, batch, model_name, compile_ok=True):
+    providers = _providers(model, schedule, batch, compile_ok)
+    for name in [k for k in providers if k.endswith("_invariant")]:
+        providers.pop(name)  # the same forward as its base; whole runs show what invariance costs
+    _, x, t, labels = _inputs(model, batch)
+    flops = count_flops(lambda: model(x, t, labels)) / batch
+    times = _interleaved({k: v[1] for k, v in providers.items()}, ROUNDS)
+    compile_s = providers["compile_reference"][3] if "compile_reference" in providers else None
+    dtypes = {k: v[0] for k, v in providers.items()}
+    rows = _table(f"U-Net forward, {model_name}", batch, times, batch, flops, dtypes, peaks, compile_s)
+    with torch.no_grad():
+        benchmark.pedantic(providers[_timed(providers)][1], rounds=3 if FULL else 1, iterations=1, warmup_rounds=0)
+    record(benchmark, kind="forward", model=model_name, batch=batch,
+           gflop_per_img=round(flops / 1e9, 4), gemm_peak_gflops={str(k): round(v, 1) for k, v in peaks.items()},
+           rows=rows, timed=_timed(providers))
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 def test_cpu_unet_forward(benchmark, digits, peaks, batch):
     model, schedule = digits
-    providers = _providers(model, schedule, batch)
-    for name in [k for k in providers if k.endswith("_invariant")]:
-        providers.pop(name)  # the same forward as its base; whole runs show what invariance costs
-    flops = count_flops(lambda: model(torch.randn(batch, 1, 16, 16), torch.full((batch,), 500),
-                                      torch.arange(batch) % 10)) / batch
-    times = _interleaved({k: v[1] for k, v in providers.items()}, ROUNDS)
-    compile_s = providers["compile_reference"][3] if "compile_reference" in providers else None
-    rows = _table("U-Net forward", batch, times, batch, flops, {k: v[0] for k, v in providers.items()}, peaks,
-                  compile_s)
-    with torch.no_grad():
-        benchmark.pedantic(providers[_timed(providers)][1], rounds=3 if FULL else 1, iterations=1, warmup_rounds=0)
-    record(benchmark, kind="forward", batch=batch, gflop_per_img=round(flops / 1e9, 4),
-           gemm_peak_gflops={str(k): round(v, 1) for k, v in peaks.items()}, rows=rows, timed=_timed(providers))
+    _forward_table(benchmark, peaks, model, schedule, batch, "digits")
 
 
-@pytest.mark.parametrize("batch", BATCHES[:1])
+def test_cpu_unet_forward_cifar10(benchmark, peaks):
+    """The cifar10 preset (35.7M parameters, 12.4 GFLOP per image) with random weights: the same providers
+    where the convolutions are large (no torch.compile: minutes to compile at this size)."""
+    model = random_unet("cifar10").cpu()
+    _forward_table(benchmark, peaks, model, NoiseSchedule.linear(1000), CIFAR_BATCH, "cifar10",
+                   compile_ok=False)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
 def test_cpu_sampling_run(benchmark, digits, peaks, batch):
     model, schedule = digits
     providers = _providers(model, schedule, batch)
     providers.pop("compile_reference", None)  # the forward table has it; a run adds no new information
-    flops = count_flops(lambda: model(torch.randn(batch, 1, 16, 16), torch.full((batch,), 500),
-                                      torch.arange(batch) % 10)) / batch
+    _, x, t, labels = _inputs(model, batch)
+    flops = count_flops(lambda: model(x, t, labels)) / batch
     times = _interleaved({k: v[2] for k, v in providers.items()}, SAMPLE_ROUNDS)
-    rows = _table(f"DDIM {STEPS} steps, whole run", batch, times, batch * STEPS, flops,
+    rows = _table(f"DDIM {STEPS} steps, whole run, digits", batch, times, batch * STEPS, flops,
                   {k: v[0] for k, v in providers.items()}, peaks)
     with torch.no_grad():
         benchmark.pedantic(providers[_timed(providers)][2], rounds=1, iterations=1, warmup_rounds=0)
