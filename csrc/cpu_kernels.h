@@ -54,25 +54,32 @@ DDPM_FAST_INLINE float exp_approx(float x) {
 
 DDPM_FAST_INLINE float silu(float v) { return v / (1.f + exp_approx(-v)); }
 
+// bf16 <-> fp32 for one value, inlined into vectorized loops. bf16 is the high half of an fp32: a shift (c10's
+// conversion goes through a union and does not vectorize). Back: round to nearest even, NaN kept a quiet NaN,
+// c10::BFloat16's rounding.
+DDPM_FAST_INLINE float bf16_value(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+DDPM_FAST_INLINE uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
 // Row conversions between a tensor's element type and fp32 scratch (cloned: they run once per element).
 DDPM_FAST_CPU_CLONES
 static void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
-  // bf16 is the high half of an fp32: a shift, which vectorizes (c10's conversion goes through a union).
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &bits, sizeof(float));
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_value(src[i]);
 }
 
 DDPM_FAST_CPU_CLONES
 static void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  // Round to nearest even, NaN kept a quiet NaN: c10::BFloat16's rounding, written to vectorize.
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    dst[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits(src[i]);
 }
 
 template <typename scalar_t>

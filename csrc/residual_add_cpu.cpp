@@ -30,6 +30,28 @@ void add_rows_scalar(const float* y, const float* skip, float bias, float* out, 
   for (int64_t i = 0; i < n; ++i) out[i] = y[i] + skip[i] + bias;
 }
 
+// A block of bf16 rows, converted in registers (no fp32 copies of y, skip and out); per value the fp32 path's
+// arithmetic, so the same bits.
+DDPM_FAST_CPU_CLONES
+void add_rows_bf16(const uint16_t* __restrict__ y, const uint16_t* __restrict__ skip, const float* __restrict__ bias,
+                   uint16_t* __restrict__ out, int64_t r0, int64_t r1, int64_t row_len, int64_t channels,
+                   bool channels_last) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t at = (r - r0) * row_len;
+    if (!bias) {
+      for (int64_t i = 0; i < row_len; ++i)
+        out[at + i] = cpu::bf16_bits(cpu::bf16_value(y[at + i]) + cpu::bf16_value(skip[at + i]));
+    } else if (channels_last) {
+      for (int64_t i = 0; i < row_len; ++i)
+        out[at + i] = cpu::bf16_bits(cpu::bf16_value(y[at + i]) + cpu::bf16_value(skip[at + i]) + bias[i]);
+    } else {
+      const float b = bias[r % channels];
+      for (int64_t i = 0; i < row_len; ++i)
+        out[at + i] = cpu::bf16_bits(cpu::bf16_value(y[at + i]) + cpu::bf16_value(skip[at + i]) + b);
+    }
+  }
+}
+
 template <typename scalar_t>
 void residual_add_impl(const scalar_t* y, const scalar_t* skip, const float* bias, scalar_t* out, int64_t rows,
                        int64_t row_len, int64_t channels, bool channels_last) {
@@ -37,10 +59,17 @@ void residual_add_impl(const scalar_t* y, const scalar_t* skip, const float* bia
   const int64_t per_block = std::max<int64_t>(1, 4096 / row_len);
   const int64_t blocks = (rows + per_block - 1) / per_block;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sy(per_block * row_len), ss(per_block * row_len), so(per_block * row_len);
+    constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+    const int64_t scratch = bf16 ? 0 : per_block * row_len;  // bf16: converted in registers
+    std::vector<float> sy(scratch), ss(scratch), so(scratch);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * per_block, r1 = std::min(rows, r0 + per_block);
       const int64_t offset = r0 * row_len, count = (r1 - r0) * row_len;
+      if constexpr (bf16) {
+        add_rows_bf16(reinterpret_cast<const uint16_t*>(y + offset), reinterpret_cast<const uint16_t*>(skip + offset),
+                      bias, reinterpret_cast<uint16_t*>(out + offset), r0, r1, row_len, channels, channels_last);
+        continue;
+      }
       const float* fy = cpu::floats(y + offset, sy.data(), count);
       const float* fs = cpu::floats(skip + offset, ss.data(), count);
       float* fo = cpu::work_row(out + offset, so.data());

@@ -131,6 +131,26 @@ def test_residual_add_matches_ref(shape, dtype, channels_last, with_bias):
     _assert_close(_C.residual_add(y, skip, bias), residual_add_ref(y, skip, bias), dtype)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_kernels_are_the_fp32_kernels_rounded(channels_last):
+    """bf16 blocks are converted in registers (no fp32 copy), with the fp32 path's arithmetic per value: the bf16
+    kernels' output must be the fp32 kernels' output on the same values, rounded to bf16, bit for bit. Catches
+    any indexing or conversion slip the 2e-2 tolerance against the reference would let through."""
+    fmt = _fmt(channels_last)
+    for (shape, groups), silu in zip(GN_SHAPES + [((64, 64, 16, 16), 8)], [True, False] * 4, strict=False):
+        x, weight, bias, add = _gn_inputs(shape, torch.bfloat16, channels_last, with_add=True)
+        got = _C.group_norm_silu(x, weight, bias, add, groups, 1e-6, silu)
+        want = _C.group_norm_silu(x.float(), weight.float(), bias.float(), add, groups, 1e-6, silu).bfloat16()
+        assert got.stride() == want.stride()
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (shape, silu)
+    for shape in [(1, 3, 8, 8), (3, 384, 17, 17), (2, 64, 32, 32)]:
+        y, skip = (torch.randn(shape).bfloat16().contiguous(memory_format=fmt) for _ in range(2))
+        for bias in (torch.randn(shape[1]), None):
+            got = _C.residual_add(y, skip, bias)
+            want = _C.residual_add(y.float(), skip.float(), bias).bfloat16()
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (shape, bias is None)
+
+
 def test_residual_add_bad_input_is_named():
     y = torch.randn(2, 4, 3, 3)
     with pytest.raises(RuntimeError, match="the kernel takes one dtype"):
