@@ -101,6 +101,12 @@ def _inputs(model, batch):
     return shape, torch.randn(shape), torch.full((batch,), 500), labels
 
 
+def _flops_per_img(model, batch) -> float:
+    """FLOPs of one image's reference forward, by torch's flop counter."""
+    _, x, t, labels = _inputs(model, batch)
+    return count_flops(lambda: model(x, t, labels)) / batch
+
+
 def _providers(model, schedule, batch, compile_ok=True):
     """name -> (dtype, forward(), sample_run()); each call is one timed unit. None where it cannot run."""
     shape, x, t, labels = _inputs(model, batch)
@@ -206,8 +212,7 @@ def _forward_table(benchmark, peaks, model, schedule, batch, model_name, compile
     providers = _providers(model, schedule, batch, compile_ok)
     for name in [k for k in providers if k.endswith("_invariant")]:
         providers.pop(name)  # the same forward as its base; whole runs show what invariance costs
-    _, x, t, labels = _inputs(model, batch)
-    flops = count_flops(lambda: model(x, t, labels)) / batch
+    flops = _flops_per_img(model, batch)
     times = _interleaved({k: v[1] for k, v in providers.items()}, ROUNDS)
     compile_s = providers["compile_reference"][3] if "compile_reference" in providers else None
     dtypes = {k: v[0] for k, v in providers.items()}
@@ -238,8 +243,7 @@ def test_cpu_sampling_run(benchmark, digits, peaks, batch):
     model, schedule = digits
     providers = _providers(model, schedule, batch)
     providers.pop("compile_reference", None)  # the forward table has it; a run adds no new information
-    _, x, t, labels = _inputs(model, batch)
-    flops = count_flops(lambda: model(x, t, labels)) / batch
+    flops = _flops_per_img(model, batch)
     times = _interleaved({k: v[2] for k, v in providers.items()}, SAMPLE_ROUNDS)
     rows = _table(f"DDIM {STEPS} steps, whole run, digits", batch, times, batch * STEPS, flops,
                   {k: v[0] for k, v in providers.items()}, peaks)

@@ -137,7 +137,8 @@ def test_bf16_kernels_are_the_fp32_kernels_rounded(channels_last):
     kernels' output must be the fp32 kernels' output on the same values, rounded to bf16, bit for bit. Catches
     any indexing or conversion slip the 2e-2 tolerance against the reference would let through."""
     fmt = _fmt(channels_last)
-    for (shape, groups), silu in zip(GN_SHAPES + [((64, 64, 16, 16), 8)], [True, False] * 4, strict=False):
+    for i, (shape, groups) in enumerate(GN_SHAPES + [((64, 64, 16, 16), 8)]):
+        silu = i % 2 == 0  # both kinds of normalize pass
         x, weight, bias, add = _gn_inputs(shape, torch.bfloat16, channels_last, with_add=True)
         got = _C.group_norm_silu(x, weight, bias, add, groups, 1e-6, silu)
         want = _C.group_norm_silu(x.float(), weight.float(), bias.float(), add, groups, 1e-6, silu).bfloat16()
