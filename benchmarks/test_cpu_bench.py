@@ -5,7 +5,9 @@ the same providers but torch.compile).
 Providers: reference (fp32 NCHW, torch ops), fast_fp32_torch / fast_fp32_ext (``to_fast(torch.float32)``:
 channels_last, folded blocks; torch ops or the extension's C++ kernels), fast_bf16_torch / fast_bf16_ext
 (the same in bf16), diffusers_fp32 / diffusers_bf16 (UNet2DModel with the same weights; sampling with its
-DDIMScheduler), compile_reference (torch.compile of the reference; full size only, compile time reported);
+DDIMScheduler), compile_reference (torch.compile of the reference), compile_fast (``compile_model`` of what
+``sample --fp16 --compile`` runs: Inductor around our registered ops), compile_diffusers_bf16
+(torch.compile of diffusers' bf16 UNet2DModel); compiled providers in full runs only, compile time reported;
 whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: chunks of 16 images
 on one thread, what ``sample --batch-invariant`` runs).
 ``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
@@ -14,7 +16,7 @@ Each round runs every provider once, in order; the table keeps the best round, t
 (max/min) per provider, so a noisy neighbour shows as spread rather than as a winner. FLOPs come from
 torch's flop counter on the reference forward; GFLOP/s is set against the peak rate measured here in the
 provider's dtype (``peak_gflops``: the better of a square matmul and a 3x3 convolution).
-DDPM_FAST_CPU_BENCH=full: digits batches 64 and 128, 5 rounds (3 for sampling, 20 steps), cifar10 batch 4;
+DDPM_FAST_CPU_BENCH=full: digits batches 64 and 128, 5 rounds (3 for sampling, 20 steps), cifar10 batch 8;
 by default (CI) a quick pass: digits batch 4, 2 rounds, 4 steps, cifar10 batch 1.
 DDPM_FAST_CPU_BENCH_ONLY=name,name,...: those providers only (the reference is always kept: ratios need it).
 """
@@ -33,17 +35,20 @@ from harness import count_flops, random_unet, record
 from ddpm_fast import DDIMSampler, NoiseSchedule, ops
 from ddpm_fast.checkpoint import load_pretrained, load_schedule, to_diffusers_config
 from ddpm_fast.sample import DEFAULT_MODEL
+from ddpm_fast.unet import compile_model
 
 FULL = os.environ.get("DDPM_FAST_CPU_BENCH", "quick") == "full"
 ONLY = {n for n in os.environ.get("DDPM_FAST_CPU_BENCH_ONLY", "").split(",") if n}
 BATCHES = (64, 128) if FULL else (4,)
 ROUNDS, SAMPLE_ROUNDS = (5, 3) if FULL else (2, 2)
 STEPS = 20 if FULL else 4
-CIFAR_BATCH = 4 if FULL else 1
+CIFAR_BATCH = 8 if FULL else 1
 CPU = torch.device("cpu")
 PROVIDERS = ["reference", "fast_fp32_torch", "fast_fp32_ext", "fast_bf16_torch", "fast_bf16_ext", "diffusers_fp32",
-             "diffusers_bf16", "compile_reference", "reference_invariant", "fast_fp32_ext_invariant"]
+             "diffusers_bf16", "compile_reference", "compile_fast", "compile_diffusers_bf16", "reference_invariant",
+             "fast_fp32_ext_invariant"]
 CLI_FP16 = "fast_bf16_ext" if ops.cpu_has_native_bf16() else "fast_fp32_ext"
+CLI_FP16_DTYPE = torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
 
 
 def _best_rate(fn, flop: float, repeats: int) -> float:
@@ -108,9 +113,10 @@ def _flops_per_img(model, batch) -> float:
 
 
 def _providers(model, schedule, batch, compile_ok=True):
-    """name -> (dtype, forward(), sample_run()); each call is one timed unit. None where it cannot run."""
+    """name -> (dtype, forward(), sample_run()[, compile seconds]); each call is one timed unit."""
     shape, x, t, labels = _inputs(model, batch)
     out = {}
+    wanted = (lambda name: not ONLY or name in ONLY)
 
     def ours(name, net, backend, dtype, batch_invariant=False):
         def forward():
@@ -124,6 +130,14 @@ def _providers(model, schedule, batch, compile_ok=True):
 
         out[name] = (dtype, forward, run)
 
+    def compiled(name, make, backend):
+        """A compiled provider: built and run once (the compile), its time kept beside it."""
+        start = time.perf_counter()
+        net = make()
+        with torch.no_grad(), ops.use_backend(backend):
+            net(x, t, labels)
+        return net, time.perf_counter() - start
+
     ours("reference", model, "torch", torch.float32)
     # sample --batch-invariant: fixed chunks on one thread (a whole-run provider; its forward is the reference's).
     ours("reference_invariant", model, "torch", torch.float32, batch_invariant=True)
@@ -135,36 +149,48 @@ def _providers(model, schedule, batch, compile_ok=True):
         ours("fast_fp32_ext_invariant", model.to_fast(torch.float32), "auto", torch.float32, batch_invariant=True)
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         twin, diffusers = _diffusers_twin(model, dtype)
-        xd = x.to(dtype)
-
-        def d_forward(twin=twin, xd=xd):
-            return twin(xd, t, class_labels=labels).sample
-
-        def d_run(twin=twin, dtype=dtype, diffusers=diffusers):
-            sched = diffusers.DDIMScheduler(num_train_timesteps=schedule.num_timesteps, beta_schedule="linear",
-                                            clip_sample=True, set_alpha_to_one=False, timestep_spacing="leading")
-            sched.set_timesteps(STEPS)
-            xt = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-            for step in sched.timesteps:
-                eps = twin(xt, step, class_labels=labels).sample
-                xt = sched.step(eps.float(), step, xt.float()).prev_sample.to(dtype)
-            return xt
-
-        out[f"diffusers_{tag}"] = (dtype, d_forward, d_run)
-    if FULL and compile_ok and (not ONLY or "compile_reference" in ONLY):
-        start = time.perf_counter()
-        compiled = torch.compile(model)
-        with ops.use_backend("torch"):
-            compiled(x, t, labels)
-        compile_s = time.perf_counter() - start
-        ours("compile_reference", compiled, "torch", torch.float32)
-        out["compile_reference"] += (compile_s,)
+        out[f"diffusers_{tag}"] = (dtype, *_diffusers_units(twin, diffusers, dtype, schedule, shape, x, t, labels))
+        if tag == "bf16" and FULL and compile_ok and wanted("compile_diffusers_bf16"):
+            start = time.perf_counter()
+            twin_c = torch.compile(twin)
+            with torch.no_grad():
+                twin_c(x.to(dtype), t, class_labels=labels)
+            out["compile_diffusers_bf16"] = (dtype, *_diffusers_units(twin_c, diffusers, dtype, schedule, shape, x,
+                                                                      t, labels), time.perf_counter() - start)
+    if FULL and compile_ok and wanted("compile_reference"):
+        net, secs = compiled("compile_reference", lambda: torch.compile(model), "torch")
+        ours("compile_reference", net, "torch", torch.float32)
+        out["compile_reference"] += (secs,)
+    if FULL and compile_ok and wanted("compile_fast") and ops.extension() is not None:
+        net, secs = compiled("compile_fast", lambda: compile_model(model.to_fast(CLI_FP16_DTYPE)), "auto")
+        ours("compile_fast", net, "auto", CLI_FP16_DTYPE)
+        out["compile_fast"] += (secs,)
     if ONLY:
         unknown = ONLY - set(PROVIDERS)
         if unknown:
             raise ValueError(f"DDPM_FAST_CPU_BENCH_ONLY: unknown providers {sorted(unknown)}; known: {PROVIDERS}")
         out = {k: v for k, v in out.items() if k in ONLY or k == "reference"}
     return out
+
+
+def _diffusers_units(twin, diffusers, dtype, schedule, shape, x, t, labels):
+    """(forward, sample_run) of a diffusers UNet2DModel: one forward; DDIM with its own scheduler."""
+    xd = x.to(dtype)
+
+    def forward():
+        return twin(xd, t, class_labels=labels).sample
+
+    def run():
+        sched = diffusers.DDIMScheduler(num_train_timesteps=schedule.num_timesteps, beta_schedule="linear",
+                                        clip_sample=True, set_alpha_to_one=False, timestep_spacing="leading")
+        sched.set_timesteps(STEPS)
+        xt = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        for step in sched.timesteps:
+            eps = twin(xt, step, class_labels=labels).sample
+            xt = sched.step(eps.float(), step, xt.float()).prev_sample.to(dtype)
+        return xt
+
+    return forward, run
 
 
 def _timed(providers) -> str:
@@ -186,6 +212,7 @@ def _interleaved(units: dict, rounds: int) -> dict[str, list[float]]:
 
 
 def _table(kind, batch, times, per_call_img_steps, flops_per_img_step, dtypes, peaks, compile_s=None):
+    compile_s = compile_s or {}
     ref = min(times["reference"])
     rows = []
     lines = [f"\n{kind}, batch {batch} (CPU, {torch.get_num_threads()} threads; `sample --fp16` = {CLI_FP16})",
@@ -199,8 +226,8 @@ def _table(kind, batch, times, per_call_img_steps, flops_per_img_step, dtypes, p
         row = dict(provider=name, ms_per_img_step=round(ms, 4), median_ms=round(statistics.median(ts) * 1e3 /
                    per_call_img_steps, 4), spread=round(max(ts) / best, 2), gflops=round(gflops, 1),
                    frac_of_peak=round(frac, 3), speedup_vs_reference=round(ref / best, 2))
-        if compile_s and name == "compile_reference":
-            row["compile_s"] = round(compile_s, 1)
+        if name in compile_s:
+            row["compile_s"] = round(compile_s[name], 1)
         rows.append(row)
         lines.append(f"| {name} | {ms:.3f} | {row['median_ms']:.3f} | {row['spread']:.2f} | {gflops:.1f} | "
                      f"{100 * frac:.0f}% ({str(dtypes[name]).replace('torch.', '')}) | {ref / best:.2f}x |")
@@ -214,7 +241,7 @@ def _forward_table(benchmark, peaks, model, schedule, batch, model_name, compile
         providers.pop(name)  # the same forward as its base; whole runs show what invariance costs
     flops = _flops_per_img(model, batch)
     times = _interleaved({k: v[1] for k, v in providers.items()}, ROUNDS)
-    compile_s = providers["compile_reference"][3] if "compile_reference" in providers else None
+    compile_s = {k: v[3] for k, v in providers.items() if len(v) > 3}
     dtypes = {k: v[0] for k, v in providers.items()}
     rows = _table(f"U-Net forward, {model_name}", batch, times, batch, flops, dtypes, peaks, compile_s)
     with torch.no_grad():
@@ -232,17 +259,16 @@ def test_cpu_unet_forward(benchmark, digits, peaks, batch):
 
 def test_cpu_unet_forward_cifar10(benchmark, peaks):
     """The cifar10 preset (35.7M parameters, 12.4 GFLOP per image) with random weights: the same providers
-    where the convolutions are large (no torch.compile: minutes to compile at this size)."""
+    where the convolutions are large."""
     model = random_unet("cifar10").cpu()
-    _forward_table(benchmark, peaks, model, NoiseSchedule.linear(1000), CIFAR_BATCH, "cifar10",
-                   compile_ok=False)
+    _forward_table(benchmark, peaks, model, NoiseSchedule.linear(1000), CIFAR_BATCH, "cifar10")
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_cpu_sampling_run(benchmark, digits, peaks, batch):
     model, schedule = digits
     providers = _providers(model, schedule, batch)
-    providers.pop("compile_reference", None)  # the forward table has it; a run adds no new information
+    providers.pop("compile_reference", None)  # the forward table has it; our compiled fast path is the run to see
     flops = _flops_per_img(model, batch)
     times = _interleaved({k: v[2] for k, v in providers.items()}, SAMPLE_ROUNDS)
     rows = _table(f"DDIM {STEPS} steps, whole run, digits", batch, times, batch * STEPS, flops,

@@ -104,7 +104,7 @@ def test_q_sample(benchmark, provider, shape):
 
 
 @pytest.mark.parametrize("shape", IMG_SHAPES, ids=_ids(IMG_SHAPES))
-@pytest.mark.parametrize("provider", ["torch_eager", "cuda", "triton"])
+@pytest.mark.parametrize("provider", ["torch_eager", "native", "triton"])
 def test_reverse_step(benchmark, provider, shape):
     sampler = DDPMSampler(NoiseSchedule.linear())
     coefs, _ = sampler.device_tables(DEVICE)

@@ -2,7 +2,9 @@
 
 Providers: reference (fp32 NCHW eager), torch_fp16_cl (the fp16 channels_last copy with plain torch
 modules and ops: ``to_fast(fold=False)``), torch_compile (torch.compile max-autotune of that model),
-diffusers_fp16 (UNet2DModel, same weights), ddpm_fast (the fast path: fused ops and folds). extra_info:
+diffusers_fp16 (UNet2DModel, same weights), diffusers_compile (torch.compile of it), ddpm_fast (the fast path:
+fused ops and folds), ddpm_fast_compile (``compile_model`` of the fast path: Inductor around our registered
+ops; what ``sample --compile`` runs). Compiled providers run on a GPU only. extra_info:
 img/s, us per image-step, achieved TFLOP/s and its fraction of the measured fp16 matmul rate, peak GPU
 memory.
 """
@@ -23,11 +25,12 @@ from harness import (
     run_timed,
 )
 
-from ddpm_fast import NoiseSchedule, ops, training_loss
+from ddpm_fast import NoiseSchedule, compile_model, ops, training_loss
 from ddpm_fast.checkpoint import to_diffusers_config
 
 HALF = torch.float16 if DEVICE.type == "cuda" else torch.bfloat16
-PROVIDERS = ["reference", "torch_fp16_cl", "torch_compile", "diffusers_fp16", "ddpm_fast"]
+PROVIDERS = ["reference", "torch_fp16_cl", "torch_compile", "diffusers_fp16", "diffusers_compile", "ddpm_fast",
+             "ddpm_fast_compile"]
 
 
 def _forward(provider, model, x, t):
@@ -44,19 +47,25 @@ def _forward(provider, model, x, t):
         compiled = torch.compile(fast, mode="max-autotune", fullgraph=False)
         xh = x.to(HALF).contiguous(memory_format=torch.channels_last)
         return (lambda: compiled(xh, t)), "torch"
-    if provider == "diffusers_fp16":
+    if provider.endswith("_compile") and DEVICE.type != "cuda":
+        pytest.skip("compiled providers are benchmarked on a GPU here (benchmarks/test_cpu_bench.py on a CPU)")
+    if provider in ("diffusers_fp16", "diffusers_compile"):
         diffusers = pytest.importorskip("diffusers")
         cfg = {k: v for k, v in to_diffusers_config(model.config).items() if k != "_class_name"}
         twin = diffusers.UNet2DModel(**cfg).eval()
         twin.load_state_dict(model.state_dict())
         twin = twin.to(DEVICE, HALF)
+        if provider == "diffusers_compile":
+            twin = torch.compile(twin)
         xh = x.to(HALF)
         return (lambda: twin(xh, t).sample), "torch"
-    if provider == "ddpm_fast":
+    if provider in ("ddpm_fast", "ddpm_fast_compile"):
         why = ops.backend_unavailable_reason("triton", DEVICE)
         if why:
             pytest.skip(why)
         fast = model.to_fast(HALF)
+        if provider == "ddpm_fast_compile":
+            fast = compile_model(fast)
         return (lambda: fast(x, t)), "auto" if DEVICE.type == "cuda" else "triton"
     raise ValueError(provider)
 

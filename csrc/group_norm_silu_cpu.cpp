@@ -250,7 +250,7 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
   TORCH_CHECK(x.dim() == 4, "group_norm_silu_cpu: x must be 4-D (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "group_norm_silu_cpu: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool cl = channels_last_4d(x);
   TORCH_CHECK(cl || x.is_contiguous(), "group_norm_silu_cpu: x must be contiguous or channels_last");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   TORCH_CHECK(c > 0 && hw > 0, "group_norm_silu_cpu: C and H*W must be positive, got shape ", x.sizes());

@@ -98,7 +98,7 @@ at::Tensor residual_add_cpu(const at::Tensor& y, const at::Tensor& skip, const c
               skip.scalar_type(), "; the kernel takes one dtype");
   TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
               "residual_add_cpu: y must be float32, bfloat16 or float16, got ", y.scalar_type());
-  const bool cl = !y.is_contiguous() && y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool cl = channels_last_4d(y);
   TORCH_CHECK(cl || y.is_contiguous(), "residual_add_cpu: y must be contiguous or channels_last");
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_CHECK(skip.is_contiguous(fmt), "residual_add_cpu: skip must have y's memory format (",

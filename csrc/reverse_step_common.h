@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include "layout.h"
 #include "reverse_step.h"
 
 namespace ddpm_fast {
@@ -23,10 +24,6 @@ struct StepIO {
   OptTensor hist1;      // float32 laid out like x_t: the previous x0_hat (multistep), read then replaced
   OptTensor hist2;      // float32 laid out like x_t: the one before (needs hist1), read then replaced by hist1
 };
-
-inline bool channels_last_4d(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps, const OptTensor& eps_uncond,
                                     const at::Tensor& coefs, const at::Tensor& index, const StepIO& io) {

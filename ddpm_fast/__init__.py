@@ -7,9 +7,9 @@ from ddpm_fast import engine
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.losses import training_loss
-from ddpm_fast.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, SamplingPlan, to_uint8
+from ddpm_fast.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, SamplingPlan, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
-from ddpm_fast.unet import UNet
+from ddpm_fast.unet import FastUNet, UNet, compile_model
 
 __version__ = "0.1.0"
 
@@ -19,10 +19,13 @@ __all__ = [
     "DDIMSampler",
     "DPMSolverSampler",
     "DDPMSampler",
+    "FastUNet",
     "NoiseSchedule",
+    "RunOptions",
     "SamplingPlan",
     "UNet",
     "UNetConfig",
+    "compile_model",
     "engine",
     "load_pretrained",
     "load_schedule",

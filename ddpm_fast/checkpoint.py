@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 
 from ddpm_fast.config import UNetConfig
+from ddpm_fast.fileio import atomic_write, atomic_write_json
 from ddpm_fast.unet import UNet
 
 CONFIG_NAME = "config.json"
@@ -201,12 +200,12 @@ def _infer_pytorch_diffusion_config(sd: dict, source: str) -> UNetConfig:
 # ---- reading files ------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: str) -> tuple[dict, dict]:
+def _read_safetensors(path: str) -> dict:
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
@@ -292,23 +291,17 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
         cfg = config or from_diffusers_config(_read_json(cfg_path), cfg_path)
         st, binf = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
         if os.path.isfile(st):
-            sd, source = _read_safetensors(st)[0], st
+            sd, source = _read_safetensors(st), st
         elif os.path.isfile(binf):
             sd, source = _read_torch(binf), binf
         else:
             raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} is there")
         sd = _from_diffusers_keys(sd)
     elif path.endswith(".safetensors"):
-        sd, meta = _read_safetensors(path)
-        source = path
         if config is None:
-            if "unet_config" not in meta:
-                raise CheckpointError(f"{path}: no 'unet_config' in the file's metadata; pass config=")
-            try:
-                config = UNetConfig.from_dict(json.loads(meta["unet_config"]))
-            except (ValueError, TypeError) as exc:
-                raise CheckpointError(f"{path}: bad 'unet_config' metadata ({exc})") from None
-        cfg = config
+            raise CheckpointError(f"{path}: a bare .safetensors file holds no model config; pass config= "
+                                  "(or load the folder it came in)")
+        sd, source, cfg = _read_safetensors(path), path, config
         sd = _from_diffusers_keys(sd)
     else:
         obj, source = read_torch_file(path), path
@@ -335,82 +328,6 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
     load_state_dict_strict(model, sd, source)
     model.eval()
     return model if device is None else model.to(device)
-
-
-TEMP_PREFIX = ".tmp-"
-
-
-def prepare_output_folder(path, flag: str = "--out") -> int:
-    """Make ``path`` (and its parents) and prove it writable, before any long work; errors name the flag.
-
-    Temporary files that an earlier, killed write left behind (``.tmp-*``, see atomic_write) are removed;
-    returns how many.
-    """
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OSError(f"{flag} {path}: exists and is not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise OSError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
-    return remove_stale_temp_files(path)
-
-
-def remove_stale_temp_files(folder: str) -> int:
-    """Delete the ``.tmp-*`` files an interrupted atomic_write left in ``folder``; returns how many."""
-    removed = 0
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return 0
-    for name in names:
-        full = os.path.join(folder, name)
-        if name.startswith(TEMP_PREFIX) and os.path.isfile(full):
-            try:
-                os.unlink(full)
-                removed += 1
-            except OSError:
-                pass
-    return removed
-
-
-def atomic_write(path: str, write) -> None:
-    """write(tmp_path) then rename over ``path``: readers never see a half-written file, and a failed or
-    interrupted write leaves the previous ``path`` as it was. Write failures (a full disk, a vanished
-    folder) become one OSError naming ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
-    except OSError as exc:
-        raise OSError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any new file
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        # torch.save reports a full disk as a RuntimeError, safetensors as its own error type.
-        if isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError":
-            reason = (exc.strerror if isinstance(exc, OSError) else None) or (str(exc).strip().splitlines()
-                                                                             or [type(exc).__name__])[-1]
-            try:
-                if shutil.disk_usage(folder).free < 16 << 20:
-                    reason += "; the disk is full"
-            except OSError:
-                pass
-            raise OSError(f"{path}: cannot write ({reason}); the previous file, if any, is unchanged") from None
-        raise
 
 
 def load_schedule(path):
@@ -443,16 +360,6 @@ def save_pretrained(model: UNet, path, schedule=None, dtype: torch.dtype | None 
     sd = {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
           .contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(path, WEIGHTS_NAME), lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _atomic_write_json(os.path.join(path, CONFIG_NAME), to_diffusers_config(model.config))
+    atomic_write_json(os.path.join(path, CONFIG_NAME), to_diffusers_config(model.config))
     if schedule is not None:
-        _atomic_write_json(os.path.join(path, SCHEDULER_CONFIG_NAME), schedule.to_config())
-
-
-def _atomic_write_json(path: str, obj: dict) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+        atomic_write_json(os.path.join(path, SCHEDULER_CONFIG_NAME), schedule.to_config())

@@ -8,8 +8,9 @@ layout (flip_sin_to_cos, freq_shift), downsample padding, norm eps and groups, c
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,6 @@ class UNetConfig:
             raise ValueError(f"unknown UNetConfig keys {unknown}")
         return cls(**d)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
 
 PRESETS: dict[str, UNetConfig] = {
     "cifar10": UNetConfig(),
@@ -135,3 +133,30 @@ PRESETS: dict[str, UNetConfig] = {
         num_groups=4,
     ),
 }
+
+
+def conditioning_labels(num_classes: int | None, class_labels, n: int, device,
+                        host_check: bool = True) -> torch.Tensor | None:
+    """The labels a model with ``num_classes`` classes is fed for n images: None for an unconditional model;
+    for a conditional one ``class_labels`` (an int, or n ints in [0, num_classes)) as int64 (n,) on
+    ``device``, or the null label ``num_classes`` for every image when None. ``host_check=False`` checks
+    the range without reading a value on the host (hot paths: an immediate error on the CPU, a device
+    assert on a GPU)."""
+    if class_labels is None:
+        return None if not num_classes else torch.full((n,), num_classes, dtype=torch.int64, device=device)
+    if not num_classes:
+        raise ValueError("class_labels given, but the model is unconditional")
+    labels = torch.as_tensor(class_labels, device=device)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be integers, got {labels.dtype}")
+    labels = labels.to(torch.int64)
+    if labels.dim() == 0:
+        labels = labels.expand(n).contiguous()
+    if labels.shape != (n,):
+        raise ValueError(f"class_labels must be an int or have shape ({n},), got {tuple(labels.shape)}")
+    message = f"class_labels must lie in [0, {num_classes - 1}]"
+    if not host_check:
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(), message)
+    elif n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(message)
+    return labels

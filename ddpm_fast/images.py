@@ -8,6 +8,8 @@ import os
 import numpy as np
 import torch
 
+from ddpm_fast.fileio import atomic_write
+
 
 def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """uint8 (N, H, W, C) -> one uint8 (H', W', C) image, ``nrow`` images per row, padded in black."""
@@ -38,8 +40,6 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: i
 
 def save_npz(images: torch.Tensor, path: str, labels: torch.Tensor | None = None) -> None:
     """arr_0: uint8 NHWC images; arr_1: labels (when given). Written atomically."""
-    from ddpm_fast.checkpoint import atomic_write
-
     arrays = {"arr_0": images.cpu().numpy()}
     if labels is not None:
         arrays["arr_1"] = labels.cpu().numpy()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_fast import ops
+from ddpm_fast.config import conditioning_labels
 from ddpm_fast.schedule import NoiseSchedule
 
 
@@ -25,16 +26,11 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels
     noise = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
     x_t, _ = ops.q_sample(x0, t, schedule.device_table("sqrt_alphas_cumprod", device),
                           schedule.device_table("sqrt_one_minus_alphas_cumprod", device), noise=noise)
-    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)  # DDP wraps
-    num_classes = getattr(config, "num_classes", None)
-    if class_labels is not None:
-        if not num_classes:
-            raise ValueError("class_labels given, but the model is unconditional")
-        class_labels = torch.as_tensor(class_labels, device=device, dtype=torch.int64)
-        if cond_drop_prob > 0:
-            drop = torch.rand(n, device=device, generator=generator) < cond_drop_prob
-            class_labels = torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
-    elif num_classes:
-        class_labels = torch.full((n,), num_classes, dtype=torch.int64, device=device)
+    num_classes = getattr(model, "module", model).config.num_classes  # DistributedDataParallel wraps the model
+    dropping = class_labels is not None and cond_drop_prob > 0
+    class_labels = conditioning_labels(num_classes, class_labels, n, device, host_check=False)
+    if dropping:
+        drop = torch.rand(n, device=device, generator=generator) < cond_drop_prob
+        class_labels = torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
     eps = model(x_t, t, class_labels)
     return F.mse_loss(eps.float(), noise.float())

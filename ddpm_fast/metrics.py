@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from ddpm_fast.checkpoint import atomic_write
+from ddpm_fast.fileio import atomic_write, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 LOSS_PLOT_NAME = "loss.png"
@@ -50,13 +50,7 @@ class MetricsLog:
         kept = [] if resume_step is None else [r for r in read_metrics(path) if r["step"] <= resume_step]
         if resume_step is None and not os.path.exists(path):
             return
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(text)
-
-        atomic_write(path, write)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, **row) -> None:
         line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})

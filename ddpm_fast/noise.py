@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast import base
+
 STEP_STREAM, X_T_STREAM = 0, 1
 MAX_SEED = 2**63 - 1  # the key travels as one int64
 
@@ -108,7 +110,7 @@ def randn_like_key(x: torch.Tensor, key: NoiseKey, stream: int = STEP_STREAM) ->
     """Noise shaped like x and laid out like it (element e of an image is its NCHW flat index, whatever
     the layout: NCHW and channels_last paths draw the same values)."""
     z = normal(key.counter, key.images, x[0].numel() if x.shape[0] else 0, stream).view(x.shape)
-    return z.contiguous(memory_format=_layout(x))
+    return z.contiguous(memory_format=base.memory_format(x))
 
 
 def initial_noise(shape, seed: int, images: torch.Tensor, device, memory_format=torch.contiguous_format):
@@ -117,8 +119,3 @@ def initial_noise(shape, seed: int, images: torch.Tensor, device, memory_format=
     z = normal(counter, images.to(device), int(torch.Size(shape[1:]).numel()), X_T_STREAM).view(shape)
     return z.contiguous(memory_format=memory_format)
 
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    from ddpm_fast.ops import memory_format  # the ops package imports this module
-
-    return memory_format(x)

@@ -20,12 +20,14 @@ import warnings
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, prepare_output_folder
+from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
 from ddpm_fast.distributed import Dist, parse_device
+from ddpm_fast.fileio import prepare_output_folder
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
-from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, to_uint8
+from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
+from ddpm_fast.unet import compile_model
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
 
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fast path: fp16 channels_last, fused kernels on a GPU; on a CPU bf16 where the CPU "
                                 "computes it natively, else fp32 channels_last (the CPU's fastest form)")
     precision.add_argument("--bf16", action="store_true", help="fast path in bf16 (GPU or CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net (Inductor; the fused ops are registered torch ops it keeps): "
+                        "a one-time compile of tens of seconds, then faster steps")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--no-progress", action="store_true")
@@ -88,11 +93,33 @@ def _labels(args, num_classes):
 
 
 def run(args) -> str | None:
+    """Load, prepare, sample, write; returns the .npz path on rank 0 (None on the others)."""
     dist_ctx = Dist(args.device)
-    world, rank, device = dist_ctx.world, dist_ctx.rank, dist_ctx.device
-    if rank == 0:
-        if prepare_output_folder(args.out):  # before any work: a bad --out fails now, not after sampling
-            print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
+    if dist_ctx.rank == 0 and prepare_output_folder(args.out):  # before any work: a bad --out fails now
+        print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
+    notes: list[str] = []
+    model, schedule = _load(args, dist_ctx.device)
+    model, ran = _prepare_model(args, model, dist_ctx.device, notes)
+    sampler = _build_sampler(args, schedule)
+    labels = _labels(args, model.config.num_classes)
+    mine = torch.arange(args.num_samples)[dist_ctx.rank::dist_ctx.world]  # this rank's share of the images
+    start = time.perf_counter()
+    images = _sample_images(args, model, sampler, mine, labels, show_progress=dist_ctx.rank == 0)
+    elapsed = time.perf_counter() - start
+    images = _gather(dist_ctx, mine, images)
+    dist_ctx.close()
+    if dist_ctx.rank != 0:
+        return None
+    npz, grid_path = _write(args, images, labels, model.config.num_classes)
+    for note in notes:
+        print(note, file=sys.stderr)
+    n = images.shape[0]
+    print(f"{n} images, {args.sampler} {sampler.num_steps} steps, {ran} on {dist_ctx.device} ({args.engine}), "
+          f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
+    return npz
+
+
+def _load(args, device):
     path = args.checkpoint or DEFAULT_MODEL
     if not os.path.exists(path):
         what = "the embedded model is missing from this install" if args.checkpoint is None else "no such file"
@@ -102,11 +129,12 @@ def run(args) -> str | None:
     if bad:  # up front: sampling would only turn these into NaN images
         raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"
                               + (f" and {len(bad) - 4} more tensors" if len(bad) > 4 else ""))
-    schedule = load_schedule(path) or NoiseSchedule.linear(1000)
-    cfg = model.config
+    return model, load_schedule(path) or NoiseSchedule.linear(1000)
 
+
+def _prepare_model(args, model, device, notes: list[str]):
+    """The model the run samples (fast path, compiled) and a description of it; settles --engine."""
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    notes = []
     if args.engine == "graph" and device.type == "cuda" and dtype is None:
         dtype = torch.float16
         notes.append("--engine graph runs the fast path: using fp16 (pass --bf16 for bf16)")
@@ -114,6 +142,10 @@ def run(args) -> str | None:
         dtype = _cpu_fast_dtype(args, notes)
     if dtype is not None:
         model = model.to_fast(dtype)
+    ran = "fast path " + str(dtype).replace("torch.", "") if dtype is not None else "fp32"
+    if args.compile:
+        model = compile_model(model)
+        ran += ", compiled"
     if args.engine == "graph":
         from ddpm_fast import engine
 
@@ -123,41 +155,46 @@ def run(args) -> str | None:
             args.engine = "eager"
         elif device.type != "cuda":
             notes.append("--engine graph: no CUDA device; ran the C++ loop without CUDA graphs")
+    if args.batch_invariant:
+        ran += f", batch-invariant (chunks of {args.invariant_chunk or INVARIANT_CHUNK})"
+    return model, ran
 
+
+def _build_sampler(args, schedule):
     if args.sampler == "ddim":
-        sampler = DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta or 0.0,
-                              spacing=args.spacing or "leading")
-    elif args.sampler in ("dpm++", "dpm++sde"):
-        sampler = DPMSolverSampler(schedule, args.steps or min(20, schedule.num_timesteps), order=args.order or 2,
-                                   algorithm="sde-dpmsolver++" if args.sampler == "dpm++sde" else "dpmsolver++",
-                                   spacing=args.spacing or "linspace")
-    else:
-        if args.steps and args.steps != schedule.num_timesteps:
-            schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing or "leading"))
-        sampler = DDPMSampler(schedule, variance=args.variance or "fixed_small")
+        return DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta or 0.0,
+                           spacing=args.spacing or "leading")
+    if args.sampler in ("dpm++", "dpm++sde"):
+        return DPMSolverSampler(schedule, args.steps or min(20, schedule.num_timesteps), order=args.order or 2,
+                                algorithm="sde-dpmsolver++" if args.sampler == "dpm++sde" else "dpmsolver++",
+                                spacing=args.spacing or "linspace")
+    if args.steps and args.steps != schedule.num_timesteps:
+        schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing or "leading"))
+    return DDPMSampler(schedule, variance=args.variance or "fixed_small")
 
-    labels = _labels(args, cfg.num_classes)
-    mine = torch.arange(args.num_samples)[rank::world]  # this rank's share of the images
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    images = []
+
+def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> torch.Tensor:
+    """uint8 NHWC images of this rank's share ``mine`` (global indices), in --batch-size chunks."""
     from tqdm.auto import tqdm
 
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    base = RunOptions(seed=args.seed, guidance_scale=args.guidance_scale, batch_invariant=args.batch_invariant,
+                      invariant_chunk=args.invariant_chunk or INVARIANT_CHUNK)
+    images = []
     bar = tqdm(total=len(mine) * sampler.num_steps, unit="img-step", unit_scale=True, desc="sample",
-               disable=args.no_progress or rank != 0, dynamic_ncols=True)
-    start = time.perf_counter()
+               disable=args.no_progress or not show_progress, dynamic_ncols=True)
     for chunk in mine.split(args.batch_size):
         # Image k is a function of (--seed, k) alone: batch size and process count do not change it.
-        batch_labels = None if labels is None else labels[chunk]
-        kw = dict(seed=args.seed, class_labels=batch_labels, guidance_scale=args.guidance_scale, image_index=chunk,
-                  batch_invariant=args.batch_invariant, invariant_chunk=args.invariant_chunk or INVARIANT_CHUNK)
+        run = RunOptions.of(base, image_index=chunk, class_labels=None if labels is None else labels[chunk])
         if args.engine == "graph":
             from ddpm_fast import engine
 
             with warnings.catch_warnings():  # the CLI prints its own one-line notes
                 warnings.simplefilter("ignore", RuntimeWarning)
-                x = engine.sample(sampler, model, (len(chunk), *shape), **kw)
+                x = engine.sample(sampler, model, (len(chunk), *shape), run)
         else:
-            x = sampler.sample(model, (len(chunk), *shape), progress=False, **kw)
+            x = sampler.sample(model, (len(chunk), *shape), run, progress=False)
         bad = ~torch.isfinite(x).flatten(1).all(1)
         if bool(bad.any()):  # never write NaN as black pixels: nothing is written for this run
             k = int(chunk[bad.nonzero()[0, 0]])
@@ -166,35 +203,31 @@ def run(args) -> str | None:
         images.append(to_uint8(x).cpu())
         bar.update(len(chunk) * sampler.num_steps)
     bar.close()
-    elapsed = time.perf_counter() - start
-    images = torch.cat(images) if images else torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
+    return torch.cat(images) if images else torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
 
-    if world > 1:
-        import torch.distributed as dist
 
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object((mine, images), gathered, dst=0)
-        if rank == 0:
-            order = torch.cat([g[0] for g in gathered])
-            stacked = torch.cat([g[1] for g in gathered])
-            images = stacked[torch.argsort(order)]
-    dist_ctx.close()
-    if rank != 0:
-        return None
+def _gather(dist_ctx, mine, images) -> torch.Tensor:
+    """On rank 0, every rank's images in global order (torchrun); elsewhere this rank's."""
+    if dist_ctx.world == 1:
+        return images
+    import torch.distributed as dist
+
+    gathered = [None] * dist_ctx.world if dist_ctx.rank == 0 else None
+    dist.gather_object((mine, images), gathered, dst=0)
+    if dist_ctx.rank != 0:
+        return images
+    order = torch.cat([g[0] for g in gathered])
+    return torch.cat([g[1] for g in gathered])[torch.argsort(order)]
+
+
+def _write(args, images, labels, num_classes):
     n, h, w, c = images.shape
     npz = os.path.join(args.out, f"samples_{n}x{h}x{w}x{c}.npz")
     save_npz(images, npz, labels)
     grid_path = os.path.join(args.out, "grid.png")
-    nrow = cfg.num_classes if cfg.num_classes and args.class_label is None else None
+    nrow = num_classes if num_classes and args.class_label is None else None
     save_grid(images[: min(n, 400)], grid_path, nrow=nrow, scale=max(1, 128 // max(h, 1)))
-    ran = "fast path " + str(dtype).replace("torch.", "") if dtype is not None else "fp32"
-    for note in notes:
-        print(note, file=sys.stderr)
-    if args.batch_invariant:
-        ran += f", batch-invariant (chunks of {args.invariant_chunk or INVARIANT_CHUNK})"
-    print(f"{n} images, {args.sampler} {sampler.num_steps} steps, {ran} on {device} ({args.engine}), "
-          f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
-    return npz
+    return npz, grid_path
 
 
 def _cpu_fast_dtype(args, notes: list[str]) -> torch.dtype:

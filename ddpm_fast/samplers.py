@@ -2,30 +2,30 @@
 2022), with classifier-free guidance.
 
 Each sampler reduces to a float64 coefficient table, one row per kept timestep, in the column
-order of ops.COEF_COLUMNS; a step is then ops.reverse_step on that table (reference, Triton or
-CUDA by backend). The table is cast to fp32 and moved to a device once, and the state x_t stays fp32.
-A run is a SamplingPlan (``sampler.plan``): built once, stepped in place by every loop.
+order of ops.COEF_COLUMNS; a step is then ops.reverse_step on that table (the torch reference, Triton, or
+the native C++/CUDA kernel, as the ops registry chose). The table is cast to fp32 and moved to a device
+once, and the state x_t stays fp32. A run is a SamplingPlan (plan.py; ``sampler.plan``) with its
+RunOptions: built once, stepped in place by every loop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import time
-
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.noise import MAX_SEED, NoiseKey, check_seed, initial_noise
 from ddpm_fast.ops.reverse_step import SIGMA
+from ddpm_fast.plan import INVARIANT_CHUNK, RunOptions, SamplingPlan, model_eps
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
+__all__ = ["INVARIANT_CHUNK", "DDIMSampler", "DDPMSampler", "DPMSolverSampler", "RunOptions", "SamplingPlan",
+           "model_eps", "to_uint8"]
+
 VARIANCES = ("fixed_small", "fixed_large")
-# Images per U-Net call in a batch-invariant run: part of what the bits depend on, so one fixed default.
-INVARIANT_CHUNK = 16
 
 
 class _Sampler:
+    history_depth = 0  # how many earlier data predictions a step reads (multistep solvers: 1 or 2)
+
     def __init__(self, schedule: NoiseSchedule, coefs: torch.Tensor, clip_denoised: bool):
         self.schedule = schedule
         self.clip_denoised = bool(clip_denoised)
@@ -84,246 +84,21 @@ class _Sampler:
         return ops.reverse_step(x_t, model_output, coefs, index, noise, self.clip_denoised, model_output_uncond,
                                 guidance_scale)
 
-    def plan(self, model, shape, *, seed: int | None = None, generator: torch.Generator | None = None,
-             x_T: torch.Tensor | None = None, guidance_scale: float | None = None, class_labels=None,
-             image_index=0, device=None, batch_invariant: bool = False,
-             invariant_chunk: int = INVARIANT_CHUNK) -> SamplingPlan:
-        """Everything one run needs, built once (see SamplingPlan); ``plan.run()`` samples."""
-        return SamplingPlan(self, model, shape, seed=seed, generator=generator, x_T=x_T,
-                            guidance_scale=guidance_scale, class_labels=class_labels, image_index=image_index,
-                            device=device, batch_invariant=batch_invariant, invariant_chunk=invariant_chunk)
+    def plan(self, model, shape, run: RunOptions | None = None, *, device=None, **options) -> SamplingPlan:
+        """Everything one run needs, built once (see SamplingPlan); ``plan.run()`` samples. The run's options
+        come as a RunOptions, or as its fields by keyword (seed=, class_labels=, ...)."""
+        return SamplingPlan(self, model, shape, RunOptions.of(run, **options), device=device)
 
     @torch.no_grad()
-    def sample(self, model, shape, seed: int | None = None, guidance_scale: float | None = None,
-               class_labels=None, progress: bool = True, device=None, generator: torch.Generator | None = None,
-               x_T: torch.Tensor | None = None, image_index=0, batch_invariant: bool = False,
-               invariant_chunk: int = INVARIANT_CHUNK) -> torch.Tensor:
+    def sample(self, model, shape, run: RunOptions | None = None, *, progress: bool = True, device=None,
+               **options) -> torch.Tensor:
         """Run the whole chain; returns x_0 (fp32, roughly in [-1, 1]), laid out as the path keeps x_t.
 
         Image k of a run (k = image_index + position in the batch) draws from (seed, k) alone: the same
         x_T and noise whatever the batch size, the process count or the loop (eager, graph engine). With
-        ``batch_invariant`` image k is the same bits too (see SamplingPlan).
+        ``batch_invariant`` image k is the same bits too (see SamplingPlan). Options as for ``plan``.
         """
-        plan = self.plan(model, shape, seed=seed, generator=generator, x_T=x_T, guidance_scale=guidance_scale,
-                         class_labels=class_labels, image_index=image_index, device=device,
-                         batch_invariant=batch_invariant, invariant_chunk=invariant_chunk)
-        start = time.perf_counter()
-        x = plan.run(progress=progress)
-        self.last_run_seconds = time.perf_counter() - start
-        return x
-
-
-class SamplingPlan:
-    """One sampling run, built once; every loop (Python, C++, CUDA-graph replay) runs ``step()``.
-
-    Holds the run's draws (x_T, labels and null labels, the noise key [seed, step] and each image's global
-    index), the per-step device tables (model timestep and coefficient row of step i), the state buffers
-    (``x``: fp32 x_t; for a fast fp16/bf16 model also the half copy the U-Net reads; for a multistep solver
-    the ``history`` of previous data predictions) and the step counter.
-    ``step()`` reads the step index from the device counter and updates the buffers in place: it makes no
-    host read, so a CUDA graph can capture it once and replay it. ``start()`` loads new draws into the same
-    buffers (the graph engine reuses a captured plan that way).
-
-    Noise is the project's Philox stream (ddpm_fast.noise): x_T of image k is a function of (seed, k), the
-    noise of step i of image k a function of (seed, k, i).
-
-    ``batch_invariant``: the U-Net always sees a batch of exactly ``invariant_chunk`` images (the batch in
-    chunks, the last one padded with zeros; guided, the cond/uncond pair of such a chunk), read from the same
-    buffer every time, and on a CPU computes on one thread. GEMM and convolution libraries pick their kernels
-    and blocking (so their rounding) by shape and, on a CPU, by thread count, not by an image's place in the
-    batch; with shape and threads fixed, image k is the same bits for any batch size, process count or loop
-    (tests/test_plan.py holds this, each half failing without its part). Bits depend on the chunk size, so
-    compare runs made with the same one. The price: padding (a batch under the chunk size pays for a whole
-    chunk) and, on a CPU, one core per process (torchrun processes use more cores, with the same images).
-    """
-
-    def __init__(self, sampler: _Sampler, model, shape, *, seed=None, generator=None, x_T=None,
-                 guidance_scale=None, class_labels=None, image_index=0, device=None, batch_invariant=False,
-                 invariant_chunk=INVARIANT_CHUNK):
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 4 or min(shape) < 1:
-            raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
-        if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        if isinstance(invariant_chunk, bool) or not isinstance(invariant_chunk, int) or invariant_chunk < 1:
-            raise ValueError(f"invariant_chunk must be a positive int, got {invariant_chunk!r}")
-        param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
-        self.sampler, self.model, self.shape, self.n = sampler, model, shape, shape[0]
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        self.fast_dtype = getattr(model, "compute_dtype", None)
-        fmt = torch.channels_last if self.fast_dtype is not None else torch.contiguous_format
-        self.x = torch.empty(shape, device=self.device, dtype=torch.float32, memory_format=fmt)
-        half = self.fast_dtype not in (None, torch.float32)
-        self.x_half = torch.empty_like(self.x, dtype=self.fast_dtype) if half else None
-        self.coefs, lookup = sampler.device_tables(self.device)
-        self.steps_t = sampler.timesteps.to(self.device)  # model timestep of step i
-        self.steps_row = lookup[self.steps_t]  # coefficient row of step i
-        self.counter = torch.zeros(2, dtype=torch.int64, device=self.device)  # [seed, step]
-        self.images = torch.zeros(self.n, dtype=torch.int64, device=self.device)
-        self.key = NoiseKey(self.counter, self.images) if bool((sampler.coefs[:, SIGMA] > 0).any()) else None
-        # A multistep solver's memory: the previous steps' data predictions (zeroed by start()).
-        self.history = tuple(torch.zeros_like(self.x) for _ in range(getattr(sampler, "history_depth", 0)))
-        self.labels = self.null = None
-        self.num_steps = sampler.num_steps
-        self.start(seed=seed, generator=generator, x_T=x_T, class_labels=class_labels, image_index=image_index)
-        self.batch_invariant, self.chunk = bool(batch_invariant), invariant_chunk
-        if self.batch_invariant:
-            # What the U-Net reads in a batch-invariant step: always this buffer, this shape (padding stays zero).
-            inp = self.model_input
-            self._chunk_x = torch.empty((self.chunk, *shape[1:]), dtype=inp.dtype, device=self.device,
-                                        memory_format=fmt).zero_()
-            self._chunk_labels = (None if self.labels is None else
-                                  torch.zeros(self.chunk, dtype=torch.int64, device=self.device))
-            self._chunk_null = None if self.null is None else self.null[:1].repeat(self.chunk)
-
-    @property
-    def model_input(self) -> torch.Tensor:
-        """The buffer the U-Net reads: the half copy on an fp16/bf16 fast model, else x itself."""
-        return self.x if self.x_half is None else self.x_half
-
-    def start(self, *, seed=None, generator=None, x_T=None, class_labels=None, image_index=0) -> SamplingPlan:
-        """Load a run's draws into the buffers (in place) and rewind the step counter to 0."""
-        if seed is None:
-            # No seed: one from the generator, or from torch's global RNG (so torch.manual_seed applies).
-            seed = int(torch.randint(0, MAX_SEED, (), generator=generator, device=generator.device
-                                     if generator is not None else "cpu").item())
-        seed = check_seed(seed)
-        images = _image_indices(image_index, self.n)
-        labels, null = _prepare_labels(self.model, class_labels, self.guidance_scale, self.n, self.device)
-        if self.labels is None or labels is None:
-            self.labels, self.null = labels, null
-        else:
-            self.labels.copy_(labels)
-        if x_T is None:
-            x_T = initial_noise(self.shape, seed, images, self.device, ops.memory_format(self.x))
-        elif not torch.is_tensor(x_T) or tuple(x_T.shape) != self.shape or not x_T.is_floating_point():
-            desc = f"{tuple(x_T.shape)} {x_T.dtype}" if torch.is_tensor(x_T) else type(x_T).__name__
-            raise ValueError(f"x_T must be a floating tensor of shape {self.shape}, got {desc}")
-        self.x.copy_(x_T)
-        for h in self.history:
-            h.zero_()  # early steps weigh them by 0, and 0 * (garbage or NaN) must not appear
-        if self.x_half is not None:
-            self.x_half.copy_(self.x)
-        self.images.copy_(images)
-        self.counter.copy_(torch.tensor([seed, 0], dtype=torch.int64))
-        self.seed, self.done = seed, 0
-        return self
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """One reverse step, in place; the step index comes from the device counter (no host read)."""
-        i = self.counter[1:]
-        t = self.steps_t[i].expand(self.n)
-        row = self.steps_row[i].expand(self.n)
-        if self.batch_invariant:
-            eps_c, eps_u = self._eps_in_chunks(t[:1])
-        else:
-            eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
-        ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
-                         1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
-                         half_out=self.x_half, history=self.history)
-        self.counter[1:] += 1
-        self.done += 1
-
-    def _eps_in_chunks(self, t1: torch.Tensor):
-        """model_eps over fixed-size chunks of the batch (see batch_invariant), into buffers laid out as x."""
-        x, buf, m = self.model_input, self._chunk_x, self.chunk
-        labels = self._chunk_labels
-        t = t1.expand(m)
-        eps_c = eps_u = None
-        with _one_cpu_thread(self.device):
-            for start in range(0, self.n, m):
-                k = min(m, self.n - start)
-                buf[:k].copy_(x[start:start + k])
-                if k < m:
-                    buf[k:].zero_()
-                if labels is not None:
-                    labels[:k].copy_(self.labels[start:start + k])
-                c, u = model_eps(self.model, buf, t, labels, self._chunk_null)
-                if eps_c is None:
-                    eps_c = torch.empty_like(self.x, dtype=c.dtype)
-                    eps_u = None if u is None else torch.empty_like(self.x, dtype=u.dtype)
-                eps_c[start:start + k].copy_(c[:k])
-                if u is not None:
-                    eps_u[start:start + k].copy_(u[:k])
-        return eps_c, eps_u
-
-    @torch.no_grad()
-    def run(self, progress: bool = False) -> torch.Tensor:
-        """Take the remaining steps (Python loop); returns a copy of the final state x_0."""
-        from tqdm.auto import tqdm
-
-        left = self.num_steps - self.done
-        with tqdm(total=left * self.n, unit="img-step", unit_scale=True, disable=not progress,
-                  desc=type(self.sampler).__name__, leave=False) as bar:
-            for _ in range(left):
-                self.step()
-                bar.update(self.n)
-        return self.x.clone()
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """On a CPU, torch's intra-op threads set to one for the block: oneDNN/MKL split some convolutions and
-    GEMMs by thread count, which changes their rounding (a 1x1 convolution of the digits model does)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _image_indices(image_index, n: int) -> torch.Tensor:
-    """Global image indices of a batch: ``image_index`` is the first one (an int) or all n of them."""
-    if isinstance(image_index, int) and not isinstance(image_index, bool):
-        images = torch.arange(image_index, image_index + n, dtype=torch.int64)
-    else:
-        images = torch.as_tensor(image_index)
-        if images.shape != (n,) or images.is_floating_point() or images.dtype == torch.bool:
-            raise ValueError(f"image_index must be an int or {n} integer indices, got {tuple(images.shape)}")
-        images = images.to("cpu", torch.int64)
-    if n and (int(images.min()) < 0 or int(images.max()) >= 2**31):
-        raise ValueError("image indices must lie in [0, 2**31)")
-    return images
-
-
-def model_eps(model, x_in, t, labels, null):
-    """(eps_cond, eps_uncond): with a null label, both halves of guidance in one batched forward;
-    without one, (eps, None)."""
-    if null is None:
-        return model(x_in, t, labels), None
-    eps = model(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([labels, null]))
-    eps_c, eps_u = eps.chunk(2)
-    return eps_c, eps_u
-
-
-def _prepare_labels(model, class_labels, guidance_scale, n, device):
-    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    if guidance_scale is not None and not num_classes:
-        raise ValueError("guidance_scale needs a class-conditional model (config.num_classes)")
-    if class_labels is None:
-        if guidance_scale is not None:
-            raise ValueError("guidance_scale needs class_labels")
-        if num_classes:
-            # A conditional model without labels samples unconditionally: the null label.
-            return torch.full((n,), num_classes, dtype=torch.int64, device=device), None
-        return None, None
-    if not num_classes:
-        raise ValueError("class_labels given, but the model is unconditional")
-    labels = torch.as_tensor(class_labels, dtype=torch.int64, device=device)
-    if labels.dim() == 0:
-        labels = labels.expand(n)
-    if labels.shape != (n,):
-        raise ValueError(f"class_labels must be an int or have shape ({n},), got {tuple(labels.shape)}")
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}]")
-    null = torch.full_like(labels, num_classes) if guidance_scale is not None else None
-    return labels, null
+        return self.plan(model, shape, run, device=device, **options).run(progress=progress)
 
 
 class DDPMSampler(_Sampler):

@@ -12,25 +12,7 @@ import math
 
 import torch
 
-from ddpm_fast import ops
-
 SPACINGS = ("leading", "trailing", "linspace")
-
-_TABLES = (
-    "betas",
-    "alphas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
 
 
 class NoiseSchedule:
@@ -64,7 +46,6 @@ class NoiseSchedule:
         acp, acp_prev = self.alphas_cumprod, self.alphas_cumprod_prev
         self.sqrt_alphas_cumprod = acp.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - acp).sqrt()
-        self.log_one_minus_alphas_cumprod = torch.log1p(-acp)
         self.sqrt_recip_alphas_cumprod = (1.0 / acp).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / acp - 1.0).sqrt()
         self.posterior_variance = b * (1.0 - acp_prev) / (1.0 - acp)
@@ -165,25 +146,12 @@ class NoiseSchedule:
 
     # ---- forward process ----------------------------------------------------------------------
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, per-sample t (reference implementation)."""
-        from ddpm_fast.ops.q_sample import validate_q_sample_args
-
-        validate_q_sample_args(x0, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, noise)
-        if noise is None:
-            raise ValueError("noise is required (ops.q_sample draws it for you)")
-        return ops.q_sample_ref(x0, t.to(x0.device, torch.int64), self.sqrt_alphas_cumprod,
-                                self.sqrt_one_minus_alphas_cumprod, noise)
-
     def device_table(self, name: str, device) -> torch.Tensor:
         """Table ``name`` as fp32 on ``device``, copied once per device (hot loops reuse it)."""
         key = (name, str(torch.device(device)))
         if key not in self._device_tables:
             self._device_tables[key] = getattr(self, name).to(device=device, dtype=torch.float32)
         return self._device_tables[key]
-
-    def tables(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in _TABLES}
 
     def __len__(self) -> int:
         return self.num_timesteps

@@ -30,15 +30,13 @@ from ddpm_fast.checkpoint import (
     RUN_CHECKPOINT,
     RUN_MODEL_FOLDER,
     CheckpointError,
-    atomic_write,
-    prepare_output_folder,
     read_torch_file,
-    remove_stale_temp_files,
     save_pretrained,
 )
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.data import BatchStream, DataError, FolderDataset, ImageData, batch_loader, load_data, to_model_range
 from ddpm_fast.distributed import Dist, parse_device
+from ddpm_fast.fileio import atomic_write, prepare_output_folder, remove_stale_temp_files
 from ddpm_fast.images import save_grid
 from ddpm_fast.losses import training_loss
 from ddpm_fast.metrics import LOSS_PLOT_NAME, METRICS_NAME, MetricsLog, plot_loss
@@ -49,7 +47,7 @@ from ddpm_fast.unet import UNet
 CHECKPOINT_NAME = RUN_CHECKPOINT
 # Flags added after checkpoints were first written: the value that reproduces what those runs did.
 _LEGACY_DEFAULTS = {"hflip": "off"}
-MAX_SEED = 2**50  # the per-process generators are seeded with seed * 1000 + offsets (< 2**63)
+MAX_TRAIN_SEED = 2**50  # the per-process generators are seeded with seed * 1000 + offsets (< 2**63)
 # L_simple is E|eps - eps_hat|^2 per element with eps ~ N(0, 1): about 1 for a model that predicts no noise at
 # all. A loss a thousand times that is no training dynamics but diverged weights (one more step is NaN).
 DIVERGED_LOSS = 1e3
@@ -83,7 +81,7 @@ class TrainConfig:
                       choices=["auto", "on", "off"])
     workers: int = _opt(-1, "processes decoding batches of an image folder ahead of the training step (-1: auto, "
                         "min(4, CPU cores - 1) for a folder, 0 for in-memory data: .npz, digits)")
-    seed: int = _opt(0, f"random seed in [0, 2**{int(math.log2(MAX_SEED))})", run=True)
+    seed: int = _opt(0, f"random seed in [0, 2**{int(math.log2(MAX_TRAIN_SEED))})", run=True)
     sample_every: int = _opt(0, "write a sample grid every N steps (0: off)")
     save_every: int = _opt(1000, "write the checkpoint every N steps (0: only at the end)")
     log_every: int = _opt(50, "update the progress bar's loss and append a line to OUT/metrics.jsonl every N steps")
@@ -124,8 +122,8 @@ class TrainConfig:
             errs.append(f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}")
         if self.workers < -1:
             errs.append(f"--workers must be >= 0 (or -1: auto), got {self.workers}")
-        if not 0 <= self.seed < MAX_SEED:
-            errs.append(f"--seed must be in [0, 2**{int(math.log2(MAX_SEED))}), got {self.seed}")
+        if not 0 <= self.seed < MAX_TRAIN_SEED:
+            errs.append(f"--seed must be in [0, 2**{int(math.log2(MAX_TRAIN_SEED))}), got {self.seed}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             errs.append("--tensorboard needs the tensorboard package (pip install tensorboard)")
         if self.resume is not None and self.overwrite:
@@ -426,20 +424,80 @@ def _prepare_out(cfg: TrainConfig, dist_ctx: Dist, ckpt_path: str) -> None:
         print(f"--overwrite: the run in {out} is replaced from the first save on", file=sys.stderr)
 
 
+class _RunOutputs:
+    """What a run writes besides the weights it trains: the checkpoint (and which step it holds), the
+    metrics rows, the loss plot and preview grids. Rank 0 writes; every rank keeps the bookkeeping."""
+
+    def __init__(self, cfg: TrainConfig, trainer: Trainer, dist_ctx: Dist, resume_path: str | None):
+        self.cfg, self.trainer, self.dist = cfg, trainer, dist_ctx
+        self.ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+        self.saved_at = trainer.step_count if resume_path == self.ckpt_path else None
+        self.metrics_path = os.path.join(cfg.out, METRICS_NAME)
+        self.plot_path = os.path.join(cfg.out, LOSS_PLOT_NAME)
+        board = os.path.join(cfg.out, "tensorboard") if cfg.tensorboard else None
+        self.metrics = (MetricsLog(self.metrics_path, trainer.step_count if resume_path else None, board)
+                        if dist_ctx.main else None)
+
+    def save(self) -> None:
+        """The checkpoint of this step, after the loss, gradients and weights to be saved are checked."""
+        self.trainer.check_finite()
+        self.trainer.verify_weights()
+        payload = self.trainer.state_dict()
+        if self.dist.main:
+            atomic_write(self.ckpt_path, lambda p: torch.save(payload, p))
+        self.saved_at = self.trainer.step_count
+
+    def log(self, step: int, loss: float, lr: float, rate: float) -> None:
+        if self.metrics is not None:
+            grad = None if self.trainer.grad_norm is None else float(self.trainer.grad_norm)
+            self.metrics.append(step=step, loss=loss, lr=lr, grad_norm=grad, images_per_s=round(rate, 2),
+                                time=round(time.time(), 3))
+
+    def preview(self, step: int) -> None:
+        if self.dist.main:
+            _sample_grid(self.trainer.ema, self.trainer.schedule,
+                         os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png"))
+            plot_loss(self.metrics_path, self.plot_path)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            plot_loss(self.metrics_path, self.plot_path)
+
+    def last_good(self) -> str:
+        return (f"{self.ckpt_path} (step {self.saved_at}) is the last good state and was kept"
+                if self.saved_at is not None else "no checkpoint was written")
+
+
 def train(cfg: TrainConfig) -> str:
     """Run the training ``cfg`` describes; returns the exported model folder.
 
     Raises TrainingInterrupted after SIGINT/SIGTERM (the step boundary it stopped at is saved) and
     TrainingDiverged on non-finite values (the last good checkpoint is kept)."""
     dist_ctx = Dist(cfg.device)
-    out = cfg.out
-    ckpt_path = os.path.join(out, CHECKPOINT_NAME)
+    cfg, trainer, outputs = _load(cfg, dist_ctx)
+    try:
+        stopped = _loop(cfg, trainer, outputs, dist_ctx)
+    except TrainingDiverged as exc:
+        dist_ctx.close()
+        raise TrainingDiverged(f"{exc}; {outputs.last_good()}") from None
+    outputs.close()
+    if stopped:
+        dist_ctx.close()
+        name = signal.Signals(stopped).name
+        raise TrainingInterrupted(stopped, f"{name} at step {trainer.step_count}: checkpoint saved to "
+                                           f"{outputs.ckpt_path} (continue with --resume)")
+    return _export(cfg, trainer, outputs, dist_ctx)
+
+
+def _load(cfg: TrainConfig, dist_ctx: Dist) -> tuple[TrainConfig, Trainer, _RunOutputs]:
+    """Check the output folder, read the state to resume, load the data, build the trainer."""
+    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     ucfg = UNetConfig.from_name(cfg.config)
     if cfg.hflip == "auto":  # resolved before it is compared or saved: the checkpoint says what ran
         cfg = dataclasses.replace(cfg, hflip="on" if ucfg.in_channels == 3 else "off")
     _prepare_out(cfg, dist_ctx, ckpt_path)
     state, resume_path = _read_resume_state(cfg, ckpt_path) if cfg.resume else (None, None)
-
     data = load_data(cfg.data, ucfg.sample_size, ucfg.in_channels)
     if dist_ctx.main:
         for note in data.notes:
@@ -447,76 +505,51 @@ def train(cfg: TrainConfig) -> str:
     trainer = Trainer(cfg, data, dist_ctx)
     if state is not None:
         trainer.load_state_dict(state, resume_path)
-        del state
-    saved_at = trainer.step_count if resume_path == ckpt_path else None
-    metrics_path, plot_path = os.path.join(out, METRICS_NAME), os.path.join(out, LOSS_PLOT_NAME)
-    board = os.path.join(out, "tensorboard") if cfg.tensorboard else None
-    metrics = MetricsLog(metrics_path, trainer.step_count if resume_path else None, board) if dist_ctx.main else None
+    return cfg, trainer, _RunOutputs(cfg, trainer, dist_ctx, resume_path)
 
-    def save():
-        nonlocal saved_at
-        trainer.check_finite()
-        trainer.verify_weights()
-        payload = trainer.state_dict()
-        if dist_ctx.main:
-            atomic_write(ckpt_path, lambda p: torch.save(payload, p))
-        saved_at = trainer.step_count
 
+def _loop(cfg: TrainConfig, trainer: Trainer, outputs: _RunOutputs, dist_ctx: Dist) -> int | None:
+    """Step to cfg.steps, logging, checking, saving and previewing on their cadences; returns the signal
+    that stopped it early (its step boundary saved), or None."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=trainer.step_count, disable=cfg.no_progress or not dist_ctx.main,
-               desc="train", unit="step", dynamic_ncols=True)
     # On the CPU a host read costs nothing: check every step. On a GPU, at the log steps (and every save).
     check_every = 1 if dist_ctx.device.type == "cpu" else cfg.log_every
     last_log = (trainer.step_count, time.perf_counter())
     stopped = None
-    try:
-        with StopSignals() as stop:
-            while trainer.step_count < cfg.steps:
-                loss = trainer.step()
-                step = trainer.step_count
-                if step % check_every == 0:
-                    trainer.check_finite()
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    now = time.perf_counter()
-                    rate = (step - last_log[0]) * cfg.batch_size * dist_ctx.world / max(now - last_log[1], 1e-9)
-                    last_log = (step, now)
-                    value, lr = loss.item(), trainer.lr_at(step - 1)
-                    bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.1e}")
-                    if metrics is not None:
-                        grad = None if trainer.grad_norm is None else float(trainer.grad_norm)
-                        metrics.append(step=step, loss=value, lr=lr, grad_norm=grad, images_per_s=round(rate, 2),
-                                       time=round(time.time(), 3))
-                bar.update(1)
-                stopped = dist_ctx.max_int(stop.requested or 0) or None
-                if stopped:
-                    break
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    save()
-                if cfg.sample_every and step % cfg.sample_every == 0 and dist_ctx.main:
-                    _sample_grid(trainer.ema, trainer.schedule, os.path.join(out, "samples", f"step_{step:07d}.png"))
-                    plot_loss(metrics_path, plot_path)
-            bar.close()
-            if saved_at != trainer.step_count:
-                save()
-    except TrainingDiverged as exc:
+    with tqdm(total=cfg.steps, initial=trainer.step_count, disable=cfg.no_progress or not dist_ctx.main,
+              desc="train", unit="step", dynamic_ncols=True) as bar, StopSignals() as stop:
+        while trainer.step_count < cfg.steps:
+            loss = trainer.step()
+            step = trainer.step_count
+            if step % check_every == 0:
+                trainer.check_finite()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                rate = (step - last_log[0]) * cfg.batch_size * dist_ctx.world / max(now - last_log[1], 1e-9)
+                last_log = (step, now)
+                value, lr = loss.item(), trainer.lr_at(step - 1)
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.1e}")
+                outputs.log(step, value, lr, rate)
+            bar.update(1)
+            stopped = dist_ctx.max_int(stop.requested or 0) or None
+            if stopped:
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                outputs.save()
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                outputs.preview(step)
         bar.close()
-        dist_ctx.close()
-        kept = (f"{ckpt_path} (step {saved_at}) is the last good state and was kept" if saved_at is not None
-                else "no checkpoint was written")
-        raise TrainingDiverged(f"{exc}; {kept}") from None
-    if dist_ctx.main:
-        metrics.close()
-        plot_loss(metrics_path, plot_path)
-    if stopped:
-        dist_ctx.close()
-        name = signal.Signals(stopped).name
-        raise TrainingInterrupted(stopped, f"{name} at step {trainer.step_count}: checkpoint saved to {ckpt_path} "
-                                           "(continue with --resume)")
-    export = os.path.join(out, RUN_MODEL_FOLDER)
+        if outputs.saved_at != trainer.step_count:
+            outputs.save()
+    return stopped
+
+
+def _export(cfg: TrainConfig, trainer: Trainer, outputs: _RunOutputs, dist_ctx: Dist) -> str:
+    export = os.path.join(cfg.out, RUN_MODEL_FOLDER)
     if dist_ctx.main:
         save_pretrained(trainer.ema, export, schedule=trainer.schedule, dtype=getattr(torch, cfg.export_dtype))
-        print(f"done: {trainer.step_count} steps; checkpoint {ckpt_path}; EMA model {export}")
+        print(f"done: {trainer.step_count} steps; checkpoint {outputs.ckpt_path}; EMA model {export}")
     dist_ctx.barrier()
     dist_ctx.close()
     return export

@@ -4,20 +4,22 @@ single-head self-attention at chosen resolutions, dropout.
 Parameter names follow diffusers' UNet2DModel (down_blocks.i.resnets.j.norm1, ..., to_q/to_k/to_v/to_out.0)
 so its checkpoints load without renaming, and the pytorch_diffusion layout maps onto them one to one.
 Every GroupNorm(+SiLU)(+time-embedding add) goes through ddpm_fast.ops.group_norm_silu, so the same
-module runs the reference ops or the fused ones by backend.
+module runs the reference ops or the fused kernels, as the ops registry chose for the device.
 
-Two paths, one definition: a UNet is the fp32 NCHW reference; ``model.to_fast(torch.float16)`` returns a
-copy whose weights are cast once to fp16 (or bf16) channels_last, whose activations stay channels_last
-end to end, and whose attention runs through scaled_dot_product_attention (flash/memory-efficient
-kernels on a GPU). The original model is left untouched.
+Two paths, one definition: a UNet is the fp32 NCHW reference. ``model.to_fast(torch.float16)`` returns a
+FastUNet, a separate module built from a copy of it: weights cast once to fp16 (or bf16) channels_last,
+activations channels_last end to end, attention through scaled_dot_product_attention (flash/memory-efficient
+kernels on a GPU). The original model is left untouched, and the state dict keeps its names.
 
-The fast copy also folds work that eager torch spends extra passes over memory or extra launches on
+The fast blocks (FastResnetBlock, FastAttentionBlock) are explicit modules built from the reference blocks,
+each with its own folds of work that eager torch spends extra passes over memory or extra launches on
 (cuDNN adds a convolution's bias in a pass of its own; at batch 1 a step costs what its launches cost):
 conv1's bias rides in the time-embedding add of norm2, conv2's and the 1x1 shortcut's biases and the
-residual add are one ops.residual_add, every ResBlock's time projection comes from one GEMM, and q/k/v
-are one GEMM. The folded parameters (summed biases, stacked weights) are derived from the same
-parameters, cached while no gradient is recorded and rebuilt when a source changes (see ``_folded``).
-``to_fast(fold=False)`` keeps the plain structure.
+residual add are one ops.residual_add, and q/k/v are one GEMM. FastUNet makes every ResBlock's time
+projection in one GEMM; each block is given its column slice of it when the FastUNet is built. The folded
+parameters (summed biases, stacked weights) are derived from the same parameters, cached while no gradient
+is recorded and rebuilt when a source changes (see ``_folded``). ``to_fast(fold=False)`` keeps the
+reference blocks' plain structure (SDPA attention only).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ _FREQS: dict[tuple, torch.Tensor] = {}
 
 def _sinusoid_freqs(half: int, freq_shift: float, max_period: float, device: torch.device) -> torch.Tensor:
     """exp(-log(max_period) * i / (half - freq_shift)), made once per device (four launches fewer per step)."""
+    if torch.compiler.is_compiling():  # a constant of the compiled graph
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device)
+                         / (half - freq_shift))
     key = (half, float(freq_shift), float(max_period), device)
     freqs = _FREQS.get(key)
     if freqs is None:
@@ -77,8 +82,8 @@ def _folded(module: nn.Module, name: str, fn, *sources: torch.Tensor) -> torch.T
     load_state_dict, bump it); the cache holds the sources' storage, so an address is never reused under
     it. During CUDA-graph capture a stale entry is recomputed inside the graph and not stored.
     """
-    if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
-        return fn(*sources)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
+        return fn(*sources)  # compiled: part of the graph (Inductor fuses it); autograd: gradients reach sources
     key = tuple((s.data_ptr(), s._version, s.dtype, s.shape) for s in sources)
     cache = module.__dict__.setdefault("_folded_cache", {})
     hit = cache.get(name)
@@ -99,7 +104,7 @@ class _Folding(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
-class ResnetBlock(_Folding):
+class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float, dropout: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
@@ -110,46 +115,24 @@ class ResnetBlock(_Folding):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    fused = False  # set on fast copies: biases folded into the neighbouring kernels
-
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, temb_add: torch.Tensor | None = None) -> torch.Tensor:
-        """``temb_add``, fused blocks only: this block's time_emb_proj(temb_act) + conv1.bias, precomputed
-        (the fast UNet makes every block's in one GEMM)."""
-        if self.fused:
-            return self._forward_fused(x, temb_act, temb_add)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``temb``: SiLU of the time embedding, the input of time_emb_proj."""
         h = self.conv1(_norm(self.norm1, x, silu=True))
-        h = _norm(self.norm2, h, silu=True, add=self.time_emb_proj(temb_act))
+        h = _norm(self.norm2, h, silu=True, add=self.time_emb_proj(temb))
         h = self.conv2(self.dropout(h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
-
-    def _forward_fused(self, x, temb_act, temb_add):
-        # norm2(conv1(a) + b1 + proj(temb)) = norm2(conv1_nobias(a) + (proj(temb) with bias + b1)).
-        h = F.conv2d(_norm(self.norm1, x, silu=True), self.conv1.weight, None, padding=1)
-        if temb_add is None:
-            temb_bias = _folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
-            temb_add = F.linear(temb_act, self.time_emb_proj.weight, temb_bias)
-        h = _norm(self.norm2, h, silu=True, add=temb_add)
-        h = F.conv2d(self.dropout(h), self.conv2.weight, None, padding=1)
-        if self.conv_shortcut is None:
-            return ops.residual_add(h, x, self.conv2.bias)
-        skip = F.conv2d(x, self.conv_shortcut.weight, None)
-        bias = _folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
-        return ops.residual_add(h, skip, bias)
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat(tensors)
 
 
-class AttentionBlock(_Folding):
+class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions, residual; one head unless head_dim says otherwise.
 
     In channels_last the (N, C, H, W) -> (N, HW, C) token view is free (no copy), in and out.
     """
-
-    use_sdpa = False  # set on fast copies (the reference writes the softmax out)
-    fused = False  # set on folded fast copies: q/k/v in one GEMM
 
     def __init__(self, ch: int, groups: int, eps: float, head_dim: int | None = None):
         super().__init__()
@@ -161,30 +144,30 @@ class AttentionBlock(_Folding):
         self.to_q = nn.Linear(ch, ch)
         self.to_k = nn.Linear(ch, ch)
         self.to_v = nn.Linear(ch, ch)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch), nn.Dropout(0.0)])
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers' name (its [1] is a parameterless Dropout)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, hgt, wid = x.shape
+        return _norm(self.group_norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        n, hw, c = t.shape
+        return t.reshape(n, hw, self.heads, c // self.heads).transpose(1, 2)
+
+    def _attend(self, q, k, v) -> torch.Tensor:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).to(v.dtype)
+        return w @ v
+
+    def _out(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        n, c, hgt, wid = x.shape
+        o = o.transpose(1, 2).reshape(n, hgt * wid, c)
+        return x + self.to_out[0](o).transpose(1, 2).reshape(n, c, hgt, wid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, hgt, wid = x.shape
-        h = _norm(self.group_norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)
-
-        def heads(t):
-            return t.reshape(n, hgt * wid, self.heads, c // self.heads).transpose(1, 2)
-
-        if self.fused:
-            w = _folded(self, "qkv_weight", _cat, self.to_q.weight, self.to_k.weight, self.to_v.weight)
-            b = _folded(self, "qkv_bias", _cat, self.to_q.bias, self.to_k.bias, self.to_v.bias)
-            q, k, v = (heads(t) for t in F.linear(h, w, b).split(c, dim=-1))
-        else:
-            q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
-        if self.use_sdpa:
-            o = F.scaled_dot_product_attention(q, k, v)
-        else:
-            scale = 1.0 / math.sqrt(c // self.heads)
-            w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).to(v.dtype)
-            o = w @ v
-        o = o.transpose(1, 2).reshape(n, hgt * wid, c)
-        o = self.to_out[0](o).transpose(1, 2).reshape(n, c, hgt, wid)
-        return x + o
+        h = self._tokens(x)
+        q, k, v = self._heads(self.to_q(h)), self._heads(self.to_k(h)), self._heads(self.to_v(h))
+        return self._out(x, self._attend(q, k, v))
 
 
 class Downsample(nn.Module):
@@ -225,10 +208,7 @@ def _paired_sums(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([a + b for a, b in zip(tensors[::2], tensors[1::2], strict=True)])
 
 
-class UNet(_Folding):
-    compute_dtype: torch.dtype | None = None  # set on fast copies (see to_fast)
-    fused = False  # set on folded fast copies: every ResBlock's time projection in one GEMM
-
+class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         if not isinstance(config, UNetConfig):
@@ -298,7 +278,7 @@ class UNet(_Folding):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    # ---- forward ------------------------------------------------------------------------------
+    # ---- inputs -------------------------------------------------------------------------------
 
     def _check_inputs(self, x, t, class_labels):
         cfg = self.config
@@ -352,29 +332,12 @@ class UNet(_Folding):
             emb = emb + self.class_embedding(class_labels.long()).to(emb.dtype)
         return F.silu(emb)
 
-    # ---- fast path ----------------------------------------------------------------------------
+    # ---- forward ------------------------------------------------------------------------------
 
-    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> UNet:
-        """A copy for the fast path: weights cast once to ``dtype`` and channels_last, folded blocks, SDPA.
-
-        Its forward takes x in any float dtype and layout and returns eps in ``dtype``, channels_last.
-        Run it with DDPM_FAST_BACKEND=auto (fused Triton ops on a GPU) or any explicit backend.
-        ``to_fast(torch.float32)`` is the training form: fp32 master weights, fp16/bf16 compute under
-        torch.autocast, the same folded blocks (their gradients flow to the original parameters).
-        ``fold=False`` keeps the blocks' plain torch structure (the fp16 eager / torch.compile baselines).
-        """
-        if dtype not in FAST_DTYPES:
-            raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
-        fast = copy.deepcopy(self)
-        fast.to(dtype=dtype, memory_format=torch.channels_last)
-        fast.compute_dtype = dtype
-        fast.fused = bool(fold)
-        for m in fast.modules():
-            if isinstance(m, (ResnetBlock, AttentionBlock)):
-                m.fused = bool(fold)
-            if isinstance(m, AttentionBlock):
-                m.use_sdpa = True
-        return fast
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the model casts its input to and computes in; None: x's own (the reference)."""
+        return None
 
     @property
     def is_fast(self) -> bool:
@@ -384,29 +347,27 @@ class UNet(_Folding):
         t, class_labels = self._check_inputs(x, t, class_labels)
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype).contiguous(memory_format=torch.channels_last)
-        temb = self.time_features(t, class_labels, self.conv_in.weight.dtype)
-        adds = iter(self._time_adds(temb)) if self.fused else None
+        return self._trunk(x, self.time_features(t, class_labels, self.conv_in.weight.dtype))
 
-        def res_block(res, h):
-            return res(h, temb) if adds is None else res(h, temb, next(adds))
-
+    def _trunk(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """conv_in ... conv_out; every ResBlock is called as block(h, temb) with what time_features gave."""
         h = self.conv_in(x)
         skips = [h]
         for lvl in self.down_blocks:
             for j, res in enumerate(lvl.resnets):
-                h = res_block(res, h)
+                h = res(h, temb)
                 if len(lvl.attentions):
                     h = lvl.attentions[j](h)
                 skips.append(h)
             for down in lvl.downsamplers:
                 h = down(h)
                 skips.append(h)
-        h = res_block(self.mid_block.resnets[0], h)
+        h = self.mid_block.resnets[0](h, temb)
         h = self.mid_block.attentions[0](h)
-        h = res_block(self.mid_block.resnets[1], h)
+        h = self.mid_block.resnets[1](h, temb)
         for lvl in self.up_blocks:
             for j, res in enumerate(lvl.resnets):
-                h = res_block(res, torch.cat([h, skips.pop()], dim=1))
+                h = res(torch.cat([h, skips.pop()], dim=1), temb)
                 if len(lvl.attentions):
                     h = lvl.attentions[j](h)
             for up in lvl.upsamplers:
@@ -414,19 +375,136 @@ class UNet(_Folding):
         h = _norm(self.conv_norm_out, h, silu=True)
         return self.conv_out(h)
 
-    def _resnets_in_order(self) -> list[ResnetBlock]:
-        """Every ResBlock in the order forward runs them."""
-        down = [r for lvl in self.down_blocks for r in lvl.resnets]
-        return down + list(self.mid_block.resnets) + [r for lvl in self.up_blocks for r in lvl.resnets]
+    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastUNet:
+        """The fast path: a FastUNet built from a copy of this model (this one is left untouched).
 
-    def _time_adds(self, temb: torch.Tensor) -> list[torch.Tensor]:
-        """Every ResBlock's time_emb_proj(temb) + conv1.bias from one GEMM (one launch instead of one per
-        block: at batch 1 launches are the cost), as column slices in forward order."""
-        blocks = self._resnets_in_order()
-        weight = _folded(self, "time_proj_weight", _cat, *(b.time_emb_proj.weight for b in blocks))
-        pairs = [t for b in blocks for t in (b.time_emb_proj.bias, b.conv1.bias)]
-        bias = _folded(self, "time_proj_bias", _paired_sums, *pairs)
-        return F.linear(temb, weight, bias).split([b.time_emb_proj.out_features for b in blocks], dim=1)
+        Its forward takes x in any float dtype and layout and returns eps in ``dtype``, channels_last.
+        ``to_fast(torch.float32)`` is the training form: fp32 master weights, fp16/bf16 compute under
+        torch.autocast, the same folded blocks (their gradients flow to the original parameters).
+        ``fold=False`` keeps the blocks' plain torch structure (the fp16 eager / torch.compile baselines).
+        """
+        if dtype not in FAST_DTYPES:
+            raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
+        return FastUNet(copy.deepcopy(self), dtype, fold=fold)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ---- the fast path ------------------------------------------------------------------------------
+
+
+class FastResnetBlock(_Folding, ResnetBlock):
+    """A ResnetBlock's fast form: its submodules (the same parameters), with conv1's bias folded into the
+    time-embedding add of norm2 and conv2's (+ the shortcut's) bias and the residual add in one residual_add.
+
+    ``time_slice``: the columns of this block's time projection (+ conv1.bias) in the FastUNet's one
+    time GEMM, whose output the block is then called with; None: the block is called with the time
+    activations, like a ResnetBlock, and projects them itself.
+    """
+
+    def __init__(self, block: ResnetBlock, time_slice: tuple[int, int] | None = None):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.conv_shortcut = block.conv_shortcut
+        self.time_slice = time_slice
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        # norm2(conv1(a) + b1 + proj(temb)) = norm2(conv1_nobias(a) + (proj(temb) with bias + b1)).
+        if self.time_slice is not None:
+            temb_add = temb[:, self.time_slice[0]:self.time_slice[1]]
+        else:
+            temb_bias = _folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
+            temb_add = F.linear(temb, self.time_emb_proj.weight, temb_bias)
+        h = F.conv2d(_norm(self.norm1, x, silu=True), self.conv1.weight, None, padding=1)
+        h = _norm(self.norm2, h, silu=True, add=temb_add)
+        h = F.conv2d(self.dropout(h), self.conv2.weight, None, padding=1)
+        if self.conv_shortcut is None:
+            return ops.residual_add(h, x, self.conv2.bias)
+        skip = F.conv2d(x, self.conv_shortcut.weight, None)
+        bias = _folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
+        return ops.residual_add(h, skip, bias)
+
+
+class FastAttentionBlock(_Folding, AttentionBlock):
+    """An AttentionBlock's fast form: SDPA (flash/memory-efficient kernels on a GPU); with ``fold``, q/k/v
+    from one GEMM over stacked weights."""
+
+    def __init__(self, block: AttentionBlock, fold: bool = True):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.heads = block.heads
+        self.fold = bool(fold)
+
+    def _attend(self, q, k, v) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fold:
+            return super().forward(x)
+        h = self._tokens(x)
+        w = _folded(self, "qkv_weight", _cat, self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        b = _folded(self, "qkv_bias", _cat, self.to_q.bias, self.to_k.bias, self.to_v.bias)
+        q, k, v = (self._heads(t) for t in F.linear(h, w, b).split(x.shape[1], dim=-1))
+        return self._out(x, self._attend(q, k, v))
+
+
+class FastUNet(_Folding, UNet):
+    """The fast path of a UNet (see the module docstring): built from a reference UNet, whose modules it
+    takes over (so ``model`` should be a copy: UNet.to_fast makes one), cast to ``dtype`` channels_last.
+
+    With ``fold``, every ResBlock becomes a FastResnetBlock given its column slice of one time GEMM
+    (all blocks' time_emb_proj weights stacked, biases summed with conv1's): one launch instead of one
+    per block. Slices are assigned here, by block, so no call order is assumed.
+    """
+
+    def __init__(self, model: UNet, dtype: torch.dtype, fold: bool = True):
+        if dtype not in FAST_DTYPES:
+            raise ValueError(f"FastUNet: dtype must be one of {FAST_DTYPES}, got {dtype}")
+        nn.Module.__init__(self)
+        self.config = model.config
+        for name, child in model.named_children():
+            setattr(self, name, child)
+        self.class_embedding = model.class_embedding
+        self.fold = bool(fold)
+        self._dtype = dtype
+        self._time_blocks: list[FastResnetBlock] = []
+        start = 0
+        for parent in list(self.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, ResnetBlock):
+                    if fold:
+                        width = child.time_emb_proj.out_features
+                        child = FastResnetBlock(child, (start, start + width))
+                        self._time_blocks.append(child)
+                        start += width
+                    setattr(parent, name, child)
+                elif isinstance(child, AttentionBlock):
+                    setattr(parent, name, FastAttentionBlock(child, fold))
+        self.to(dtype=dtype, memory_format=torch.channels_last)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def time_features(self, t, class_labels, dtype):
+        temb = super().time_features(t, class_labels, dtype)
+        if not self.fold:
+            return temb
+        blocks = self._time_blocks
+        weight = _folded(self, "time_proj_weight", _cat, *(b.time_emb_proj.weight for b in blocks))
+        pairs = [p for b in blocks for p in (b.time_emb_proj.bias, b.conv1.bias)]
+        bias = _folded(self, "time_proj_bias", _paired_sums, *pairs)
+        return F.linear(temb, weight, bias)
+
+    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastUNet:
+        raise TypeError("to_fast: this model is already a FastUNet; call to_fast on the reference UNet")
+
+
+def compile_model(model: UNet, **options) -> nn.Module:
+    """``torch.compile(model)`` with no graph breaks (the fused ops are registered torch ops Inductor keeps
+    between the code it generates). The result samples like the model: it forwards ``compute_dtype``,
+    ``config`` and the parameters. Each new input shape compiles once; the first call takes a while."""
+    return torch.compile(model, fullgraph=True, dynamic=False, **options)

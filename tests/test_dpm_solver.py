@@ -1,5 +1,7 @@
 """DPMSolverSampler: the same timesteps and samples as diffusers' DPMSolverMultistepScheduler."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -17,6 +19,9 @@ DIFFUSERS_BETAS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 class SmoothEps(nn.Module):
     """A cheap, x- and t-dependent stand-in for a U-Net: a multistep solver must see eps change along the path."""
+
+    compute_dtype = None  # a Denoiser: computes in x's dtype, unconditional
+    config = SimpleNamespace(num_classes=None)
 
     def __init__(self, seed=0):
         super().__init__()

@@ -57,7 +57,7 @@ def test_guard_catches_the_old_seed_truthiness():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("guided", [False, True])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "native"])
 def test_fast_plan_step_makes_no_host_read(dtype, name, guided, backend):
     """What the graph engine captures, run on CPU tensors (Triton through its interpreter; the C++ kernels)
     under the guard: any device->host read would be an error inside CUDA-graph capture."""
@@ -66,7 +66,7 @@ def test_fast_plan_step_makes_no_host_read(dtype, name, guided, backend):
 
 @pytest.mark.parametrize("name", ["ddim-eta1", "dpm++3m"])
 @pytest.mark.parametrize("dtype, guided", [(torch.float16, False), (torch.float16, True), (torch.bfloat16, False)])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "native"])
 def test_batch_invariant_plan_step_makes_no_host_read(name, dtype, guided, backend):
     """The chunked step is captured too: its loop, slicing and padding read nothing back. (Its chunk-sized
     launches are recorded here for the AOT compile as well.)"""
@@ -194,7 +194,7 @@ def test_eager_and_engine_loops_agree_bit_for_bit(name):
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
 @pytest.mark.parametrize("name", ["ddim-eta1", "dpm++sde", "dpm++3m"])
 def test_fast_path_backends_draw_the_same_noise(backend, name):
     """The fused kernels draw the reference stream: the fast path on every backend samples the same images

@@ -46,11 +46,11 @@ def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7):
     )
 
 
-def _native_available(device, backend="cuda"):
+def _native_available(device, backend="native"):
     return ops.backend_unavailable_reason(backend, torch.device(device)) is None
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 384, 17, 17), (2, 4, 32, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -78,7 +78,7 @@ def test_kernel_matches_ref(backend, device, shape, dtype, channels_last, guided
     torch.testing.assert_close(half_out.float(), want, atol=HALF_TOL[half][0], rtol=HALF_TOL[half][1])
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -130,7 +130,7 @@ def test_ref_clips_x0_and_uses_all_coefficients():
         0.3 * 5.5 + 0.2 * 3.0 + 0.1 * 0.5 + 0.05 * 2.0)
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("sampler", [
     DDPMSampler(NoiseSchedule.linear(50)),
     DDPMSampler(NoiseSchedule.cosine(50), variance="fixed_large", clip_denoised=False),
@@ -165,7 +165,7 @@ def _in_kernel_noise(backend, device, shape, seed, step, images=None, channels_l
         return reverse_step(x, torch.randn_like(x), coefs, index, _key(seed, step, images, device))
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["native", "triton", "torch"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_in_kernel_noise_statistics(backend, device):
     if not _native_available(device, backend):
@@ -187,7 +187,7 @@ def test_in_kernel_noise_statistics(backend, device):
         assert abs(corr) < 5 / a.numel() ** 0.5, f"noise correlated across {what}: {corr}"
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_in_kernel_noise_is_the_project_stream(backend, device, channels_last):
@@ -203,7 +203,7 @@ def test_in_kernel_noise_is_the_project_stream(backend, device, channels_last):
     assert torch.equal(alone, got[1:2]), "image 0's noise must not depend on its batch"
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["native", "triton", "torch"])
 @pytest.mark.parametrize("bad", [-1, 7, 10**6])
 def test_out_of_range_index_is_an_error_on_every_backend(backend, bad):
     if not _native_available("cpu", backend):
@@ -276,18 +276,34 @@ def test_backend_switch(monkeypatch):
         with ops.use_backend("fastest"):
             pass
     # auto on the CPU: the extension's C++ kernel where the op has one, else the reference.
-    native = "cuda" if ops.extension() is not None else "torch"
-    assert ops.resolve_backend("reverse_step", torch.device("cpu"), ("cuda", "torch")) == native
-    assert ops.resolve_backend("q_sample", torch.device("cpu"), ("triton", "torch")) == "torch"
+    native = "native" if ops.extension() is not None else "torch"
+    with ops.use_backend("auto"):
+        assert ops.backend_for("reverse_step", "cpu") == native
+        assert ops.backend_for("q_sample", "cpu") == "torch"
+    # The old name of the native backend still works, with one warning.
+    with ops.use_backend("cuda"):
+        assert ops.requested_backend() == "native"
     # An explicit backend that cannot run raises (the tests otherwise run Triton through its interpreter).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ops.registry, "_TRITON_INTERPRET", False)
     x = torch.randn(1, 3, 4, 4)
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=triton cannot run"):
         reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
-    monkeypatch.setattr(ops, "_C", None)
-    assert ops.resolve_backend("reverse_step", torch.device("cpu"), ("cuda", "torch")) == "torch"
-    with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=cuda cannot run"):
+    monkeypatch.setattr(ops.registry, "_C", None)
+    with ops.use_backend("auto"):
+        assert ops.backend_for("reverse_step", "cpu") == "torch"
+    with ops.use_backend("native"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=native cannot run"):
         reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
+
+
+def test_backend_is_chosen_once_per_device_type(monkeypatch):
+    """The environment is read when the package is imported, not per call: changing it later does nothing
+    until the user switches (set_backend)."""
+    with ops.use_backend("torch"):
+        assert ops.backend_for("residual_add", "cpu") == "torch"
+        monkeypatch.setenv("DDPM_FAST_BACKEND", "triton")
+        assert ops.backend_for("residual_add", "cpu") == "torch"
+        ops.set_backend("triton")
+        assert ops.backend_for("residual_add", "cpu") == "triton"
 
 
 @pytest.mark.gpu

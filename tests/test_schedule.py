@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import diffusers_peer
 
-from ddpm_fast import NoiseSchedule
+from ddpm_fast import NoiseSchedule, ops
 from ddpm_fast.schedule import space_timesteps
 
 
@@ -119,12 +119,18 @@ def test_respace_preserves_alphas_cumprod():
         s.respace([0, 1000])
 
 
+def _q_sample(s, x0, t, noise):
+    """The forward process on the schedule's tables (ops.q_sample, its torch reference)."""
+    with ops.use_backend("torch"):
+        return ops.q_sample(x0, t, s.sqrt_alphas_cumprod, s.sqrt_one_minus_alphas_cumprod, noise=noise)[0]
+
+
 def test_q_sample_formula():
     s = NoiseSchedule.cosine(100)
     x0 = torch.randn(4, 3, 5, 5)
     noise = torch.randn_like(x0)
     t = torch.tensor([0, 10, 50, 99])
-    got = s.q_sample(x0, t, noise)
+    got = _q_sample(s, x0, t, noise)
     acp = s.alphas_cumprod[t].view(-1, 1, 1, 1)
     want = acp.sqrt() * x0.double() + (1 - acp).sqrt() * noise.double()
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
@@ -134,13 +140,13 @@ def test_q_sample_bad_input():
     s = NoiseSchedule.linear(10)
     x0 = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        s.q_sample(x0, torch.tensor([1, 2, 3]), torch.randn_like(x0))
+        _q_sample(s, x0, torch.tensor([1, 2, 3]), torch.randn_like(x0))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        s.q_sample(x0, torch.tensor([1.0, 2.0]), torch.randn_like(x0))
+        _q_sample(s, x0, torch.tensor([1.0, 2.0]), torch.randn_like(x0))
     with pytest.raises(RuntimeError, match=r"must lie in \[0, 9\]"):  # a device-side check, no host read
-        s.q_sample(x0, torch.tensor([1, 10]), torch.randn_like(x0))
+        _q_sample(s, x0, torch.tensor([1, 10]), torch.randn_like(x0))
     with pytest.raises(ValueError, match="noise shape"):
-        s.q_sample(x0, torch.tensor([1, 2]), torch.randn(2, 3, 4, 5))
+        _q_sample(s, x0, torch.tensor([1, 2]), torch.randn(2, 3, 4, 5))
 
 
 @pytest.mark.parametrize("kw, message", [(dict(s=-1.0), "s must lie in"), (dict(s=float("nan")), "s must lie in"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddpm_fast import train as train_cli
-from ddpm_fast.checkpoint import TEMP_PREFIX
+from ddpm_fast.fileio import TEMP_PREFIX
 
 TRAIN = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--no-progress"]
 

@@ -14,7 +14,8 @@ merges its group's partials and normalizes its chunk. Each chunk is walked in me
 ``_apply`` also keeps each group's mean and rstd for the backward.
 
 On the CPU the extension's C++ kernel (csrc/group_norm_silu_cpu.cpp) runs the forward of calls that
-autograd does not record; the others take the reference.
+autograd does not record; the others take the reference. The kernel backends run as the registered torch
+op ddpm_fast::group_norm_silu (y, mean, rstd), whose autograd is ddpm_fast::group_norm_silu_backward.
 
 Backward, two kernels over tiles of (positions x the group's channels): ``_bwd_reduce`` sums
 dL/dxhat and dL/dxhat * xhat per group and the weight/bias gradients per channel; ``_bwd_apply``
@@ -30,7 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ddpm_fast import ops
+from ddpm_fast.base import memory_format
+from ddpm_fast.ops import registry
 
 try:
     import triton
@@ -38,10 +40,9 @@ try:
 except ImportError:  # the torch reference still works
     triton = None
 
-_IMPLEMENTED = ("triton", "torch")
 # On the CPU the extension has a forward kernel (csrc/group_norm_silu_cpu.cpp); calls that autograd
-# records take the reference, whose backward torch derives.
-_IMPLEMENTED_CPU = ("cuda", "triton", "torch")
+# records take the reference there, whose backward torch derives.
+registry.register("group_norm_silu", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")})
 
 
 if triton is not None:
@@ -304,7 +305,7 @@ def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, 
                      None if bias is None else bias.float(), eps)
     if silu:
         h = F.silu(h)
-    return h.to(x.dtype).contiguous(memory_format=ops.memory_format(x))
+    return h.to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
 def _rows(add):
@@ -334,7 +335,7 @@ def _single_pass_warps(block: int) -> int:
 
 
 def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None):
-    fmt = ops.memory_format(x)
+    fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     channels_last = fmt == torch.channels_last
     n, c, h, w = x.shape
@@ -357,7 +358,7 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     b_arg = bias.contiguous() if has_affine else x
     if split is None and group_size <= SINGLE_PASS_MAX:
         block = triton.next_power_of_2(group_size)
-        ops.launch(_group_norm_single_pass_kernel, (n * num_groups,),
+        registry.launch(_group_norm_single_pass_kernel, (n * num_groups,),
             x, add_arg, w_arg, b_arg, y, mean, rstd, hw, cg, num_groups, group_size, float(eps),
             stride_n, stride_c, stride_hw, stride_add_n,
             HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu), CHANNELS_LAST=channels_last,
@@ -373,11 +374,11 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     split = -(-group_size // chunk)
     partials = torch.empty(n * num_groups * split * 3, device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
-    ops.launch(_group_norm_stats_kernel, grid,
+    registry.launch(_group_norm_stats_kernel, grid,
         x, add_arg, partials, hw, cg, num_groups, chunk, group_size, stride_n, stride_c, stride_hw, stride_add_n,
         SPLIT=split, HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
     )
-    ops.launch(_group_norm_apply_kernel, grid,
+    registry.launch(_group_norm_apply_kernel, grid,
         x, add_arg, w_arg, b_arg, y, partials, mean, rstd, hw, cg, num_groups, chunk, group_size, float(eps),
         stride_n, stride_c, stride_hw, stride_add_n,
         SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu),
@@ -388,7 +389,7 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
 
 def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, silu, split=None):
     """(dx, dweight, dbias, dadd): two passes over (x, dy); per-channel sums finished in torch."""
-    fmt = ops.memory_format(x)
+    fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     grad_y = grad_y.contiguous(memory_format=fmt)
     n, c, h, w = x.shape
@@ -419,36 +420,77 @@ def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, s
     grid = (n * num_groups, split)
     if single:
         del flags["SPLIT"]
-        ops.launch(_group_norm_bwd_single_pass_kernel, grid, *args, cpart, dx, dadd_part, hw, cg, num_groups,
+        registry.launch(_group_norm_bwd_single_pass_kernel, grid, *args, cpart, dx, dadd_part, hw, cg, num_groups,
                    *geometry[4:], num_warps=_single_pass_warps(block_s * cg_p2), **flags)
     else:
-        ops.launch(_group_norm_bwd_reduce_kernel, grid, *args, part, cpart, *geometry, **flags)
-        ops.launch(_group_norm_bwd_apply_kernel, grid, *args, part, dx, dadd_part, *geometry, **flags)
+        registry.launch(_group_norm_bwd_reduce_kernel, grid, *args, part, cpart, *geometry, **flags)
+        registry.launch(_group_norm_bwd_apply_kernel, grid, *args, part, dx, dadd_part, *geometry, **flags)
     dweight = dbias = dadd = None
     if has_affine:
         per_channel = cpart.view(n, num_groups, split, 2, cg_p2)[..., :cg].sum(dim=(0, 2))  # (G, 2, cg)
-        dweight = per_channel[:, 0].reshape(c).to(weight.dtype)
-        dbias = per_channel[:, 1].reshape(c).to(bias.dtype)
+        dweight = per_channel[:, 0].reshape(c).to(weight.dtype, copy=True)  # no views: op outputs never alias
+        dbias = per_channel[:, 1].reshape(c).to(bias.dtype, copy=True)
     if add is not None:
-        dadd = dadd_part.view(n, num_groups, split, cg_p2)[..., :cg].sum(dim=2).reshape(n, c).to(add.dtype)
+        dadd = dadd_part.view(n, num_groups, split, cg_p2)[..., :cg].sum(dim=2).reshape(n, c).to(add.dtype, copy=True)
     return dx, dweight, dbias, dadd
 
 
-class _GroupNormSiLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, add, num_groups, eps, silu):
-        y, mean, rstd = _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
-        ctx.save_for_backward(x, weight, bias, add, mean, rstd)
-        ctx.config = (num_groups, silu)
-        return y
+def _group_norm_silu_kernels(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                             add: torch.Tensor | None, num_groups: int, eps: float,
+                             silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel backends: (y, mean, rstd), the statistics (N * G,) fp32 for the backward. The native
+    kernel is forward-only and leaves them unset (calls autograd records never reach it)."""
+    if registry.backend_for("group_norm_silu", x.device) == "native":
+        y = registry.extension().group_norm_silu(x.contiguous(memory_format=memory_format(x)), weight, bias, add,
+                                            num_groups, eps, silu)
+        return y, *_empty_stats(x, num_groups)
+    return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, bias, add, mean, rstd = ctx.saved_tensors
-        num_groups, silu = ctx.config
-        grads = _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, silu)
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4], strict=True)]
-        return (*grads, None, None, None)
+
+_group_norm_silu_op = torch.library.custom_op("ddpm_fast::group_norm_silu", _group_norm_silu_kernels,
+                                              mutates_args=())
+
+
+def _empty_stats(x, num_groups):
+    return (torch.empty(x.shape[0] * num_groups, device=x.device, dtype=torch.float32) for _ in range(2))
+
+
+@_group_norm_silu_op.register_fake
+def _(x, weight, bias, add, num_groups, eps, silu):
+    return torch.empty_like(x, memory_format=memory_format(x)), *_empty_stats(x, num_groups)
+
+
+@torch.library.custom_op("ddpm_fast::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                                 bias: torch.Tensor | None, add: torch.Tensor | None, mean: torch.Tensor,
+                                 rstd: torch.Tensor, num_groups: int, silu: bool) -> list[torch.Tensor]:
+    """[dx, dweight, dbias, dadd]; an absent input's gradient is an empty tensor."""
+    grads = _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, silu)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_group_norm_silu_backward_op.register_fake
+def _(grad_y, x, weight, bias, add, mean, rstd, num_groups, silu):
+    return [torch.empty_like(x, memory_format=memory_format(x))] + [
+        torch.empty_like(t) if t is not None else x.new_empty(0) for t in (weight, bias, add)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, add, num_groups, _eps, silu = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+    ctx.config = (num_groups, silu)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, add, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.ddpm_fast.group_norm_silu_backward(grad_y, x, weight, bias, add, mean, rstd, *ctx.config)
+    dx, dweight, dbias, dadd = (g if src is not None else None for g, src in zip(grads, (x, weight, bias, add),
+                                                                                 strict=True))
+    return dx, dweight, dbias, dadd, None, None, None
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(x, weight, bias, num_groups, add):
@@ -474,15 +516,12 @@ def _validate(x, weight, bias, num_groups, add):
 
 
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=None, silu: bool = True):
-    """SiLU(GroupNorm(x + add[:, :, None, None])) on the backend DDPM_FAST_BACKEND selects."""
+    """SiLU(GroupNorm(x + add[:, :, None, None])) on the backend the registry chose for x's device."""
     _validate(x, weight, bias, num_groups, add)
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"group_norm_silu: eps must be positive and finite, got {eps}")
-    implemented = _IMPLEMENTED_CPU if x.device.type == "cpu" else _IMPLEMENTED
-    backend = ops.resolve_backend("group_norm_silu", x.device, implemented)
-    if backend == "triton":
-        return _GroupNormSiLU.apply(x, weight, bias, add, int(num_groups), float(eps), bool(silu))
-    if backend == "cuda" and not ops.needs_grad(x, weight, bias, add):
-        return ops.extension().group_norm_silu(x.contiguous(memory_format=ops.memory_format(x)), weight, bias,
-                                               add, int(num_groups), float(eps), bool(silu))
-    return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
+    backend = registry.backend_for("group_norm_silu", x.device)
+    if backend == "torch" or (backend == "native" and registry.needs_grad(x, weight, bias, add)):
+        return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
+    return registry.call(_group_norm_silu_op, _group_norm_silu_kernels, x, weight, bias, add, int(num_groups),
+                         float(eps), bool(silu))[0]

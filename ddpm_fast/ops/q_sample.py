@@ -4,13 +4,15 @@ The tables are the schedule's sqrt_alphas_cumprod and sqrt_one_minus_alphas_cump
 sample inside the kernel). ``noise`` is given, or drawn in the kernel from Philox keyed by ``seed`` and
 the element index (and returned: the loss needs it). In-kernel streams are backend-specific: the
 torch fallback draws from a torch.Generator seeded with ``seed``, equal in law, not in value.
+The Triton kernel runs as the registered torch op ddpm_fast::q_sample.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ddpm_fast import ops
+from ddpm_fast.base import memory_format
+from ddpm_fast.ops import registry
 
 try:
     import triton
@@ -18,7 +20,7 @@ try:
 except ImportError:
     triton = None
 
-_IMPLEMENTED = ("triton", "torch")
+registry.register("q_sample", {"cuda": ("triton", "torch"), "cpu": ("triton", "torch")})
 
 if triton is not None:
 
@@ -66,7 +68,7 @@ def validate_q_sample_args(x0, t, sqrt_acp, sqrt_1m_acp, noise):
 
 
 def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
-    fmt = ops.memory_format(x0)
+    fmt = memory_format(x0)
     x0 = x0.contiguous(memory_format=fmt)
     generate = noise is None
     noise = torch.empty_like(x0) if generate else noise.contiguous(memory_format=fmt)
@@ -76,7 +78,7 @@ def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
         raise ValueError("q_sample: tensors of 2**31 elements or more are not supported; split the batch")
     if numel:
         block = 1024
-        ops.launch(_q_sample_kernel, (triton.cdiv(numel, block),),
+        registry.launch(_q_sample_kernel, (triton.cdiv(numel, block),),
             x0, t.to(torch.int64).contiguous(), sqrt_acp.to(x0.device, torch.float32).contiguous(),
             sqrt_1m_acp.to(x0.device, torch.float32).contiguous(), noise, out,
             numel, numel // x0.shape[0], int(seed or 0) & 0x7FFFFFFF,
@@ -85,16 +87,36 @@ def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
     return out, noise
 
 
+def _q_sample_kernels(x0: torch.Tensor, t: torch.Tensor, sqrt_acp: torch.Tensor, sqrt_1m_acp: torch.Tensor,
+                      noise: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel: (x_t, the noise it drew); without ``noise`` it draws from ``seed``, with it the
+    second output is empty (an op's outputs never alias its inputs)."""
+    x_t, drawn = _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed)
+    return x_t, (drawn if noise is None else x0.new_empty(0))
+
+
+_q_sample_op = torch.library.custom_op("ddpm_fast::q_sample", _q_sample_kernels, mutates_args=())
+
+
+@_q_sample_op.register_fake
+def _(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
+    fmt = memory_format(x0)
+    x_t = torch.empty_like(x0, memory_format=fmt)
+    return x_t, (torch.empty_like(x_t) if noise is None else x0.new_empty(0))
+
+
 def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise=None, seed=None, generator=None):
     """Returns (x_t, noise). Without ``noise``, draws it: in the kernel from ``seed`` (Triton), else from
     ``generator`` (or a generator seeded with ``seed``, or the global RNG)."""
     validate_q_sample_args(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
-    backend = ops.resolve_backend("q_sample", x0.device, _IMPLEMENTED)
+    backend = registry.backend_for("q_sample", x0.device)
     in_kernel = backend == "triton" and noise is None and seed is not None
     if noise is None and not in_kernel:
         if generator is None and seed is not None:
             generator = torch.Generator(x0.device).manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if backend == "triton":
-        return _q_sample_triton(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed)
+        x_t, drawn = registry.call(_q_sample_op, _q_sample_kernels, x0, t, sqrt_alphas_cumprod,
+                                   sqrt_one_minus_alphas_cumprod, noise, int(seed or 0))
+        return x_t, (drawn if noise is None else noise)
     return q_sample_ref(x0, t.long(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise), noise

@@ -6,14 +6,16 @@ without bias and hands the summed biases to this op: one pass of two reads and a
 five passes. Arithmetic in fp32; the output has the promoted dtype of y and skip (the bias never
 promotes: an fp32 master bias under autocast stays out of the dtype), and y's memory format.
 On the CPU the extension's C++ kernel runs the calls autograd does not record with y and skip of one
-dtype (the fast U-Net's); the others take the reference.
+dtype (the fast U-Net's); the others take the reference. The kernel backends run as the registered
+torch op ddpm_fast::residual_add, with its autograd registered beside it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ddpm_fast import ops
+from ddpm_fast.base import memory_format
+from ddpm_fast.ops import registry
 
 try:
     import triton
@@ -21,8 +23,8 @@ try:
 except ImportError:
     triton = None
 
-_IMPLEMENTED = ("triton", "torch")
-_IMPLEMENTED_CPU = ("cuda", "triton", "torch")  # csrc/residual_add_cpu.cpp: forward, one dtype
+# csrc/residual_add_cpu.cpp: the forward, y and skip of one dtype.
+registry.register("residual_add", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")})
 
 if triton is not None:
 
@@ -51,7 +53,7 @@ def residual_add_ref(y, skip, bias=None):
     if bias is not None:
         out = out + bias.float().view(1, -1, 1, 1)
     dtype = torch.promote_types(y.dtype, skip.dtype)
-    return out.to(dtype).contiguous(memory_format=ops.memory_format(y))
+    return out.to(dtype).contiguous(memory_format=memory_format(y))
 
 
 def _validate(y, skip, bias):
@@ -71,7 +73,7 @@ def _validate(y, skip, bias):
 
 
 def _residual_add_triton(y, skip, bias):
-    fmt = ops.memory_format(y)
+    fmt = memory_format(y)
     y = y.contiguous(memory_format=fmt)
     skip = skip.contiguous(memory_format=fmt)
     out = torch.empty_like(y, dtype=torch.promote_types(y.dtype, skip.dtype))
@@ -79,37 +81,49 @@ def _residual_add_triton(y, skip, bias):
     if numel:
         n, c, h, w = y.shape
         block = 1024
-        ops.launch(_residual_add_kernel, (triton.cdiv(numel, block),),
+        registry.launch(_residual_add_kernel, (triton.cdiv(numel, block),),
             y, skip, bias.contiguous() if bias is not None else y, out, numel, c, h * w,
             HAS_BIAS=bias is not None, CHANNELS_LAST=fmt == torch.channels_last, BLOCK_SIZE=block,
         )
     return out
 
 
-class _ResidualAdd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, skip, bias):
-        ctx.dtypes = (y.dtype, skip.dtype, None if bias is None else bias.dtype)
-        return _residual_add_triton(y, skip, bias)
+def _residual_add_kernels(y: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel backends; the native kernel takes y and skip of one dtype."""
+    fmt = memory_format(y)
+    if registry.backend_for("residual_add", y.device) == "native":
+        return registry.extension().residual_add(y.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt),
+                                            bias)
+    return _residual_add_triton(y, skip, bias)
 
-    @staticmethod
-    def backward(ctx, grad):
-        y_dtype, skip_dtype, bias_dtype = ctx.dtypes
-        dy = grad.to(y_dtype) if ctx.needs_input_grad[0] else None
-        dskip = grad.to(skip_dtype) if ctx.needs_input_grad[1] else None
-        dbias = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias_dtype) if ctx.needs_input_grad[2] else None
-        return dy, dskip, dbias
+
+_residual_add_op = torch.library.custom_op("ddpm_fast::residual_add", _residual_add_kernels,
+                                           mutates_args=())
+
+
+@_residual_add_op.register_fake
+def _(y, skip, bias):
+    return torch.empty_like(y, dtype=torch.promote_types(y.dtype, skip.dtype), memory_format=memory_format(y))
+
+
+def _setup_context(ctx, inputs, output):
+    y, skip, bias = inputs
+    ctx.dtypes = (y.dtype, skip.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, grad):
+    y_dtype, skip_dtype, bias_dtype = ctx.dtypes
+    dbias = None if bias_dtype is None else grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias_dtype)
+    return grad.to(y_dtype), grad.to(skip_dtype), dbias
+
+
+_residual_add_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def residual_add(y, skip, bias=None):
-    """y + skip + bias[None, :, None, None] on the backend DDPM_FAST_BACKEND selects."""
+    """y + skip + bias[None, :, None, None] on the backend the registry chose for y's device."""
     _validate(y, skip, bias)
-    implemented = _IMPLEMENTED_CPU if y.device.type == "cpu" else _IMPLEMENTED
-    backend = ops.resolve_backend("residual_add", y.device, implemented)
-    if backend == "triton":
-        return _ResidualAdd.apply(y, skip, bias)
-    if backend == "cuda" and y.dtype == skip.dtype and not ops.needs_grad(y, skip, bias):
-        fmt = ops.memory_format(y)
-        return ops.extension().residual_add(y.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt),
-                                            bias)
-    return residual_add_ref(y, skip, bias)
+    backend = registry.backend_for("residual_add", y.device)
+    if backend == "torch" or (backend == "native" and (y.dtype != skip.dtype or registry.needs_grad(y, skip, bias))):
+        return residual_add_ref(y, skip, bias)
+    return registry.call(_residual_add_op, _residual_add_kernels, y, skip, bias)

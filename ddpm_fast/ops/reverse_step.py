@@ -17,15 +17,18 @@ indices) from which every backend draws the project's Philox stream (ddpm_fast.n
 the same values on every backend, and nothing read back to the host, so a replayed graph draws fresh
 noise as the step counter advances. ``out`` may be x_t itself (each element is read before it is
 written). The row index is checked without a host read (an asynchronous assert on the device, an
-immediate error on the CPU) and again inside the kernels.
+immediate error on the CPU) and again inside the kernels. The kernel backends run as the registered torch
+op ddpm_fast::reverse_step_, which declares what it writes (out, half_out, history), so torch.compile
+orders it correctly and a CUDA graph captures it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ddpm_fast import ops
+from ddpm_fast.base import memory_format
 from ddpm_fast.noise import NoiseKey, randn_like_key
+from ddpm_fast.ops import registry
 
 try:
     import triton
@@ -38,7 +41,7 @@ COEF_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "coe
                 "sigma", "coef_hist1", "coef_hist2")
 SIGMA = COEF_COLUMNS.index("sigma")
 NUM_COEFS = len(COEF_COLUMNS)
-_IMPLEMENTED = ("cuda", "triton", "torch")
+registry.register("reverse_step", {"cuda": ("native", "triton", "torch"), "cpu": ("native", "triton", "torch")})
 
 if triton is not None:
 
@@ -169,7 +172,7 @@ def reverse_step(
     half_out: torch.Tensor | None = None,
     history: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> torch.Tensor:
-    """One reverse step on the backend DDPM_FAST_BACKEND selects; returns x_prev (fp32, ``out`` if given).
+    """One reverse step on the backend the registry chose for x_t's device; returns x_prev (fp32, ``out`` if given).
 
     ``history``: () or the fp32 buffers (h1,) / (h1, h2) laid out like x_t, holding the previous steps'
     x0_hat (newest first); the step reads them and shifts this step's x0_hat in, in place.
@@ -193,8 +196,8 @@ def reverse_step(
             raise ValueError(f"reverse_step: {name} must be a {kinds} tensor laid out like x_t")
     torch._assert_async(((index >= 0) & (index < coefs.shape[0])).all(),
                         f"reverse_step: index outside the coefficient table of {coefs.shape[0]} rows")
-    backend = ops.resolve_backend("reverse_step", x_t.device, _IMPLEMENTED)
-    fmt = ops.memory_format(x_t)
+    backend = registry.backend_for("reverse_step", x_t.device)
+    fmt = memory_format(x_t)
 
     def dense(t, dtype=None):
         if t is None:
@@ -205,41 +208,65 @@ def reverse_step(
     coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
     index = index.contiguous()  # kernels read it densely (callers may pass an expand)
     z = None if key is not None else dense(noise, torch.float32)
-    if backend == "cuda":
-        return ops.extension().reverse_step(
-            dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index, z, float(guidance_scale),
-            bool(clip_denoised), None if key is None else key.counter, None if key is None else key.images.contiguous(),
-            out, half_out, *history)
-    if backend == "triton":
-        return _reverse_step_triton(dense(x_t), dense(model_output), dense(model_output_uncond), coefs, index, z,
-                                    key, float(guidance_scale), bool(clip_denoised), out, half_out, history)
-    if key is not None:
-        z = randn_like_key(x_t, key)
-    result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
-                              guidance_scale, history)
-    if half_out is not None:
-        half_out.copy_(result)
-    return result if out is None else out.copy_(result)
+    if backend == "torch":
+        if key is not None:
+            z = randn_like_key(x_t, key)
+        result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
+                                  guidance_scale, history)
+        if half_out is not None:
+            half_out.copy_(result)
+        return result if out is None else out.copy_(result)
+    x = dense(x_t)
+    out = torch.empty_like(x) if out is None else out
+    registry.call(
+        _reverse_step_op, _reverse_step_kernels, x, dense(model_output), dense(model_output_uncond), coefs, index, z,
+        None if key is None else key.counter, None if key is None else key.images.contiguous(),
+        float(guidance_scale), bool(clip_denoised), out, half_out, list(history))
+    return out
+
+
+def _reverse_step_kernels(x_t: torch.Tensor, model_output: torch.Tensor, model_output_uncond: torch.Tensor | None,
+                          coefs: torch.Tensor, index: torch.Tensor, noise: torch.Tensor | None,
+                          noise_counter: torch.Tensor | None, noise_images: torch.Tensor | None, guidance_scale: float,
+                          clip_denoised: bool, out: torch.Tensor, half_out: torch.Tensor | None,
+                          history: list[torch.Tensor]) -> None:
+    """The kernel backends, writing ``out`` (which may be x_t), ``half_out`` and shifting ``history``."""
+    if registry.backend_for("reverse_step", x_t.device) == "native":
+        registry.extension().reverse_step(x_t, model_output, model_output_uncond, coefs, index, noise, guidance_scale,
+                                     clip_denoised, noise_counter, noise_images, out, half_out, *history)
+        return
+    key = None if noise_counter is None else NoiseKey(noise_counter, noise_images)
+    _reverse_step_triton(x_t, model_output, model_output_uncond, coefs, index, noise, key, guidance_scale,
+                         clip_denoised, out, half_out, history)
+
+
+_reverse_step_op = torch.library.custom_op("ddpm_fast::reverse_step_", _reverse_step_kernels,
+                                           mutates_args=("out", "half_out", "history"))
+
+
+@_reverse_step_op.register_fake
+def _(x_t, model_output, model_output_uncond, coefs, index, noise, noise_counter, noise_images, guidance_scale,
+      clip_denoised, out, half_out, history):
+    return None
 
 
 def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out, history=()):
     numel = x.numel()
     if numel >= 2**31:
         raise ValueError("reverse_step: tensors of 2**31 elements or more are not supported; split the batch")
-    out = torch.empty_like(x) if out is None else out
     if numel == 0:
         return out
     noise_mode = 1 if noise is not None else (2 if key is not None else 0)
     n, c, h, w_ = x.shape
     block = 1024
-    ops.launch(
+    registry.launch(
         _reverse_step_kernel, (triton.cdiv(numel, block),),
         x, eps, eps_u if eps_u is not None else eps, noise if noise is not None else x, coefs, index,
         key.counter if key is not None else index, key.images if key is not None else index,
         out, half_out if half_out is not None else out, *(tuple(history) + (out, out))[:2],
         numel, numel // n, c, h * w_, coefs.shape[0], w,
         HAS_UNCOND=eps_u is not None, NOISE_MODE=noise_mode, CLIP=clip, HAS_HALF=half_out is not None,
-        CHANNELS_LAST=ops.memory_format(x) == torch.channels_last, HISTORY=len(history), NUM_COEFS=NUM_COEFS,
+        CHANNELS_LAST=memory_format(x) == torch.channels_last, HISTORY=len(history), NUM_COEFS=NUM_COEFS,
         BLOCK_SIZE=block,
     )
     return out

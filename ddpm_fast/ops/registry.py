@@ -1,0 +1,245 @@
+"""The one registry that picks each fused op's implementation, and the launcher every Triton kernel goes through.
+
+Each op (group_norm_silu, residual_add, q_sample, reverse_step; one file each) has up to four
+implementations, named by backend:
+- torch: the pure-PyTorch ``<op>_ref`` in the op's file; the definition of correct, runs anywhere.
+- triton: the op's Triton kernel; on a CUDA device, or on the CPU under TRITON_INTERPRET=1.
+- native: the compiled extension ddpm_fast._C (its CUDA kernels on a GPU, its C++ kernels on a CPU).
+- auto (the default): on a CUDA device native, then triton, then torch, by what the op implements and
+  this build has (one warning when it comes down to torch); on a CPU the native C++ kernel where the op
+  has one, else torch.
+The kernel backends run as ``torch.library`` custom ops (``torch.ops.ddpm_fast.<op>``: mutations
+declared, fake implementations), so torch.compile traces through them and CUDA graphs capture them;
+the torch backend is plain torch code that autograd and torch.compile see directly.
+
+The choice is made once per (op, device type): from DDPM_FAST_BACKEND when the package is imported, or
+when the user switches (``set_backend``, or ``use_backend`` for a block). An explicit backend that
+cannot run an op on a device raises the first time the op runs there; an op that lacks the requested
+kernel takes the next one in auto's order. ``cuda``, the old name of ``native``, is accepted with one
+warning.
+
+Every Triton launch goes through ``launch``. With DDPM_FAST_RECORD_LAUNCHES=FILE (read at import) it appends
+each distinct variant (kernel, argument types, constexprs, the JIT's integer and alignment specializations,
+computed by Triton's own specializer) to FILE: CI runs the tests that way and compiles exactly those
+variants for sm_80 and sm_90 (tests/compile_kernels.py), so what the code really launches is what gets
+compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import json
+import os
+
+import torch
+
+from ddpm_fast.base import warn_once
+
+BACKENDS = ("auto", "triton", "native", "torch")
+ALIASES = {"cuda": "native"}  # the old name: it also meant the C++ CPU kernels
+_FALLBACK_ORDER = ("native", "triton", "torch")
+
+
+def _load_extension():
+    try:
+        from ddpm_fast import _C
+    except ImportError as exc:
+        warn_once("ext", f"ddpm_fast: the compiled extension ddpm_fast._C is not available ({exc}); "
+                         "native kernels are disabled. Reinstall with `pip install --no-build-isolation .`")
+        return None
+    return _C
+
+
+_C = _load_extension()
+_RECORD_LAUNCHES = os.environ.get("DDPM_FAST_RECORD_LAUNCHES") or None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton itself reads it once, at import
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (the native kernels are forward-only)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+_recorded: set[str] = set()
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), recording the variant when DDPM_FAST_RECORD_LAUNCHES names a file."""
+    if _RECORD_LAUNCHES:
+        _record_launch(_RECORD_LAUNCHES, kernel, args, meta)
+    return kernel[grid](*args, **meta)
+
+
+def _record_launch(path, kernel, args, meta) -> None:
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    fn = getattr(kernel, "fn", kernel)
+    names = list(inspect.signature(fn).parameters)
+    constexprs = dict(meta)
+    options = {k: constexprs.pop(k) for k in _LAUNCH_OPTIONS if k in constexprs}
+    signature, attrs = {}, {}
+    for name, arg in zip(names, args, strict=False):
+        kind, spec = native_specialize_impl(BaseBackend, arg, False, True, True)[:2]
+        if kind == "constexpr":
+            constexprs[name] = spec if spec is not None else arg
+        else:
+            signature[name] = kind
+            if spec:
+                attrs[name] = spec
+    for name in constexprs:
+        signature[name] = "constexpr"
+    line = json.dumps({"kernel": f"{fn.__module__}:{fn.__name__}", "signature": signature,
+                       "constexprs": constexprs, "attrs": attrs, "options": options}, sort_keys=True)
+    if line not in _recorded:
+        _recorded.add(line)
+        with open(path, "a") as f:  # one short line per write: safe to share between processes
+            f.write(line + "\n")
+
+
+def extension():
+    """The compiled module ddpm_fast._C, or None when this install has none."""
+    return _C
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 convolutions and GEMMs run on
+    oneDNN's fast kernels; without it they take slow generic code, far slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without this query: ask the CPU's flags
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return _TRITON_INTERPRET
+
+
+def _canonical(name: str) -> str:
+    name = str(name).strip().lower()
+    if name in ALIASES:
+        warn_once(f"alias-{name}", f"ddpm_fast: backend {name!r} is now called {ALIASES[name]!r}", stacklevel=4)
+        name = ALIASES[name]
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
+    return name
+
+
+class _Registry:
+    """What each op implements per device type, and the backend chosen for each (op, device type)."""
+
+    def __init__(self):
+        self.implemented: dict[str, dict[str, tuple[str, ...]]] = {}
+        self.requested = "auto"
+        self.chosen: dict[tuple[str, str], str] = {}
+
+    def request(self, name: str) -> None:
+        self.requested = name
+        self.chosen.clear()
+
+    def backend(self, op: str, device_type: str) -> str:
+        key = (op, device_type)
+        chosen = self.chosen.get(key)
+        if chosen is None:
+            chosen = self.chosen[key] = self._choose(op, device_type)
+        return chosen
+
+    def _choose(self, op: str, device_type: str) -> str:
+        have = self.implemented[op].get(device_type, ("torch",))
+        device = torch.device(device_type)
+        if self.requested == "auto":
+            order = _FALLBACK_ORDER if device_type == "cuda" else ("native", "torch")
+            for cand in order:
+                if cand in have and backend_unavailable_reason(cand, device) is None:
+                    if cand == "torch" and device_type == "cuda":
+                        warn_once("auto-torch", "ddpm_fast: no fused kernels usable on this GPU install; "
+                                                "running the torch reference ops")
+                    return cand
+            return "torch"
+        why = backend_unavailable_reason(self.requested, device)
+        if why is not None:
+            raise RuntimeError(f"DDPM_FAST_BACKEND={self.requested} cannot run {op}: {why}")
+        for cand in _FALLBACK_ORDER[_FALLBACK_ORDER.index(self.requested):]:
+            if cand in have and backend_unavailable_reason(cand, device) is None:
+                return cand
+        return "torch"
+
+
+_registry = _Registry()
+
+
+def register(op: str, implemented: dict[str, tuple[str, ...]]) -> None:
+    """Declare the backends ``op`` implements per device type (each op file does this once)."""
+    _registry.implemented[op] = implemented
+
+
+@torch.compiler.assume_constant_result
+def backend_for(op: str, device: torch.device | str) -> str:
+    """The backend ``op`` runs on tensors of ``device`` (chosen once per device type). torch.compile takes the
+    answer as a constant of the graph it traces: a compiled model keeps the backends it was compiled with."""
+    return _registry.backend(op, device.type if isinstance(device, torch.device) else torch.device(device).type)
+
+
+def call(op, impl, *args):
+    """Run a registered op: through the dispatcher (``op``) while torch.compile traces or autograd records,
+    both of which need the registered op; its implementation ``impl`` directly otherwise. Eager inference
+    then skips the dispatcher's ~10 us a call (a few percent of a small U-Net's forward on a CPU)."""
+    if torch.compiler.is_compiling() or needs_grad(*(a for a in args if isinstance(a, torch.Tensor))):
+        return op(*args)
+    return impl(*args)
+
+
+def requested_backend() -> str:
+    return _registry.requested
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every op (DDPM_FAST_BACKEND's values); choices are remade on next use."""
+    _registry.request(_canonical(name))
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run a block with a given backend (tests and benchmarks compare backends with this)."""
+    name = _canonical(name)
+    previous = _registry.requested
+    _registry.request(name)
+    try:
+        yield
+    finally:
+        _registry.request(previous)
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device`` in this install, else why not."""
+    backend = _canonical(backend)
+    if backend in ("torch", "auto"):
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        if device.type != "cuda" and not triton_interpreting():
+            return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1), tensors are on {device}"
+        return None
+    if _C is None:
+        return "the extension ddpm_fast._C is not built"
+    if device.type == "cuda" and not _C.with_cuda():
+        return "ddpm_fast._C was built without its CUDA sources"
+    if device.type not in ("cuda", "cpu"):
+        return f"no native kernels for device {device}"
+    return None
+
+
+set_backend(os.environ.get("DDPM_FAST_BACKEND", "auto"))

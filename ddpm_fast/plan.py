@@ -1,0 +1,292 @@
+"""The sampling plan: one run, built once, stepped in place by every loop; and its run contract.
+
+``RunOptions`` is what a run draws and how it runs (seed or generator, x_T, labels, guidance, image
+indices, batch invariance): one frozen value that ``sampler.plan``, ``sampler.sample``, the graph engine
+and the CLI pass whole. ``SamplingPlan`` holds the buffers and device tables of one run; its ``step()``
+is what the Python loop, the C++ loop and a captured CUDA graph all run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ddpm_fast import ops
+from ddpm_fast.config import conditioning_labels
+from ddpm_fast.noise import MAX_SEED, NoiseKey, check_seed, initial_noise
+from ddpm_fast.ops.reverse_step import SIGMA
+
+# Images per U-Net call in a batch-invariant run: part of what the bits depend on, so one fixed default.
+INVARIANT_CHUNK = 16
+# Cap on the invariant chunk: past it the padded forward costs more than any batch it makes invariant.
+MAX_INVARIANT_CHUNK = 1024
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """What a plan samples: ``model(x, t, class_labels) -> eps`` that declares ``compute_dtype`` (the dtype it
+    casts its input to, fp16/bf16/fp32 fast forms; None: it computes in x's dtype) and ``config.num_classes``
+    (None: unconditional). UNet and FastUNet are Denoisers."""
+
+    compute_dtype: torch.dtype | None
+    config: Any
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One sampling run's draws and settings.
+
+    ``seed`` (or, without it, ``generator``, else torch's global RNG) keys the run's Philox stream: image k
+    (k = ``image_index`` + its place in the batch, or ``image_index[i]``) draws x_T and every step's noise
+    from (seed, k) alone. ``x_T`` replaces the drawn start. ``class_labels``: an int or one per image, for
+    conditional models (None: the null label). ``guidance_scale``: classifier-free guidance weight w
+    (eps = eps_u + w (eps_c - eps_u)). ``batch_invariant``/``invariant_chunk``: see SamplingPlan.
+    """
+
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    x_T: torch.Tensor | None = None
+    guidance_scale: float | None = None
+    class_labels: Any = None
+    image_index: Any = 0
+    batch_invariant: bool = False
+    invariant_chunk: int = INVARIANT_CHUNK
+
+    def __post_init__(self):
+        if self.guidance_scale is not None:
+            if not math.isfinite(float(self.guidance_scale)):
+                raise ValueError(f"guidance_scale must be finite, got {self.guidance_scale}")
+            object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        chunk = self.invariant_chunk
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_INVARIANT_CHUNK:
+            raise ValueError(f"invariant_chunk must be a positive int, at most {MAX_INVARIANT_CHUNK}, got {chunk!r}")
+        object.__setattr__(self, "batch_invariant", bool(self.batch_invariant))
+
+    @classmethod
+    def of(cls, run: RunOptions | None = None, **options) -> RunOptions:
+        """``run`` with ``options`` replaced (a new RunOptions from ``options`` when ``run`` is None)."""
+        if run is None:
+            return cls(**options)
+        if not isinstance(run, RunOptions):
+            raise TypeError(f"run must be a RunOptions, got {type(run).__name__}")
+        return dataclasses.replace(run, **options) if options else run
+
+    @property
+    def setting(self) -> tuple:
+        """What a captured graph depends on (draws aside): the graph engine's cache key part."""
+        return (self.guidance_scale, self.invariant_chunk if self.batch_invariant else None)
+
+
+class SamplingPlan:
+    """One sampling run, built once; every loop (Python, C++, CUDA-graph replay) runs ``step()``.
+
+    Holds the run's draws (x_T, labels and null labels, the noise key [seed, step] and each image's global
+    index), the per-step device tables (model timestep and coefficient row of step i), the state buffers
+    (``x``: fp32 x_t; for a fast fp16/bf16 model also the half copy the U-Net reads; for a multistep solver
+    the ``history`` of previous data predictions) and the step counter.
+    ``step()`` reads the step index from the device counter and updates the buffers in place: it makes no
+    host read, so a CUDA graph can capture it once and replay it. ``start()`` loads new draws into the same
+    buffers (the graph engine reuses a captured plan that way).
+
+    Noise is the project's Philox stream (ddpm_fast.noise): x_T of image k is a function of (seed, k), the
+    noise of step i of image k a function of (seed, k, i).
+
+    ``batch_invariant``: the U-Net always sees a batch of exactly ``invariant_chunk`` images (the batch in
+    chunks, the last one padded with zeros; guided, the cond/uncond pair of such a chunk), read from the same
+    buffer every time, and on a CPU computes on one thread. GEMM and convolution libraries pick their kernels
+    and blocking (so their rounding) by shape and, on a CPU, by thread count, not by an image's place in the
+    batch; with shape and threads fixed, image k is the same bits for any batch size, process count or loop
+    (tests/test_plan.py holds this, each half failing without its part). Bits depend on the chunk size, so
+    compare runs made with the same one. The price: padding (a batch under the chunk size pays for a whole
+    chunk) and, on a CPU, one core per process (torchrun processes use more cores, with the same images).
+    """
+
+    def __init__(self, sampler, model, shape, run: RunOptions | None = None, device=None):
+        run = RunOptions() if run is None else run
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
+        if not isinstance(model, Denoiser):
+            raise TypeError(f"sampling needs a Denoiser (model(x, t, class_labels) with compute_dtype and "
+                            f"config.num_classes, like UNet), got {type(model).__name__}")
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.sampler, self.model, self.shape, self.n = sampler, model, shape, shape[0]
+        self.guidance_scale = run.guidance_scale
+        self.fast_dtype = model.compute_dtype
+        fmt = torch.channels_last if self.fast_dtype is not None else torch.contiguous_format
+        self.x = torch.empty(shape, device=self.device, dtype=torch.float32, memory_format=fmt)
+        half = self.fast_dtype not in (None, torch.float32)
+        self.x_half = torch.empty_like(self.x, dtype=self.fast_dtype) if half else None
+        self.coefs, lookup = sampler.device_tables(self.device)
+        self.steps_t = sampler.timesteps.to(self.device)  # model timestep of step i
+        self.steps_row = lookup[self.steps_t]  # coefficient row of step i
+        self.counter = torch.zeros(2, dtype=torch.int64, device=self.device)  # [seed, step]
+        self.images = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+        self.key = NoiseKey(self.counter, self.images) if bool((sampler.coefs[:, SIGMA] > 0).any()) else None
+        # A multistep solver's memory: the previous steps' data predictions (zeroed by start()).
+        self.history = tuple(torch.zeros_like(self.x) for _ in range(sampler.history_depth))
+        self.labels = self.null = None
+        self.num_steps = sampler.num_steps
+        self.start(run)
+        self.batch_invariant, self.chunk = run.batch_invariant, run.invariant_chunk
+        if self.batch_invariant:
+            # What the U-Net reads in a batch-invariant step: always this buffer, this shape (padding stays zero).
+            inp = self.model_input
+            self._chunk_x = torch.empty((self.chunk, *shape[1:]), dtype=inp.dtype, device=self.device,
+                                        memory_format=fmt).zero_()
+            self._chunk_labels = (None if self.labels is None else
+                                  torch.zeros(self.chunk, dtype=torch.int64, device=self.device))
+            self._chunk_null = None if self.null is None else self.null[:1].repeat(self.chunk)
+
+    @property
+    def model_input(self) -> torch.Tensor:
+        """The buffer the U-Net reads: the half copy on an fp16/bf16 fast model, else x itself."""
+        return self.x if self.x_half is None else self.x_half
+
+    def start(self, run: RunOptions | None = None, **draws) -> SamplingPlan:
+        """Load a run's draws (``run``'s seed, generator, x_T, class_labels, image_index, or those given as
+        keywords) into the buffers, in place, and rewind the step counter to 0."""
+        run = RunOptions.of(run, **draws)
+        seed, generator, x_T = run.seed, run.generator, run.x_T
+        if seed is None:
+            # No seed: one from the generator, or from torch's global RNG (so torch.manual_seed applies).
+            seed = int(torch.randint(0, MAX_SEED, (), generator=generator, device=generator.device
+                                     if generator is not None else "cpu").item())
+        seed = check_seed(seed)
+        images = _image_indices(run.image_index, self.n)
+        labels, null = _prepare_labels(self.model, run.class_labels, self.guidance_scale, self.n, self.device)
+        if self.labels is None or labels is None:
+            self.labels, self.null = labels, null
+        else:
+            self.labels.copy_(labels)
+        if x_T is None:
+            x_T = initial_noise(self.shape, seed, images, self.device, ops.memory_format(self.x))
+        elif not torch.is_tensor(x_T) or tuple(x_T.shape) != self.shape or not x_T.is_floating_point():
+            desc = f"{tuple(x_T.shape)} {x_T.dtype}" if torch.is_tensor(x_T) else type(x_T).__name__
+            raise ValueError(f"x_T must be a floating tensor of shape {self.shape}, got {desc}")
+        self.x.copy_(x_T)
+        for h in self.history:
+            h.zero_()  # early steps weigh them by 0, and 0 * (garbage or NaN) must not appear
+        if self.x_half is not None:
+            self.x_half.copy_(self.x)
+        self.images.copy_(images)
+        self.counter.copy_(torch.tensor([seed, 0], dtype=torch.int64))
+        self.seed, self.done = seed, 0
+        return self
+
+    def step(self) -> None:
+        """One reverse step, in place (``device_step``), counted on the host."""
+        self.device_step()
+        self.done += 1
+
+    @torch.no_grad()
+    def device_step(self) -> None:
+        """One reverse step on the device alone: the step index comes from the device counter, nothing is
+        read back or kept on the host. What a CUDA graph captures and torch.compile compiles."""
+        i = self.counter[1:]
+        t = self.steps_t[i].expand(self.n)
+        row = self.steps_row[i].expand(self.n)
+        if self.batch_invariant:
+            eps_c, eps_u = self._eps_in_chunks(t[:1])
+        else:
+            eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
+        ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
+                         1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
+                         half_out=self.x_half, history=self.history)
+        self.counter[1:] += 1
+
+    def _eps_in_chunks(self, t1: torch.Tensor):
+        """model_eps over fixed-size chunks of the batch (see batch_invariant), into buffers laid out as x."""
+        x, buf, m = self.model_input, self._chunk_x, self.chunk
+        labels = self._chunk_labels
+        t = t1.expand(m)
+        eps_c = eps_u = None
+        with _one_cpu_thread(self.device):
+            for start in range(0, self.n, m):
+                k = min(m, self.n - start)
+                buf[:k].copy_(x[start:start + k])
+                if k < m:
+                    buf[k:].zero_()
+                if labels is not None:
+                    labels[:k].copy_(self.labels[start:start + k])
+                c, u = model_eps(self.model, buf, t, labels, self._chunk_null)
+                if eps_c is None:
+                    eps_c = torch.empty_like(self.x, dtype=c.dtype)
+                    eps_u = None if u is None else torch.empty_like(self.x, dtype=u.dtype)
+                eps_c[start:start + k].copy_(c[:k])
+                if u is not None:
+                    eps_u[start:start + k].copy_(u[:k])
+        return eps_c, eps_u
+
+    @torch.no_grad()
+    def run(self, progress: bool = False) -> torch.Tensor:
+        """Take the remaining steps (Python loop); returns a copy of the final state x_0."""
+        from tqdm.auto import tqdm
+
+        left = self.num_steps - self.done
+        with tqdm(total=left * self.n, unit="img-step", unit_scale=True, disable=not progress,
+                  desc=type(self.sampler).__name__, leave=False) as bar:
+            for _ in range(left):
+                self.step()
+                bar.update(self.n)
+        return self.x.clone()
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On a CPU, torch's intra-op threads set to one for the block: oneDNN/MKL split some convolutions and
+    GEMMs by thread count, which changes their rounding (a 1x1 convolution of the digits model does)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _image_indices(image_index, n: int) -> torch.Tensor:
+    """Global image indices of a batch: ``image_index`` is the first one (an int) or all n of them."""
+    if isinstance(image_index, int) and not isinstance(image_index, bool):
+        images = torch.arange(image_index, image_index + n, dtype=torch.int64)
+    else:
+        images = torch.as_tensor(image_index)
+        if images.shape != (n,) or images.is_floating_point() or images.dtype == torch.bool:
+            raise ValueError(f"image_index must be an int or {n} integer indices, got {tuple(images.shape)}")
+        images = images.to("cpu", torch.int64)
+    if n and (int(images.min()) < 0 or int(images.max()) >= 2**31):
+        raise ValueError("image indices must lie in [0, 2**31)")
+    return images
+
+
+def model_eps(model, x_in, t, labels, null):
+    """(eps_cond, eps_uncond): with a null label, both halves of guidance in one batched forward;
+    without one, (eps, None)."""
+    if null is None:
+        return model(x_in, t, labels), None
+    eps = model(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([labels, null]))
+    eps_c, eps_u = eps.chunk(2)
+    return eps_c, eps_u
+
+
+def _prepare_labels(model, class_labels, guidance_scale, n, device):
+    """(labels, null labels for guidance): what a plan feeds the model."""
+    num_classes = model.config.num_classes
+    if guidance_scale is not None and not num_classes:
+        raise ValueError("guidance_scale needs a class-conditional model (config.num_classes)")
+    if class_labels is None and guidance_scale is not None:
+        raise ValueError("guidance_scale needs class_labels")
+    labels = conditioning_labels(num_classes, class_labels, n, device)
+    null = torch.full_like(labels, num_classes) if guidance_scale is not None else None
+    return labels, null

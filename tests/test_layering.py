@@ -1,0 +1,136 @@
+"""The package's layering: every module imports on its own, and no two modules import each other.
+
+The import graph is read from the source (every ``import ddpm_fast...`` and ``from ddpm_fast... import``,
+at module level or inside a function: a lazy import is a dependency too). An import of a submodule is an
+edge to that submodule only, so a package's ``__init__`` may re-export its submodules without forming a
+cycle with them.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+
+import ddpm_fast
+
+PACKAGE_DIR = os.path.dirname(ddpm_fast.__file__)
+EXTENSIONS = {"ddpm_fast._C"}  # compiled modules: leaves of the graph
+
+
+def _modules() -> dict[str, str]:
+    """Module name -> file, for every .py file of the package."""
+    found = {}
+    for root, _, files in os.walk(PACKAGE_DIR):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            rel = os.path.relpath(os.path.join(root, name), os.path.dirname(PACKAGE_DIR))[:-3]
+            parts = rel.split(os.sep)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = os.path.join(root, name)
+    return found
+
+
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    graph = {}
+    modules_set = set(modules)
+    for mod, path in modules.items():
+        is_pkg = path.endswith("__init__.py")
+        deps = set()
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                # from X import Y: the submodule X.Y where there is one (the compiled extension too), else X
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules_set | EXTENSIONS else base
+                           for a in node.names]
+            deps.update(t for t in targets if t in modules and t != mod)
+        graph[mod] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path [a, b, ..., a], or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    # A package re-exporting its submodule is no cycle; the submodule importing the package back is.
+    mods = {"p": "p/__init__.py", "p.x": "p/x.py"}
+    assert find_cycle({"p": {"p.x"}, "p.x": set()}) is None
+    assert find_cycle({"p": {"p.x"}, "p.x": {"p"}}) == ["p", "p.x", "p"]
+    assert set(mods) == {"p", "p.x"}
+
+
+def test_no_import_cycles():
+    graph = import_graph(_modules())
+    assert "ddpm_fast.ops.registry" in graph["ddpm_fast.ops.group_norm_silu"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_bottom_layers_import_nothing_above_them():
+    """fileio, base and config sit below the model stack: logging and I/O never pull in the U-Net or the ops."""
+    graph = import_graph(_modules())
+    assert graph["ddpm_fast.fileio"] == set()
+    assert graph["ddpm_fast.base"] == set()
+    for mod in ("ddpm_fast.metrics", "ddpm_fast.images"):
+        assert graph[mod] <= {"ddpm_fast.fileio", "ddpm_fast.base"}, (mod, graph[mod])
+
+
+def test_every_module_imports_alone():
+    """Each module imported first, into a process that holds no part of the package, works (no hidden
+    order dependence). One process imports torch once and forks a child per module."""
+    names = sorted(m for m in _modules() if not m.endswith("__main__"))
+    code = (
+        "import importlib, os, sys, torch\n"
+        f"names = {names!r}\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        try:\n"
+        "            importlib.import_module(name)\n"
+        "        except BaseException as exc:\n"
+        "            sys.stderr.write(f'{name}: {type(exc).__name__}: {exc}\\n')\n"
+        "            os._exit(1)\n"
+        "        os._exit(0)\n"
+        "    if os.waitpid(pid, 0)[1]:\n"
+        "        failed.append(name)\n"
+        "print('imported alone:', len(names) - len(failed), 'of', len(names))\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"imported alone: {len(names)} of {len(names)}" in res.stdout
