@@ -23,9 +23,10 @@ DDPM_FAST_BENCH_SIZE=full python -m pytest benchmarks/ --benchmark-only -q \
 bench_rc=${PIPESTATUS[0]}
 python benchmarks/report.py "$out/bench.json" | tee "$out/results.md"
 # What limits the fast path: kernels per forward and the top kernels by device time.
-for spec in "cifar10 256" "cifar10 1 --graph" "celebahq256 16"; do
+for spec in "cifar10 256" "cifar10 256 --compile" "cifar10 1 --graph" "celebahq256 16"; do
   set -- $spec
-  python benchmarks/profile_unet.py --preset "$1" --batch "$2" ${3:-} >"$out/profile_$1_b$2${3:+_graph}.txt" 2>&1
-  head -3 "$out/profile_$1_b$2${3:+_graph}.txt"
+  file="$out/profile_$1_b$2${3:+_${3#--}}.txt"
+  python benchmarks/profile_unet.py --preset "$1" --batch "$2" ${3:-} >"$file" 2>&1
+  head -3 "$file"
 done
 exit $(( tests_rc || bench_rc ))

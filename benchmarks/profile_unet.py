@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cifar10")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="fp16 on a CPU: what sample --fp16 runs there (bf16 where native, else fp32)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay of the forward")
@@ -34,15 +35,15 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cfg = UNetConfig.from_name(args.preset, dropout=0.0)
     torch.manual_seed(0)
     model = UNet(cfg).eval().to(device)
     with torch.no_grad():
         for q in model.parameters():
             q.normal_(0.0, 0.02)
-    if not cuda and dtype == torch.float16:
-        dtype = torch.bfloat16  # CPUs have no fast fp16 arithmetic: what sample --fp16 runs there
+    if not cuda and dtype == torch.float16:  # CPUs have no fast fp16 arithmetic: what sample --fp16 runs there
+        dtype = torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
     fast = model.to_fast(dtype)
     if args.compile:
         import torch._inductor.config as inductor_config

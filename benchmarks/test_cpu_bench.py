@@ -6,8 +6,8 @@ Providers: reference (fp32 NCHW, torch ops), fast_fp32_torch / fast_fp32_ext (``
 channels_last, folded blocks; torch ops or the extension's C++ kernels), fast_bf16_torch / fast_bf16_ext
 (the same in bf16), diffusers_fp32 / diffusers_bf16 (UNet2DModel with the same weights; sampling with its
 DDIMScheduler), compile_reference (torch.compile of the reference), compile_fast (``compile_model`` of what
-``sample --fp16 --compile`` runs: Inductor around our registered ops), compile_diffusers_bf16
-(torch.compile of diffusers' bf16 UNet2DModel); compiled providers in full runs only, compile time reported;
+``sample --fp16 --compile`` runs: Inductor around our registered ops), compile_diffusers_fp32 / _bf16
+(torch.compile of diffusers' UNet2DModel); compiled providers in full runs only, compile time reported;
 whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: chunks of 16 images
 on one thread, what ``sample --batch-invariant`` runs).
 ``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
@@ -45,8 +45,8 @@ STEPS = 20 if FULL else 4
 CIFAR_BATCH = 8 if FULL else 1
 CPU = torch.device("cpu")
 PROVIDERS = ["reference", "fast_fp32_torch", "fast_fp32_ext", "fast_bf16_torch", "fast_bf16_ext", "diffusers_fp32",
-             "diffusers_bf16", "compile_reference", "compile_fast", "compile_diffusers_bf16", "reference_invariant",
-             "fast_fp32_ext_invariant"]
+             "diffusers_bf16", "compile_reference", "compile_fast", "compile_diffusers_fp32", "compile_diffusers_bf16",
+             "reference_invariant", "fast_fp32_ext_invariant"]
 CLI_FP16 = "fast_bf16_ext" if ops.cpu_has_native_bf16() else "fast_fp32_ext"
 CLI_FP16_DTYPE = torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
 
@@ -150,13 +150,13 @@ def _providers(model, schedule, batch, compile_ok=True):
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         twin, diffusers = _diffusers_twin(model, dtype)
         out[f"diffusers_{tag}"] = (dtype, *_diffusers_units(twin, diffusers, dtype, schedule, shape, x, t, labels))
-        if tag == "bf16" and FULL and compile_ok and wanted("compile_diffusers_bf16"):
+        if FULL and compile_ok and wanted(f"compile_diffusers_{tag}"):
             start = time.perf_counter()
             twin_c = torch.compile(twin)
             with torch.no_grad():
                 twin_c(x.to(dtype), t, class_labels=labels)
-            out["compile_diffusers_bf16"] = (dtype, *_diffusers_units(twin_c, diffusers, dtype, schedule, shape, x,
-                                                                      t, labels), time.perf_counter() - start)
+            out[f"compile_diffusers_{tag}"] = (dtype, *_diffusers_units(twin_c, diffusers, dtype, schedule, shape, x,
+                                                                        t, labels), time.perf_counter() - start)
     if FULL and compile_ok and wanted("compile_reference"):
         net, secs = compiled("compile_reference", lambda: torch.compile(model), "torch")
         ours("compile_reference", net, "torch", torch.float32)

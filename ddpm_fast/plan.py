@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,6 +22,9 @@ from ddpm_fast.ops.reverse_step import SIGMA
 
 # Images per U-Net call in a batch-invariant run: part of what the bits depend on, so one fixed default.
 INVARIANT_CHUNK = 16
+# Classifier-free guidance beyond this weight extrapolates eps by orders of magnitude past the data: nonsense,
+# not a setting (published runs use 1-20).
+MAX_GUIDANCE_SCALE = 100.0
 # Cap on the invariant chunk: past it the padded forward costs more than any batch it makes invariant.
 MAX_INVARIANT_CHUNK = 1024
 
@@ -62,8 +64,9 @@ class RunOptions:
 
     def __post_init__(self):
         if self.guidance_scale is not None:
-            if not math.isfinite(float(self.guidance_scale)):
-                raise ValueError(f"guidance_scale must be finite, got {self.guidance_scale}")
+            if not abs(float(self.guidance_scale)) <= MAX_GUIDANCE_SCALE:
+                raise ValueError(f"guidance_scale must be finite, within +-{MAX_GUIDANCE_SCALE:g}, got "
+                                 f"{self.guidance_scale}")
             object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         chunk = self.invariant_chunk
         if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_INVARIANT_CHUNK:
@@ -173,6 +176,8 @@ class SamplingPlan:
         elif not torch.is_tensor(x_T) or tuple(x_T.shape) != self.shape or not x_T.is_floating_point():
             desc = f"{tuple(x_T.shape)} {x_T.dtype}" if torch.is_tensor(x_T) else type(x_T).__name__
             raise ValueError(f"x_T must be a floating tensor of shape {self.shape}, got {desc}")
+        elif not bool(torch.isfinite(x_T).all()):  # start() runs outside any capture: a host read is fine
+            raise ValueError("x_T holds non-finite values")
         self.x.copy_(x_T)
         for h in self.history:
             h.zero_()  # early steps weigh them by 0, and 0 * (garbage or NaN) must not appear

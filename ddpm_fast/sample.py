@@ -11,7 +11,6 @@ gathers and writes one .npz.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -25,10 +24,14 @@ from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import prepare_output_folder
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
+from ddpm_fast.plan import MAX_GUIDANCE_SCALE
 from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import compile_model
 
+# A final sample this far outside [-1, 1] is a failure, like a non-finite one (unclipped solvers overshoot a
+# little; orders of magnitude mean a broken model or setting).
+MAX_SAMPLE_MAGNITUDE = 100.0
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
 
 
@@ -195,11 +198,14 @@ def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> t
                 x = engine.sample(sampler, model, (len(chunk), *shape), run)
         else:
             x = sampler.sample(model, (len(chunk), *shape), run, progress=False)
-        bad = ~torch.isfinite(x).flatten(1).all(1)
-        if bool(bad.any()):  # never write NaN as black pixels: nothing is written for this run
+        # Never write NaN as black pixels, nor values orders of magnitude outside the data range as saturated
+        # ones: either means a broken model or setting, and nothing is written for this run.
+        bad = ~(x.abs() <= MAX_SAMPLE_MAGNITUDE).flatten(1).all(1)  # NaN fails the comparison too
+        if bool(bad.any()):
             k = int(chunk[bad.nonzero()[0, 0]])
-            raise ValueError(f"sampling produced non-finite values (image {k} and {int(bad.sum())} of this batch); "
-                             "check the checkpoint's weights and --guidance-scale; nothing was written")
+            raise ValueError(f"sampling produced non-finite values or values beyond +-{MAX_SAMPLE_MAGNITUDE:g} (the "
+                             f"data range is [-1, 1]) in image {k} and {int(bad.sum())} of this batch; check the "
+                             "checkpoint's weights and --guidance-scale; nothing was written")
         images.append(to_uint8(x).cpu())
         bar.update(len(chunk) * sampler.num_steps)
     bar.close()
@@ -262,8 +268,8 @@ def main(argv=None) -> int:
         parser.error(f"--order applies to --sampler dpm++ / dpm++sde only (--sampler {args.sampler} ignores it)")
     if args.eta is not None and not 0 <= args.eta <= 1:
         parser.error("--eta must lie in [0, 1]")
-    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
-        parser.error("--guidance-scale must be finite")
+    if args.guidance_scale is not None and not abs(args.guidance_scale) <= MAX_GUIDANCE_SCALE:
+        parser.error(f"--guidance-scale must be finite, within +-{MAX_GUIDANCE_SCALE:g}")
     if args.invariant_chunk is not None and not args.batch_invariant:
         parser.error("--invariant-chunk applies with --batch-invariant only")
     if args.invariant_chunk is not None and args.invariant_chunk < 1:

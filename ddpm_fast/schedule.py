@@ -13,6 +13,13 @@ import math
 import torch
 
 SPACINGS = ("leading", "trailing", "linspace")
+# diffusers schedulers whose config describes the same forward process (betas over discrete timesteps).
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                     "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                     "HeunDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
+                     "DEISMultistepScheduler", "KDPM2DiscreteScheduler")
+UNSUPPORTED_SCHEDULER_OPTIONS = {"rescale_betas_zero_snr": "zero-terminal-SNR rescaling of the betas",
+                                 "thresholding": "dynamic thresholding"}
 
 
 class NoiseSchedule:
@@ -111,8 +118,11 @@ class NoiseSchedule:
 
     def to_config(self) -> dict:
         """A diffusers-style scheduler config (DDPMScheduler's keys) that from_config reads back."""
+        if self.name == "trained" and bool(torch.equal(self.timestep_map, torch.arange(self.num_timesteps))):
+            return {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
+                    "trained_betas": self.betas.tolist(), "prediction_type": "epsilon"}
         if self.name not in ("linear", "cosine", "scaled_linear", "sigmoid"):
-            raise ValueError(f"a {self.name!r} schedule has no config; only named schedules do")
+            raise ValueError(f"a {self.name!r} schedule has no config; only named and trained schedules do")
         cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
                "beta_schedule": "squaredcos_cap_v2" if self.name == "cosine" else self.name,
                "prediction_type": "epsilon"}
@@ -121,9 +131,24 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: dict) -> NoiseSchedule:
+        """A diffusers scheduler config: its betas (named schedule or ``trained_betas``); what changes the
+        process in ways this engine does not implement is refused, naming it, never silently dropped."""
+        kind = cfg.get("_class_name")
+        if kind is not None and kind not in SCHEDULER_CLASSES:
+            raise ValueError(f"_class_name {kind!r} is not a diffusers noise scheduler this engine reads "
+                             f"({', '.join(SCHEDULER_CLASSES)})")
+        for key, what in UNSUPPORTED_SCHEDULER_OPTIONS.items():
+            if cfg.get(key):
+                raise ValueError(f"{key}: {what} is not implemented")
         name = cfg.get("beta_schedule", "linear")
         if cfg.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(f"prediction_type {cfg['prediction_type']!r} is not supported (epsilon only)")
+        if cfg.get("trained_betas") is not None:
+            sched = cls(cfg["trained_betas"], name="trained")
+            steps = cfg.get("num_train_timesteps", sched.num_timesteps)
+            if steps != sched.num_timesteps:
+                raise ValueError(f"trained_betas holds {sched.num_timesteps} betas, num_train_timesteps is {steps}")
+            return sched
         kwargs = {k: cfg[k] for k in ("beta_start", "beta_end") if k in cfg and name != "squaredcos_cap_v2"}
         return cls.from_name(name, int(cfg.get("num_train_timesteps", 1000)), **kwargs)
 
@@ -176,6 +201,11 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading"
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
     if len(set(ts)) != num_steps:
         raise ValueError(f"spacing {spacing!r} gives repeated timesteps for {num_steps} of {num_timesteps}")
+    if max(ts) == 0 and num_timesteps > 1:
+        # The run's only step would be the last one, t = 0: it starts from pure noise and denoises nothing.
+        raise ValueError(f"{num_steps} step with spacing {spacing!r} lands on t=0 only (it would return the "
+                         "noise it starts from); use spacing 'trailing' (its one step starts at t=T-1, as "
+                         "diffusers' trailing does) or more steps")
     return ts
 
 

@@ -122,6 +122,9 @@ class TrainConfig:
             errs.append(f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}")
         if self.workers < -1:
             errs.append(f"--workers must be >= 0 (or -1: auto), got {self.workers}")
+        elif self.workers > max_workers_accepted():
+            errs.append(f"--workers {self.workers} is far more than this machine's {os.cpu_count() or 1} CPU cores "
+                        f"(at most that many are used); pass up to {os.cpu_count() or 1}")
         if not 0 <= self.seed < MAX_TRAIN_SEED:
             errs.append(f"--seed must be in [0, 2**{int(math.log2(MAX_TRAIN_SEED))}), got {self.seed}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -148,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
                 kw["default"] = f.default
         p.add_argument(TrainConfig.flag(f.name), help=f.metadata["help"], **kw)
     return p
+
+
+def max_workers_accepted() -> int:
+    """--workers beyond this is refused (a typo, or a machine-killer: each worker is a process holding
+    batches); up to it, more workers than cores are capped to the cores."""
+    return max(16, 4 * (os.cpu_count() or 1))
+
+
+def worker_count(requested: int, folder: bool) -> tuple[int, list[str]]:
+    """(loader worker processes, notices): -1 picks min(4, cores - 1) for an image folder, 0 for in-memory
+    data; a request above the CPU core count is capped to it, with a notice."""
+    cores = os.cpu_count() or 1
+    if requested < 0:
+        return (min(4, max(1, cores - 1)) if folder else 0), []
+    if requested > cores:
+        return cores, [f"--workers {requested}: this machine has {cores} CPU cores; using {cores} workers"]
+    return requested, []
 
 
 class TrainingDiverged(FloatingPointError):
@@ -194,9 +214,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: ImageData | FolderDataset, dist_ctx: Dist):
         self.cfg, self.data, self.dist = cfg, data, dist_ctx
-        self.workers = cfg.workers
-        if self.workers < 0:
-            self.workers = min(4, max(1, (os.cpu_count() or 2) - 1)) if isinstance(data, FolderDataset) else 0
+        self.workers, self.notes = worker_count(cfg.workers, isinstance(data, FolderDataset))
         self.device = device = dist_ctx.device
         self.unet_config = ucfg = UNetConfig.from_name(cfg.config)
         if ucfg.num_classes and data.labels is None:
@@ -327,6 +345,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         rank = self.dist.rank
+        if not isinstance(state["rng"], (list, tuple)):
+            raise CheckpointError(f"{source}: broken generator state (a {type(state['rng']).__name__})")
         if rank >= len(state["rng"]):
             raise CheckpointError(f"{source}: saved by {len(state['rng'])} processes, resumed with more")
         try:
@@ -336,7 +356,10 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{source}: does not match this run ({str(exc).splitlines()[0]})") from None
-        _set_rng_state(self.gens, state["rng"][rank])
+        try:
+            _set_rng_state(self.gens, state["rng"][rank])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"{source}: broken generator state ({str(exc).splitlines()[0]})") from None
         self._batches = None  # restart the stream from the restored generator
         self.step_count = int(state["step"])
 
@@ -397,7 +420,11 @@ def _read_resume_state(cfg: TrainConfig, ckpt_path: str) -> tuple[dict, str]:
     state = read_torch_file(path)
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "scaler", "rng", "step", "args"} <= set(state):
         raise CheckpointError(f"{path}: not a ddpm_fast.train checkpoint")
-    saved = state["args"]
+    saved, step = state["args"], state["step"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its 'args' is a {type(saved).__name__}, not the saved run's flags")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: its 'step' is {step!r}, not a step count")
     diffs = [f"{TrainConfig.flag(k)} {saved.get(k, _LEGACY_DEFAULTS.get(k))!r} (checkpoint) vs {getattr(cfg, k)!r}"
              for k in TrainConfig.run_defining() if saved.get(k, _LEGACY_DEFAULTS.get(k)) != getattr(cfg, k)]
     if diffs:
@@ -503,6 +530,9 @@ def _load(cfg: TrainConfig, dist_ctx: Dist) -> tuple[TrainConfig, Trainer, _RunO
         for note in data.notes:
             print(note, file=sys.stderr)
     trainer = Trainer(cfg, data, dist_ctx)
+    if dist_ctx.main:
+        for note in trainer.notes:
+            print(note, file=sys.stderr)
     if state is not None:
         trainer.load_state_dict(state, resume_path)
     return cfg, trainer, _RunOutputs(cfg, trainer, dist_ctx, resume_path)

@@ -156,7 +156,8 @@ def test_non_finite_samples_fail_and_write_nothing(tmp_path, capsys):
         model.conv_in.bias.fill_(1.0)
     save_pretrained(model, tmp_path / "inf_model", schedule=NoiseSchedule.linear(20))
     assert _sample(["--checkpoint", str(tmp_path / "inf_model"), "--num-samples", "2", "--out", str(out)]) == 2
-    assert "sampling produced non-finite values (image 0" in capsys.readouterr().err
+    assert "sampling produced non-finite values or values beyond +-100 (the data range is [-1, 1]) in image 0" \
+        in capsys.readouterr().err
     assert list(out.iterdir()) == []
     for flag, value in (("--guidance-scale", "nan"), ("--eta", "inf"), ("--eta", "50")):
         with pytest.raises(SystemExit) as exc:

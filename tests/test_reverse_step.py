@@ -269,6 +269,9 @@ def test_python_entry_rejects_bad_input():
         reverse_step(x, x, coefs, idx, NoiseKey(torch.tensor([1, 2]), idx[:1]))
     with pytest.raises(ValueError, match="out must be a float32 tensor laid out like x_t"):
         reverse_step(x, x, coefs, idx, out=x.contiguous(memory_format=torch.channels_last))
+    h1 = torch.zeros_like(x)
+    with pytest.raises(ValueError, match="out must not be one of the history buffers"):
+        reverse_step(x, x, coefs, idx, out=h1, history=(h1,))
 
 
 def test_backend_switch(monkeypatch):

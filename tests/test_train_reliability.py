@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,6 +86,52 @@ def test_real_signal_then_resume_is_bit_exact(data, straight, tmp_path, signum):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     _assert_same_run(straight, _state(out / "checkpoint.pt"))
+
+
+def _image_folder(root, n=24):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.slow
+def test_signal_to_the_process_group_with_workers(tmp_path):
+    """SIGTERM to the whole process group (what `timeout` and job schedulers send) while loader workers run:
+    the same end as a signal to the main process alone (one notice, the step boundary saved, exit 143),
+    not a worker's traceback."""
+    out = tmp_path / "run"
+    args = ["--data", _image_folder(tmp_path / "imgs"), "--workers", "2", "--steps", "400", "--save-every", "5",
+            "--out", str(out)]
+    cmd = [sys.executable, "-m", "ddpm_fast.train", *TRAIN, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)  # its own process group, as a shell job has
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count("SIGTERM: finishing the current step") == 1, err[-3000:]
+    assert 5 <= _state(out / "checkpoint.pt")["step"] < 400
+
+
+def test_workers_are_capped_by_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert train_cli.worker_count(-1, folder=True) == (1, [])
+    assert train_cli.worker_count(-1, folder=False) == (0, [])
+    assert train_cli.worker_count(2, folder=True) == (2, [])
+    n, notes = train_cli.worker_count(9, folder=True)
+    assert n == 2 and notes == ["--workers 9: this machine has 2 CPU cores; using 2 workers"]
+    assert train_cli.max_workers_accepted() == 16
+    assert train_cli.TrainConfig(data="digits", workers=16).errors() == []
+    assert "far more than" in train_cli.TrainConfig(data="digits", workers=17).errors()[0]
 
 
 def _signalling_save(monkeypatch, at_call: int, signals: list[int]):
@@ -235,6 +282,7 @@ def test_write_errors_are_one_line_and_keep_the_old_checkpoint(data, tmp_path, m
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--seed", str(2**64)], "--seed must be in [0, 2**50)"),
     (["--device", "bogus"], "--device 'bogus': not a device"),
+    (["--workers", "100000"], "--workers 100000 is far more than this machine's"),
 ])
 def test_bad_flags_are_refused_up_front(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:

@@ -439,12 +439,17 @@ def _group_norm_silu_kernels(x: torch.Tensor, weight: torch.Tensor | None, bias:
                              add: torch.Tensor | None, num_groups: int, eps: float,
                              silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel backends: (y, mean, rstd), the statistics (N * G,) fp32 for the backward. The native
-    kernel is forward-only and leaves them unset (calls autograd records never reach it)."""
-    if registry.backend_for("group_norm_silu", x.device) == "native":
+    kernel is forward-only and leaves them unset (calls autograd records never reach it). A compiled graph
+    run after a switch to the torch backend computes the reference here."""
+    backend = registry.backend_for("group_norm_silu", x.device)
+    if backend == "triton":
+        return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
+    if backend == "native":
         y = registry.extension().group_norm_silu(x.contiguous(memory_format=memory_format(x)), weight, bias, add,
-                                            num_groups, eps, silu)
-        return y, *_empty_stats(x, num_groups)
-    return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
+                                                 num_groups, eps, silu)
+    else:
+        y = group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
+    return y, *_empty_stats(x, num_groups)
 
 
 _group_norm_silu_op = torch.library.custom_op("ddpm_fast::group_norm_silu", _group_norm_silu_kernels,

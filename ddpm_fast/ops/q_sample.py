@@ -91,6 +91,10 @@ def _q_sample_kernels(x0: torch.Tensor, t: torch.Tensor, sqrt_acp: torch.Tensor,
                       noise: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel: (x_t, the noise it drew); without ``noise`` it draws from ``seed``, with it the
     second output is empty (an op's outputs never alias its inputs)."""
+    if registry.backend_for("q_sample", x0.device) != "triton":  # a compiled graph after a switch to torch
+        drawn = torch.randn(x0.shape, generator=torch.Generator(x0.device).manual_seed(seed), device=x0.device,
+                            dtype=x0.dtype) if noise is None else noise
+        return q_sample_ref(x0, t.long(), sqrt_acp, sqrt_1m_acp, drawn), (drawn if noise is None else x0.new_empty(0))
     x_t, drawn = _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed)
     return x_t, (drawn if noise is None else x0.new_empty(0))
 

@@ -107,16 +107,17 @@ def extension():
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 convolutions and GEMMs run on
-    oneDNN's fast kernels; without it they take slow generic code, far slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without this query: ask the CPU's flags
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+    oneDNN's fast kernels; without it they take emulated or generic code, slower than fp32. (oneDNN's own
+    ``_is_mkldnn_bf16_supported`` is true on any AVX-512 CPU, where it emulates bf16: not this question.)"""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(probe is not None for probe in probes):
+        return any(bool(probe()) for probe in probes)
+    try:  # a torch without these queries: ask the CPU's flags
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def triton_available() -> bool:

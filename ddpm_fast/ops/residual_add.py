@@ -89,12 +89,16 @@ def _residual_add_triton(y, skip, bias):
 
 
 def _residual_add_kernels(y: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The kernel backends; the native kernel takes y and skip of one dtype."""
+    """The kernel backends; the native kernel takes y and skip of one dtype (else, and after a switch to the
+    torch backend under a compiled graph, the reference)."""
     fmt = memory_format(y)
-    if registry.backend_for("residual_add", y.device) == "native":
+    backend = registry.backend_for("residual_add", y.device)
+    if backend == "triton":
+        return _residual_add_triton(y, skip, bias)
+    if backend == "native" and y.dtype == skip.dtype:
         return registry.extension().residual_add(y.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt),
-                                            bias)
-    return _residual_add_triton(y, skip, bias)
+                                                 bias)
+    return residual_add_ref(y, skip, bias)
 
 
 _residual_add_op = torch.library.custom_op("ddpm_fast::residual_add", _residual_add_kernels,

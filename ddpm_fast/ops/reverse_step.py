@@ -194,6 +194,9 @@ def reverse_step(
                               or t.device != x_t.device):
             kinds = "/".join(str(d).replace("torch.", "") for d in dtypes)
             raise ValueError(f"reverse_step: {name} must be a {kinds} tensor laid out like x_t")
+    if out is not None and any(h is out or (not torch.compiler.is_compiling() and h.data_ptr() == out.data_ptr())
+                               for h in history):
+        raise ValueError("reverse_step: out must not be one of the history buffers (the step shifts them)")
     torch._assert_async(((index >= 0) & (index < coefs.shape[0])).all(),
                         f"reverse_step: index outside the coefficient table of {coefs.shape[0]} rows")
     backend = registry.backend_for("reverse_step", x_t.device)
@@ -230,14 +233,23 @@ def _reverse_step_kernels(x_t: torch.Tensor, model_output: torch.Tensor, model_o
                           noise_counter: torch.Tensor | None, noise_images: torch.Tensor | None, guidance_scale: float,
                           clip_denoised: bool, out: torch.Tensor, half_out: torch.Tensor | None,
                           history: list[torch.Tensor]) -> None:
-    """The kernel backends, writing ``out`` (which may be x_t), ``half_out`` and shifting ``history``."""
-    if registry.backend_for("reverse_step", x_t.device) == "native":
-        registry.extension().reverse_step(x_t, model_output, model_output_uncond, coefs, index, noise, guidance_scale,
-                                     clip_denoised, noise_counter, noise_images, out, half_out, *history)
-        return
+    """The kernel backends, writing ``out`` (which may be x_t), ``half_out`` and shifting ``history`` (after a
+    switch to the torch backend under a compiled graph, the reference does)."""
+    backend = registry.backend_for("reverse_step", x_t.device)
     key = None if noise_counter is None else NoiseKey(noise_counter, noise_images)
-    _reverse_step_triton(x_t, model_output, model_output_uncond, coefs, index, noise, key, guidance_scale,
-                         clip_denoised, out, half_out, history)
+    if backend == "native":
+        registry.extension().reverse_step(x_t, model_output, model_output_uncond, coefs, index, noise, guidance_scale,
+                                          clip_denoised, noise_counter, noise_images, out, half_out, *history)
+    elif backend == "triton":
+        _reverse_step_triton(x_t, model_output, model_output_uncond, coefs, index, noise, key, guidance_scale,
+                             clip_denoised, out, half_out, history)
+    else:
+        z = randn_like_key(x_t, key) if key is not None else noise
+        result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
+                                  guidance_scale, tuple(history))
+        out.copy_(result)
+        if half_out is not None:
+            half_out.copy_(result)
 
 
 _reverse_step_op = torch.library.custom_op("ddpm_fast::reverse_step_", _reverse_step_kernels,

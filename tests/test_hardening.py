@@ -1,0 +1,117 @@
+"""Nonsense is refused before work, naming it: scheduler configs that change the process in ways the engine does
+not implement, runs whose only step is t=0, absurd guidance, float labels, a non-finite x_T, edited checkpoints.
+Each case was accepted silently (exit 0, a wrong result) before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_
+
+from ddpm_fast import DDIMSampler, NoiseSchedule, RunOptions, UNet, UNetConfig
+from ddpm_fast import sample as sample_cli
+from ddpm_fast import train as train_cli
+from ddpm_fast.checkpoint import CheckpointError, load_schedule, save_pretrained
+from ddpm_fast.fileio import atomic_write_json
+from ddpm_fast.schedule import space_timesteps
+
+
+def test_scheduler_config_trained_betas_are_honoured():
+    betas = torch.linspace(1e-4, 0.05, 30, dtype=torch.float64)
+    sched = NoiseSchedule.from_config({"_class_name": "DDPMScheduler", "num_train_timesteps": 30,
+                                       "trained_betas": betas.tolist(), "beta_schedule": "linear"})
+    assert torch.equal(sched.betas, betas)
+    assert torch.equal(NoiseSchedule.from_config(sched.to_config()).betas, betas)  # and written back
+    with pytest.raises(ValueError, match="trained_betas holds 30 betas, num_train_timesteps is 1000"):
+        NoiseSchedule.from_config({"trained_betas": betas.tolist(), "num_train_timesteps": 1000})
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr: zero-terminal-SNR rescaling of the betas is not"),
+    ({"thresholding": True}, "thresholding: dynamic thresholding is not implemented"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "_class_name 'FlowMatchEulerDiscreteScheduler' is not"),
+])
+def test_scheduler_config_options_not_implemented_are_refused(tmp_path, cfg, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.from_config({"num_train_timesteps": 1000, **cfg})
+    # From a model folder: the error names the file.
+    save_pretrained(UNet(UNetConfig.from_name("tiny")), tmp_path)
+    atomic_write_json(str(tmp_path / "scheduler_config.json"), {"num_train_timesteps": 1000, **cfg})
+    with pytest.raises(CheckpointError, match="scheduler_config.json: "):
+        load_schedule(str(tmp_path))
+    assert NoiseSchedule.from_config({"num_train_timesteps": 1000, **{k: False for k in cfg if k != "_class_name"}})
+
+
+def test_a_run_whose_only_step_is_t0_is_refused(tmp_path, capsys):
+    for spacing in ("leading", "linspace"):
+        with pytest.raises(ValueError, match="lands on t=0 only"):
+            space_timesteps(1000, 1, spacing)
+        with pytest.raises(ValueError, match="lands on t=0 only"):
+            DDIMSampler(NoiseSchedule.linear(1000), 1, spacing=spacing)
+    assert space_timesteps(1000, 1, "trailing") == [999]
+    assert DDIMSampler(NoiseSchedule.linear(1000), 1, spacing="trailing").timesteps.tolist() == [999]
+    for sampler in ("ddim", "ddpm"):
+        assert sample_cli.main(["--sampler", sampler, "--steps", "1", "--out", str(tmp_path / sampler),
+                                "--no-progress"]) == 2
+        assert "lands on t=0 only" in capsys.readouterr().err
+
+
+def test_absurd_guidance_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"guidance_scale must be finite, within \+-100"):
+        RunOptions(guidance_scale=1e30)
+    assert RunOptions(guidance_scale=-3.0).guidance_scale == -3.0
+    with pytest.raises(SystemExit) as exc:
+        sample_cli.main(["--guidance-scale", "1e30", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "--guidance-scale must be finite, within +-100" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_float_labels_and_non_finite_x_T_are_refused():
+    model = randomize_(UNet(UNetConfig.from_name("digits")).eval(), 0.02)
+    sampler = DDIMSampler(NoiseSchedule.linear(100), 2)
+    with pytest.raises(ValueError, match="class_labels must be integers, got torch.float32"):
+        sampler.plan(model, (2, 1, 16, 16), seed=0, class_labels=torch.tensor([1.5, 2.0]))
+    x_T = torch.randn(2, 1, 16, 16)
+    x_T[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="x_T holds non-finite values"):
+        sampler.plan(model, (2, 1, 16, 16), seed=0, class_labels=[1, 2], x_T=x_T)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    args = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--no-progress",
+            "--data", data, "--out", str(out)]
+    assert train_cli.main(args + ["--steps", "2"]) == 0
+    return out, args
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("step", -5, "its 'step' is -5, not a step count"),
+    ("step", 2.5, "its 'step' is 2.5, not a step count"),
+    ("args", ["--lr", "1"], "its 'args' is a list, not the saved run's flags"),
+    ("rng", [{"torch": torch.zeros(3, dtype=torch.uint8)}], "broken generator state"),
+    ("rng", "seed", "broken generator state (a str)"),
+])
+def test_edited_checkpoint_fields_are_refused(trained_run, tmp_path, capsys, field, value, message):
+    import shutil
+
+    src, args = trained_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    args = [a if a != str(src) else str(out) for a in args]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state[field] = value
+    torch.save(state, out / "checkpoint.pt")
+    assert train_cli.main(args + ["--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_unknown_scheduler_in_a_model_folder_fails_the_cli(tmp_path, capsys):
+    path = tmp_path / "model"
+    save_pretrained(UNet(UNetConfig.from_name("tiny")), path, schedule=NoiseSchedule.linear(20))
+    atomic_write_json(str(path / "scheduler_config.json"), {"_class_name": "DDPMScheduler", "num_train_timesteps": 20,
+                                                            "rescale_betas_zero_snr": True})
+    assert sample_cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "rescale_betas_zero_snr" in capsys.readouterr().err
