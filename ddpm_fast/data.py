@@ -17,10 +17,8 @@ after its draws, so a checkpoint records exactly what was consumed however far t
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -332,33 +330,14 @@ def batch_loader(data, stream: BatchStream, workers: int = 0, pin_memory: bool =
     order. With workers > 0, that many processes decode batches ahead (2 each); the stream stays in order."""
     # The loader draws its workers' base seed from ``generator``: never from torch's global generator, whose
     # state a checkpoint saves (a resumed run starts a loader at another point of the global stream).
-    batches = iter(torch.utils.data.DataLoader(
+    return iter(torch.utils.data.DataLoader(
         _WholeBatches(data), batch_size=None, sampler=stream, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(0),
         worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None))
-    if workers:
-        _live_loaders.add(batches)
-    return batches
-
-
-_live_loaders: weakref.WeakSet = weakref.WeakSet()
-
-
-def _shut_down_live_loaders() -> None:
-    """At interpreter exit, stop the workers of loaders still alive the regular way (done event, join).
-    multiprocessing's own exit hook would SIGTERM them, which they ignore, and then wait forever."""
-    for batches in list(_live_loaders):
-        batches._shutdown_workers()
-
-
-# Registered after torch (and so multiprocessing) is imported: exit hooks run last-registered first.
-atexit.register(_shut_down_live_loaders)
 
 
 def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
-    """A worker ignores SIGINT and SIGTERM: sent to the whole process group (Ctrl-C, ``timeout``, a job
-    scheduler), they reach the workers too, and a worker killed mid-batch would end the run with the
-    loader's traceback instead of the main process's step-boundary save. The main process decides; it
-    shuts its workers down when it stops."""
+    """A worker ignores SIGINT: Ctrl-C reaches the whole process group, and the main process decides (it
+    saves the step boundary, then shuts its workers down). SIGTERM stays default: multiprocessing stops
+    leftover workers with it at exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -98,30 +98,6 @@ def _image_folder(root, n=24):
     return str(root)
 
 
-@pytest.mark.slow
-def test_signal_to_the_process_group_with_workers(tmp_path):
-    """SIGTERM to the whole process group (what `timeout` and job schedulers send) while loader workers run:
-    the same end as a signal to the main process alone (one notice, the step boundary saved, exit 143),
-    not a worker's traceback."""
-    out = tmp_path / "run"
-    args = ["--data", _image_folder(tmp_path / "imgs"), "--workers", "2", "--steps", "400", "--save-every", "5",
-            "--out", str(out)]
-    cmd = [sys.executable, "-m", "ddpm_fast.train", *TRAIN, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)  # its own process group, as a shell job has
-    deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert err.count("SIGTERM: finishing the current step") == 1, err[-3000:]
-    assert 5 <= _state(out / "checkpoint.pt")["step"] < 400
-
-
 def test_workers_are_capped_by_the_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert train_cli.worker_count(-1, folder=True) == (1, [])
