@@ -142,13 +142,14 @@ struct Params {
   int64_t n, c, hw, groups, cg;
   float eps;
   bool silu;
-  const float* weight;  // (C,) or null
-  const float* bias;    // (C,) or null
+  const float* weight;  // (C,), or (N, C) per sample (affine_stride_n = C), or null
+  const float* bias;    // like weight
   const float* add;     // (N, C) or null
+  int64_t affine_stride_n;
 };
 
-float weight_at(const Params& p, int64_t c) { return p.weight ? p.weight[c] : 1.f; }
-float bias_at(const Params& p, int64_t c) { return p.bias ? p.bias[c] : 0.f; }
+float weight_at(const Params& p, int64_t n, int64_t c) { return p.weight ? p.weight[n * p.affine_stride_n + c] : 1.f; }
+float bias_at(const Params& p, int64_t n, int64_t c) { return p.bias ? p.bias[n * p.affine_stride_n + c] : 0.f; }
 float add_at(const Params& p, int64_t n, int64_t c) { return p.add ? p.add[n * p.c + c] : 0.f; }
 
 template <typename scalar_t>
@@ -170,7 +171,7 @@ void group_norm_nchw(const scalar_t* x, scalar_t* y, const Params& p) {
       const float rstd = 1.f / std::sqrt(row_sum_squares(v, span) / static_cast<float>(span) + p.eps);
       for (int64_t j = 0; j < p.cg; ++j) {
         const int64_t c = g * p.cg + j;
-        affine_silu_scalar(v + j * p.hw, rstd * weight_at(p, c), bias_at(p, c), p.hw, p.silu);
+        affine_silu_scalar(v + j * p.hw, rstd * weight_at(p, n, c), bias_at(p, n, c), p.hw, p.silu);
       }
       cpu::finish_row(v, y + offset, span);
     }
@@ -213,8 +214,8 @@ void group_norm_channels_last(const scalar_t* x, scalar_t* y, const Params& p) {
       const float mean = static_cast<float>(group.mean);
       const float rstd = static_cast<float>(1.0 / std::sqrt(group.m2 / group.count + p.eps));
       for (int64_t c = g * p.cg; c < (g + 1) * p.cg; ++c) {
-        scale[n * p.c + c] = rstd * weight_at(p, c);
-        shift[n * p.c + c] = (add_at(p, n, c) - mean) * scale[n * p.c + c] + bias_at(p, c);
+        scale[n * p.c + c] = rstd * weight_at(p, n, c);
+        shift[n * p.c + c] = (add_at(p, n, c) - mean) * scale[n * p.c + c] + bias_at(p, n, c);
       }
     }
   });
@@ -258,13 +259,15 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
               " channels are not divisible by num_groups=", num_groups);
   TORCH_CHECK(eps > 0 && std::isfinite(eps), "group_norm_silu_cpu: eps must be positive and finite, got ", eps);
   TORCH_CHECK(weight.has_value() == bias.has_value(), "group_norm_silu_cpu: give both weight and bias, or neither");
-  auto per_channel = [&](const c10::optional<at::Tensor>& t, const char* name) {
+  const bool per_sample = weight && weight->dim() == 2;
+  auto affine = [&](const c10::optional<at::Tensor>& t, const char* name) {
     if (!t) return at::Tensor();
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == c, "group_norm_silu_cpu: ", name,
-                " must be a (", c, ",) CPU tensor, got ", t->sizes(), " on ", t->device());
-    return cpu::as_float(*t);
+    const bool ok = per_sample ? (t->dim() == 2 && t->size(0) == n && t->size(1) == c) : (t->dim() == 1 && t->size(0) == c);
+    TORCH_CHECK(t->device().is_cpu() && ok, "group_norm_silu_cpu: ", name, " must be a (", c, ",) CPU tensor, or (", n,
+                ", ", c, ") per sample (weight and bias alike), got ", t->sizes(), " on ", t->device());
+    return cpu::as_float(*t).contiguous();
   };
-  const at::Tensor w = per_channel(weight, "weight"), b = per_channel(bias, "bias");
+  const at::Tensor w = affine(weight, "weight"), b = affine(bias, "bias");
   at::Tensor a;
   if (add) {
     TORCH_CHECK(add->device().is_cpu() && add->dim() == 2 && add->size(0) == n && add->size(1) == c,
@@ -276,7 +279,7 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
   if (n == 0) return y;
   const Params p{n, c, hw, num_groups, c / num_groups, static_cast<float>(eps), silu,
                  w.defined() ? w.data_ptr<float>() : nullptr, b.defined() ? b.data_ptr<float>() : nullptr,
-                 a.defined() ? a.data_ptr<float>() : nullptr};
+                 a.defined() ? a.data_ptr<float>() : nullptr, per_sample ? c : 0};
   AT_DISPATCH_V2(x.scalar_type(), "group_norm_silu_cpu", AT_WRAP([&] {
     if (cl) {
       group_norm_channels_last(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p);

@@ -21,7 +21,8 @@ struct Tag {
 // NOISE: 0 none, 1 tensor, 2 in-kernel Philox.
 template <typename scalar_t, typename half_t, bool HAS_UNCOND, int NOISE, bool HAS_HALF>
 __global__ void reverse_step_kernel(const float* x, const scalar_t* __restrict__ eps,
-                                    const scalar_t* __restrict__ eps_uncond, const float* __restrict__ noise,
+                                    const scalar_t* __restrict__ eps_uncond,
+                                    const scalar_t* __restrict__ var_values, const float* __restrict__ noise,
                                     const int64_t* __restrict__ noise_key, const int64_t* __restrict__ images,
                                     const float* __restrict__ coefs, const int64_t* __restrict__ index,
                                     int64_t num_rows, float* out, half_t* __restrict__ half_out,
@@ -49,7 +50,8 @@ __global__ void reverse_step_kernel(const float* x, const scalar_t* __restrict__
     }
     const float h1 = hist1 ? hist1[i] : 0.f;
     float x0;
-    const float v = reverse_step_element(row, x[i], e, z, clip, h1, hist2 ? hist2[i] : 0.f, &x0);
+    const float sigma = var_values ? learned_sigma(row, static_cast<float>(var_values[i])) : row[kSigma];
+    const float v = reverse_step_element(row, x[i], e, z, clip, h1, hist2 ? hist2[i] : 0.f, sigma, &x0);
     out[i] = v;
     if (hist2) hist2[i] = h1;
     if (hist1) hist1[i] = x0;
@@ -77,6 +79,7 @@ at::Tensor reverse_step_cuda(const at::Tensor& x, const at::Tensor& eps, const O
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, eps.scalar_type(), "reverse_step_cuda", [&] {
     const scalar_t* up = eps_uncond ? eps_uncond->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vp = io.var_values ? io.var_values->data_ptr<scalar_t>() : nullptr;
     const float* zp = io.noise ? io.noise->data_ptr<float>() : nullptr;
     const int64_t* kp = io.noise_key ? io.noise_key->data_ptr<int64_t>() : nullptr;
     const int64_t* ip = io.images ? io.images->data_ptr<int64_t>() : nullptr;
@@ -87,7 +90,7 @@ at::Tensor reverse_step_cuda(const at::Tensor& x, const at::Tensor& eps, const O
       half_t* hp = has_half ? io.half_out->data_ptr<half_t>() : nullptr;
       reverse_step_kernel<scalar_t, half_t, decltype(has_uncond)::value, decltype(noise_mode)::value,
                           decltype(has_half)::value><<<blocks, threads, 0, stream>>>(
-          x.data_ptr<float>(), eps.data_ptr<scalar_t>(), up, zp, kp, ip, coefs.data_ptr<float>(),
+          x.data_ptr<float>(), eps.data_ptr<scalar_t>(), up, vp, zp, kp, ip, coefs.data_ptr<float>(),
           index.data_ptr<int64_t>(), coefs.size(0), out.data_ptr<float>(), hp, h1p, h2p, numel, per_sample, x.size(1),
           x.size(2) * x.size(3), cl, w, clip);
     };

@@ -23,6 +23,7 @@ struct StepIO {
   OptTensor half_out;   // fp16/bf16 laid out like x_t: also receives x_prev
   OptTensor hist1;      // float32 laid out like x_t: the previous x0_hat (multistep), read then replaced
   OptTensor hist2;      // float32 laid out like x_t: the one before (needs hist1), read then replaced by hist1
+  OptTensor var_values; // model_output's dtype, laid out like x_t: learned-variance v in [-1, 1] (optional)
 };
 
 inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps, const OptTensor& eps_uncond,
@@ -48,6 +49,11 @@ inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps, 
     same_layout(*eps_uncond, "model_output_uncond");
     TORCH_CHECK(eps_uncond->scalar_type() == eps.scalar_type(),
                 "reverse_step: model_output_uncond dtype must match model_output");
+  }
+  if (io.var_values) {
+    same_layout(*io.var_values, "model_var_values");
+    TORCH_CHECK(io.var_values->scalar_type() == eps.scalar_type(),
+                "reverse_step: model_var_values dtype must match model_output");
   }
   if (noise) {
     same_layout(*noise, "noise");

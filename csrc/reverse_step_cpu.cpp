@@ -21,6 +21,7 @@ void reverse_step_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const Opt
   const float* xp = x.data_ptr<float>();
   const scalar_t* ep = eps.data_ptr<scalar_t>();
   const scalar_t* up = eps_uncond ? eps_uncond->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* vp = io.var_values ? io.var_values->data_ptr<scalar_t>() : nullptr;
   const float* zp = io.noise ? io.noise->data_ptr<float>() : nullptr;
   const int64_t* key = io.noise_key ? io.noise_key->data_ptr<int64_t>() : nullptr;
   const int64_t* images = io.images ? io.images->data_ptr<int64_t>() : nullptr;
@@ -49,7 +50,8 @@ void reverse_step_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const Opt
         }
         const float h1 = h1p ? h1p[i] : 0.f;
         float x0;
-        const float v = reverse_step_element(row, xp[i], e, z, clip, h1, h2p ? h2p[i] : 0.f, &x0);
+        const float sigma = vp ? learned_sigma(row, static_cast<float>(vp[i])) : row[kSigma];
+        const float v = reverse_step_element(row, xp[i], e, z, clip, h1, h2p ? h2p[i] : 0.f, sigma, &x0);
         op[i] = v;
         if (h2p) h2p[i] = h1;
         if (h1p) h1p[i] = x0;

@@ -4,9 +4,11 @@ Public API: schedules, the U-Net and its presets, samplers, the training loss, c
 """
 
 from ddpm_fast import engine
+from ddpm_fast.adm import ADMConfig, ADMUNet, FastADMUNet
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.losses import training_loss
+from ddpm_fast.openai import load_openai, openai_timesteps
 from ddpm_fast.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, SamplingPlan, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import FastUNet, UNet, compile_model
@@ -14,6 +16,9 @@ from ddpm_fast.unet import FastUNet, UNet, compile_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMConfig",
+    "ADMUNet",
+    "FastADMUNet",
     "PRESETS",
     "CheckpointError",
     "DDIMSampler",
@@ -27,7 +32,9 @@ __all__ = [
     "UNetConfig",
     "compile_model",
     "engine",
+    "load_openai",
     "load_pretrained",
+    "openai_timesteps",
     "load_schedule",
     "save_pretrained",
     "to_uint8",

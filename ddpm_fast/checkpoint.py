@@ -7,15 +7,42 @@ mis-shaped key, an unsupported config option or an unreadable file raises Checkp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 
 import torch
 
-from ddpm_fast.config import UNetConfig
+from ddpm_fast.adm import TRAIN_PRESETS, ADMConfig, ADMUNet
+from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.fileio import atomic_write, atomic_write_json
 from ddpm_fast.unet import UNet
+
+ADM_CLASS_NAME = "ADMUNet"  # config.json's _class_name for our ADM folders (diffusers has no such model)
+MODEL_PRESETS = sorted(PRESETS) + sorted(TRAIN_PRESETS)  # what ddpm_fast.train --config takes
+
+
+def model_preset(name: str, learn_sigma: bool = False) -> UNetConfig | ADMConfig:
+    """A DDPM U-Net preset (config.PRESETS) or an ADM one (adm.TRAIN_PRESETS), with learned variance if asked."""
+    if name in TRAIN_PRESETS:
+        return dataclasses.replace(TRAIN_PRESETS[name], learn_sigma=bool(learn_sigma))
+    return UNetConfig.from_name(name, learn_sigma=bool(learn_sigma))
+
+
+def build_model(config: UNetConfig | ADMConfig) -> UNet | ADMUNet:
+    return ADMUNet(config) if isinstance(config, ADMConfig) else UNet(config)
+
+
+def config_to_dict(config: UNetConfig | ADMConfig) -> dict:
+    """A model config as a training checkpoint stores it (an ADM one marked by _class_name)."""
+    return {"_class_name": ADM_CLASS_NAME, **config.to_dict()} if isinstance(config, ADMConfig) else config.to_dict()
+
+
+def config_from_dict(d: dict) -> UNetConfig | ADMConfig:
+    if d.get("_class_name") == ADM_CLASS_NAME:
+        return ADMConfig.from_dict({k: v for k, v in d.items() if k != "_class_name"})
+    return UNetConfig.from_dict(d)
 
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -49,7 +76,7 @@ def to_diffusers_config(cfg: UNetConfig) -> dict:
         "_class_name": "UNet2DModel",
         "sample_size": cfg.sample_size,
         "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
+        "out_channels": cfg.output_channels,
         "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
         "layers_per_block": cfg.num_res_blocks,
         "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
@@ -105,11 +132,15 @@ def from_diffusers_config(d: dict, source: str = "config") -> UNetConfig:
             fail(f"non-square sample_size {sample} is not supported")
         sample = sample[0]
     n_cls = d.get("num_class_embeds")
+    # Learned variance: eps and v, twice the input's channels (diffusers' learned_range models are shaped so).
+    in_ch, out_ch = d.get("in_channels", 3), d.get("out_channels", 3)
+    learn_sigma = isinstance(in_ch, int) and isinstance(out_ch, int) and out_ch == 2 * in_ch
     try:
         return UNetConfig(
             sample_size=int(sample),
-            in_channels=d.get("in_channels", 3),
-            out_channels=d.get("out_channels", 3),
+            in_channels=in_ch,
+            out_channels=in_ch if learn_sigma else out_ch,
+            learn_sigma=learn_sigma,
             ch=ch,
             ch_mult=tuple(c // ch for c in chans),
             num_res_blocks=d.get("layers_per_block", 2),
@@ -238,8 +269,9 @@ def _read_json(path: str) -> dict:
     return d
 
 
-def load_state_dict_strict(model: UNet, sd: dict, source: str) -> None:
-    """Load with every mismatch reported by name; 1x1-conv attention weights are squeezed to 2-D."""
+def load_state_dict_strict(model: UNet | ADMUNet, sd: dict, source: str) -> None:
+    """Load strictly; a mismatch is one line naming the first missing key, extra key and wrong shape (with how
+    many more there are). 1x1-conv attention weights are squeezed to 2-D."""
     own = model.state_dict()
     fixed = {}
     for k, v in sd.items():
@@ -253,7 +285,7 @@ def load_state_dict_strict(model: UNet, sd: dict, source: str) -> None:
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", shapes)):
         if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            shown = items[0] + (f" (and {len(items) - 1} more)" if len(items) > 1 else "")
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source}: does not match the model config; " + "; ".join(problems))
@@ -288,7 +320,10 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
     path = resolve_model_path(path)
     if os.path.isdir(path):
         cfg_path = os.path.join(path, CONFIG_NAME)
-        cfg = config or from_diffusers_config(_read_json(cfg_path), cfg_path)
+        raw = _read_json(cfg_path)
+        if raw.get("_class_name") == ADM_CLASS_NAME:
+            return _load_adm_folder(path, raw, cfg_path, config, device)
+        cfg = config or from_diffusers_config(raw, cfg_path)
         st, binf = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
         if os.path.isfile(st):
             sd, source = _read_safetensors(st), st
@@ -308,10 +343,10 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
         if isinstance(obj, dict) and {"ema", "unet_config"} <= set(obj):
             # A ddpm_fast.train checkpoint: sample from its EMA weights.
             try:
-                cfg = config or UNetConfig.from_dict(obj["unet_config"])
-            except (ValueError, TypeError) as exc:
+                cfg = config or config_from_dict(obj["unet_config"])
+            except (ValueError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"{path}: bad unet_config ({exc})") from None
-            model = UNet(cfg)
+            model = build_model(cfg)
             load_state_dict_strict(model, obj["ema"], f"{path} (ema)")
             model.eval()
             return model if device is None else model.to(device)
@@ -328,6 +363,30 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
     load_state_dict_strict(model, sd, source)
     model.eval()
     return model if device is None else model.to(device)
+
+
+def _load_adm_folder(path: str, raw: dict, cfg_path: str, config, device) -> ADMUNet:
+    if config is None:
+        try:
+            config = ADMConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{cfg_path}: {exc}") from None
+    elif not isinstance(config, ADMConfig):
+        raise CheckpointError(f"{cfg_path}: an ADM model folder; config= must be an ADMConfig")
+    st = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(st):
+        raise CheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
+    model = ADMUNet(config)
+    load_state_dict_strict(model, _read_safetensors(st), st)
+    model.eval()
+    return model if device is None else model.to(device)
+
+
+def model_config_json(cfg: UNetConfig | ADMConfig) -> dict:
+    """config.json of a model folder: diffusers' UNet2DModel config, or ours for an ADM model."""
+    if isinstance(cfg, ADMConfig):
+        return {"_class_name": ADM_CLASS_NAME, **cfg.to_dict()}
+    return to_diffusers_config(cfg)
 
 
 def load_schedule(path):
@@ -350,9 +409,10 @@ def load_schedule(path):
     return None
 
 
-def save_pretrained(model: UNet, path, schedule=None, dtype: torch.dtype | None = None) -> None:
-    """Write config.json + diffusion_pytorch_model.safetensors (readable by load_pretrained and diffusers),
-    and scheduler_config.json when ``schedule`` is given. ``dtype`` stores float weights in that dtype."""
+def save_pretrained(model: UNet | ADMUNet, path, schedule=None, dtype: torch.dtype | None = None) -> None:
+    """Write config.json + diffusion_pytorch_model.safetensors (readable by load_pretrained, and for a
+    UNet by diffusers), and scheduler_config.json when ``schedule`` is given. ``dtype`` stores float weights
+    in that dtype. An ADM model keeps openai's key layout."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -360,6 +420,6 @@ def save_pretrained(model: UNet, path, schedule=None, dtype: torch.dtype | None 
     sd = {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
           .contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(path, WEIGHTS_NAME), lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    atomic_write_json(os.path.join(path, CONFIG_NAME), to_diffusers_config(model.config))
+    atomic_write_json(os.path.join(path, CONFIG_NAME), model_config_json(model.config))
     if schedule is not None:
         atomic_write_json(os.path.join(path, SCHEDULER_CONFIG_NAME), schedule.to_config())

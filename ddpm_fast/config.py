@@ -35,6 +35,8 @@ class UNetConfig:
     # Class conditioning: an embedding of num_classes + 1 rows; the last row is the null label
     # that classifier-free guidance uses for the unconditional half.
     num_classes: int | None = None
+    # Learned variance (Improved DDPM): the output has twice out_channels, eps then v (trained on L_hybrid).
+    learn_sigma: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -84,6 +86,8 @@ class UNetConfig:
             errors.append(f"norm_eps must be positive and finite, got {self.norm_eps!r}")
         if self.downsample_padding not in (0, 1):
             errors.append(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        if not isinstance(self.learn_sigma, bool):
+            errors.append(f"learn_sigma must be a bool, got {self.learn_sigma!r}")
         if self.num_classes is not None and self.num_classes < 1:
             errors.append(f"num_classes must be positive or None, got {self.num_classes}")
         if errors:
@@ -96,6 +100,16 @@ class UNetConfig:
     @property
     def temb_dim(self) -> int:
         return self.ch * 4
+
+    @property
+    def null_label(self) -> int | None:
+        """The label of the unconditional half of classifier-free guidance (the embedding's last row)."""
+        return self.num_classes if self.num_classes else None
+
+    @property
+    def output_channels(self) -> int:
+        """What the network outputs: eps, or eps and v with learned variance."""
+        return self.out_channels * (2 if self.learn_sigma else 1)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> UNetConfig:

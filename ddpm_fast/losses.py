@@ -1,4 +1,5 @@
-"""L_simple (Ho et al. 2020, eq. 14): || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2."""
+"""L_simple (Ho et al. 2020, eq. 14): || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2; for a
+learned-sigma model L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, lambda = 0.001)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import torch.nn.functional as F
 
 from ddpm_fast import ops
 from ddpm_fast.config import conditioning_labels
+from ddpm_fast.likelihood import vb_terms_from_output
 from ddpm_fast.schedule import NoiseSchedule
+
+VLB_WEIGHT = 0.001  # lambda of L_hybrid
 
 
 def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels=None,
@@ -16,6 +20,10 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels
 
     With ``cond_drop_prob`` > 0, that fraction of labels is replaced by the null label so the same
     model learns the unconditional eps that classifier-free guidance needs.
+
+    A learned-sigma model (2C output channels: eps, v) trains on L_hybrid: the MSE of the eps half plus
+    lambda * T * L_t, L_t the bound's term at t in bits/dim (a one-sample estimate of L_vlb = sum_t L_t), computed
+    with the mean's gradient stopped so L_vlb trains the variance alone (improved-diffusion's RESCALED_MSE).
     """
     if not torch.is_tensor(x0) or x0.dim() != 4 or not x0.is_floating_point():
         raise ValueError("training_loss: x0 must be a floating (N, C, H, W) tensor")
@@ -32,5 +40,14 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels
     if dropping:
         drop = torch.rand(n, device=device, generator=generator) < cond_drop_prob
         class_labels = torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
-    eps = model(x_t, t, class_labels)
-    return F.mse_loss(eps.float(), noise.float())
+    out = model(x_t, t, class_labels)
+    c = x0.shape[1]
+    if out.shape[1] == c:
+        return F.mse_loss(out.float(), noise.float())
+    if out.shape[1] != 2 * c:
+        raise ValueError(f"training_loss: the model outputs {out.shape[1]} channels; the data has {c} "
+                         f"(eps) or {2 * c} (eps and v) expected")
+    mse = F.mse_loss(out[:, :c].float(), noise.float())
+    frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
+    vb = vb_terms_from_output(schedule, frozen, x0, x_t, t, clip_denoised=False, variance="learned_range")
+    return mse + VLB_WEIGHT * schedule.num_timesteps * vb.mean()

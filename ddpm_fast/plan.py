@@ -120,6 +120,9 @@ class SamplingPlan:
         if not isinstance(model, Denoiser):
             raise TypeError(f"sampling needs a Denoiser (model(x, t, class_labels) with compute_dtype and "
                             f"config.num_classes, like UNet), got {type(model).__name__}")
+        if sampler.learned_variance and not model.config.learn_sigma:
+            raise ValueError(f"{type(sampler).__name__}(variance='learned_range') needs a learned-sigma model "
+                             "(one that outputs eps and v)")
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.sampler, self.model, self.shape, self.n = sampler, model, shape, shape[0]
@@ -204,9 +207,12 @@ class SamplingPlan:
             eps_c, eps_u = self._eps_in_chunks(t[:1])
         else:
             eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
+        eps_c, var = self.sampler.split_output(eps_c, self.shape[1])
+        if eps_u is not None:
+            eps_u, _ = self.sampler.split_output(eps_u, self.shape[1])
         ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
                          1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
-                         half_out=self.x_half, history=self.history)
+                         half_out=self.x_half, history=self.history, model_var_values=var)
         self.counter[1:] += 1
 
     def _eps_in_chunks(self, t1: torch.Tensor):
@@ -224,9 +230,10 @@ class SamplingPlan:
                 if labels is not None:
                     labels[:k].copy_(self.labels[start:start + k])
                 c, u = model_eps(self.model, buf, t, labels, self._chunk_null)
-                if eps_c is None:
-                    eps_c = torch.empty_like(self.x, dtype=c.dtype)
-                    eps_u = None if u is None else torch.empty_like(self.x, dtype=u.dtype)
+                if eps_c is None:  # laid out as x; a learned-sigma model's output has twice its channels
+                    fmt = ops.memory_format(self.x)
+                    eps_c = torch.empty((self.n, *c.shape[1:]), dtype=c.dtype, device=self.device, memory_format=fmt)
+                    eps_u = None if u is None else torch.empty_like(eps_c, dtype=u.dtype)
                 eps_c[start:start + k].copy_(c[:k])
                 if u is not None:
                     eps_u[start:start + k].copy_(u[:k])
@@ -287,11 +294,19 @@ def model_eps(model, x_in, t, labels, null):
 
 def _prepare_labels(model, class_labels, guidance_scale, n, device):
     """(labels, null labels for guidance): what a plan feeds the model."""
-    num_classes = model.config.num_classes
+    config = model.config
+    num_classes = config.num_classes
     if guidance_scale is not None and not num_classes:
         raise ValueError("guidance_scale needs a class-conditional model (config.num_classes)")
     if class_labels is None and guidance_scale is not None:
         raise ValueError("guidance_scale needs class_labels")
+    if num_classes and config.null_label is None:
+        if guidance_scale is not None:
+            raise ValueError("guidance_scale: this model has no null label (it was not trained for "
+                             "classifier-free guidance)")
+        if class_labels is None:
+            raise ValueError(f"class_labels: this class-conditional model has no null label; give each image a "
+                             f"class in [0, {num_classes - 1}]")
     labels = conditioning_labels(num_classes, class_labels, n, device)
-    null = torch.full_like(labels, num_classes) if guidance_scale is not None else None
+    null = torch.full_like(labels, config.null_label) if guidance_scale is not None else None
     return labels, null

@@ -5,7 +5,9 @@ OUT/samples_NxHxWxC.npz (uint8 NHWC in arr_0, labels in arr_1 for conditional mo
 FID tools read. Same seed, same draws: image k's randomness depends only on (--seed, k), whatever
 --batch-size, the number of processes or --engine; with --batch-invariant its bits do too.
 Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.sample ... shards the images over ranks; rank 0
-gathers and writes one .npz.
+gathers and writes one .npz. openai's guided-diffusion / improved-diffusion .pt files load with
+--openai-flags (the MODEL_FLAGS and DIFFUSION_FLAGS their READMEs print) and sample as openai does:
+learned variance for learned-sigma models, DDIM with eps recomputed from the clipped x_0.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import warnings
 import torch
 
 from ddpm_fast import ops
+from ddpm_fast.adm import ADMConfig
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import prepare_output_folder
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
+from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
 from ddpm_fast.plan import MAX_GUIDANCE_SCALE
 from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
@@ -39,8 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.sample", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="a diffusers/ddpm_fast model folder, a pytorch_diffusion .ckpt, or a ddpm_fast.train "
-                        "checkpoint.pt (default: the embedded digits model)")
+                   help="a diffusers/ddpm_fast model folder, a pytorch_diffusion .ckpt, a ddpm_fast.train "
+                        "checkpoint.pt, or an openai .pt with --openai-flags (default: the embedded digits model)")
+    p.add_argument("--openai-flags", default=None, metavar="FLAGS",
+                   help="the checkpoint is an openai .pt: its MODEL_FLAGS and DIFFUSION_FLAGS, as the repository's "
+                        "README prints them (omitted flags take that repository's defaults)")
+    p.add_argument("--openai-repo", default="guided-diffusion", choices=list(REPOS),
+                   help="which openai repository --openai-flags come from (their defaults differ)")
+    p.add_argument("--timestep-respacing", default=None, metavar="SPEC",
+                   help="openai's respacing string for ddim/ddpm: 'ddim25', '250' or '10,15,20' (instead of --steps)")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++", "dpm++sde"],
                    help="ddpm: ancestral; ddim; dpm++: multistep DPM-Solver++ (ODE), dpm++sde: its SDE variant")
     p.add_argument("--steps", type=int, default=None,
@@ -51,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM eta in [0, 1] (default 0: deterministic; 1: DDPM-like); ddim only")
     p.add_argument("--spacing", default=None, choices=["leading", "trailing", "linspace"],
                    help="timestep spacing (default: leading for ddim/ddpm, linspace for dpm++, as diffusers)")
-    p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large"],
-                   help="DDPM sigma^2: posterior variance (fixed_small, the default) or beta; ddpm only")
+    p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned_range"],
+                   help="DDPM sigma^2: posterior variance (fixed_small), beta (fixed_large) or the model's own "
+                        "(learned_range); default: learned_range for a learned-sigma model, else what the "
+                        "checkpoint declares (openai: fixed_large unless sigma_small; others fixed_small); ddpm only")
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -102,8 +115,8 @@ def run(args) -> str | None:
         print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
     notes: list[str] = []
     model, schedule = _load(args, dist_ctx.device)
+    sampler = _build_sampler(args, schedule, model.config)  # before the fast copy: a bad setting fails now
     model, ran = _prepare_model(args, model, dist_ctx.device, notes)
-    sampler = _build_sampler(args, schedule)
     labels = _labels(args, model.config.num_classes)
     mine = torch.arange(args.num_samples)[dist_ctx.rank::dist_ctx.world]  # this rank's share of the images
     start = time.perf_counter()
@@ -117,7 +130,8 @@ def run(args) -> str | None:
     for note in notes:
         print(note, file=sys.stderr)
     n = images.shape[0]
-    print(f"{n} images, {args.sampler} {sampler.num_steps} steps, {ran} on {dist_ctx.device} ({args.engine}), "
+    kind = f"{args.sampler} ({sampler.variance})" if args.sampler == "ddpm" else args.sampler
+    print(f"{n} images, {kind} {sampler.num_steps} steps, {ran} on {dist_ctx.device} ({args.engine}), "
           f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
     return npz
 
@@ -127,12 +141,19 @@ def _load(args, device):
     if not os.path.exists(path):
         what = "the embedded model is missing from this install" if args.checkpoint is None else "no such file"
         raise CheckpointError(f"{path}: {what}")
-    model = load_pretrained(path, device=device)
+    if args.openai_flags is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            model, schedule = load_openai(path, args.openai_flags, args.openai_repo, device=device)
+        for w in caught:
+            print(f"ddpm_fast.sample: note: {w.message}", file=sys.stderr)
+    else:
+        model, schedule = load_pretrained(path, device=device), None
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # up front: sampling would only turn these into NaN images
         raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"
                               + (f" and {len(bad) - 4} more tensors" if len(bad) > 4 else ""))
-    return model, load_schedule(path) or NoiseSchedule.linear(1000)
+    return model, schedule or load_schedule(path) or NoiseSchedule.linear(1000)
 
 
 def _prepare_model(args, model, device, notes: list[str]):
@@ -163,17 +184,32 @@ def _prepare_model(args, model, device, notes: list[str]):
     return model, ran
 
 
-def _build_sampler(args, schedule):
+def _build_sampler(args, schedule, config):
+    openai = isinstance(config, ADMConfig)
+    kept = None
+    if args.timestep_respacing is not None:
+        kept = openai_timesteps(schedule.num_timesteps, args.timestep_respacing)
     if args.sampler == "ddim":
-        return DDIMSampler(schedule, args.steps or min(100, schedule.num_timesteps), eta=args.eta or 0.0,
-                           spacing=args.spacing or "leading")
+        # openai's DDIM recomputes eps from the clipped x_0; their checkpoints are sampled that way.
+        steps = None if kept is not None else args.steps or min(100, schedule.num_timesteps)
+        return DDIMSampler(schedule, steps, eta=args.eta or 0.0, spacing=args.spacing or "leading",
+                           use_clipped_model_output=openai, timesteps=kept)
     if args.sampler in ("dpm++", "dpm++sde"):
         return DPMSolverSampler(schedule, args.steps or min(20, schedule.num_timesteps), order=args.order or 2,
                                 algorithm="sde-dpmsolver++" if args.sampler == "dpm++sde" else "dpmsolver++",
                                 spacing=args.spacing or "linspace")
-    if args.steps and args.steps != schedule.num_timesteps:
+    if kept is not None:
+        schedule = schedule.respace(kept)
+    elif args.steps and args.steps != schedule.num_timesteps:
         schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing or "leading"))
-    return DDPMSampler(schedule, variance=args.variance or "fixed_small")
+    variance = args.variance
+    if variance is None and config.learn_sigma:
+        variance = "learned_range"
+    elif variance is None:
+        variance = "fixed_large" if openai and not config.sigma_small else "fixed_small"
+    if variance == "learned_range" and not config.learn_sigma:
+        raise ValueError("--variance learned_range needs a learned-sigma model (this one outputs eps only)")
+    return DDPMSampler(schedule, variance=variance)
 
 
 def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> torch.Tensor:
@@ -264,6 +300,12 @@ def main(argv=None) -> int:
         parser.error(f"--eta applies to --sampler ddim only (--sampler {args.sampler} ignores it)")
     if args.variance is not None and args.sampler != "ddpm":
         parser.error(f"--variance applies to --sampler ddpm only (--sampler {args.sampler} ignores it)")
+    if args.timestep_respacing is not None and (args.sampler.startswith("dpm++") or args.steps is not None
+                                                or args.spacing is not None):
+        parser.error("--timestep-respacing picks the steps of --sampler ddim / ddpm; it replaces --steps and "
+                     "--spacing")
+    if args.openai_flags is not None and args.checkpoint is None:
+        parser.error("--openai-flags describes an openai .pt: give it with --checkpoint")
     if args.order is not None and not args.sampler.startswith("dpm++"):
         parser.error(f"--order applies to --sampler dpm++ / dpm++sde only (--sampler {args.sampler} ignores it)")
     if args.eta is not None and not 0 <= args.eta <= 1:

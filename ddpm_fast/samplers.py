@@ -13,24 +13,25 @@ from __future__ import annotations
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.ops.reverse_step import SIGMA
+from ddpm_fast.ops.reverse_step import NUM_COEFS, SIGMA
 from ddpm_fast.plan import INVARIANT_CHUNK, RunOptions, SamplingPlan, model_eps
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
 __all__ = ["INVARIANT_CHUNK", "DDIMSampler", "DDPMSampler", "DPMSolverSampler", "RunOptions", "SamplingPlan",
            "model_eps", "to_uint8"]
 
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
 class _Sampler:
     history_depth = 0  # how many earlier data predictions a step reads (multistep solvers: 1 or 2)
+    learned_variance = False  # whether a step reads the model's variance value v (learned_range)
 
     def __init__(self, schedule: NoiseSchedule, coefs: torch.Tensor, clip_denoised: bool):
         self.schedule = schedule
         self.clip_denoised = bool(clip_denoised)
-        if coefs.shape[1] == len(ops.COEF_COLUMNS) - 2:  # no history terms (DDPM, DDIM): zero columns
-            coefs = torch.cat([coefs, coefs.new_zeros(coefs.shape[0], 2)], dim=1)
+        if coefs.shape[1] < NUM_COEFS:  # the columns a solver leaves out (history, log-variance) weigh 0
+            coefs = torch.cat([coefs, coefs.new_zeros(coefs.shape[0], NUM_COEFS - coefs.shape[1])], dim=1)
         self.coefs = coefs  # float64 (S, len(COEF_COLUMNS)) on the host
         self.timesteps = schedule.timestep_map.flip(0).clone()  # model timesteps, descending
         lookup = torch.full((int(schedule.timestep_map.max()) + 1,), -1, dtype=torch.int64)
@@ -41,6 +42,20 @@ class _Sampler:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    def split_output(self, model_output: torch.Tensor, channels: int):
+        """(eps, v): a learned-sigma model's output (2C channels) is eps then v; v is kept only by a
+        learned-variance step (None otherwise). A C-channel output is eps alone."""
+        if model_output.shape[1] == 2 * channels:
+            eps, var = model_output[:, :channels], model_output[:, channels:]
+            return eps, (var if self.learned_variance else None)
+        if model_output.shape[1] != channels:
+            raise ValueError(f"model output has {model_output.shape[1]} channels; the state has {channels} "
+                             f"(eps) or {2 * channels} (eps and v) expected")
+        if self.learned_variance:
+            raise ValueError(f"{type(self).__name__}(variance='learned_range') needs the model's v: pass its "
+                             f"full {2 * channels}-channel output")
+        return model_output, None
 
     def device_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp32 coefficient table, timestep -> row lookup) on ``device``, made once per device."""
@@ -78,11 +93,14 @@ class _Sampler:
             raise ValueError(f"x_t must be the float32 (N, C, H, W) sampler state, got {desc}")
         coefs, _ = self.device_tables(x_t.device)
         index = self.index_for(t, x_t.shape[0], x_t.device)
+        model_output, var = self.split_output(model_output, x_t.shape[1])
+        if model_output_uncond is not None:
+            model_output_uncond, _ = self.split_output(model_output_uncond, x_t.shape[1])
         if noise is None and bool((self.coefs[index.cpu(), SIGMA] > 0).any()):
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
             noise = noise.contiguous(memory_format=ops.memory_format(x_t))
         return ops.reverse_step(x_t, model_output, coefs, index, noise, self.clip_denoised, model_output_uncond,
-                                guidance_scale)
+                                guidance_scale, model_var_values=var)
 
     def plan(self, model, shape, run: RunOptions | None = None, *, device=None, **options) -> SamplingPlan:
         """Everything one run needs, built once (see SamplingPlan); ``plan.run()`` samples. The run's options
@@ -102,41 +120,66 @@ class _Sampler:
 
 
 class DDPMSampler(_Sampler):
-    """Ancestral sampling with sigma_t^2 = posterior variance (fixed_small) or beta_t (fixed_large).
+    """Ancestral sampling with sigma_t^2 = posterior variance (fixed_small), beta_t (fixed_large), or learned
+    (learned_range, Improved DDPM: log sigma^2 = frac log beta_t + (1 - frac) log beta-tilde_t (clipped), with
+    frac = (v + 1) / 2 from the model's second output half, as improved-diffusion computes it).
 
-    Runs on any schedule, full or respaced (NoiseSchedule.respace) for shortened DDPM.
+    Runs on any schedule, full or respaced (NoiseSchedule.respace, or openai_timesteps) for shortened DDPM:
+    a respaced schedule's betas and posterior variances are those of the kept steps.
     """
 
     def __init__(self, schedule: NoiseSchedule, variance: str = "fixed_small", clip_denoised: bool = True):
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
         s = schedule
-        var = s.posterior_variance if variance == "fixed_small" else s.betas
-        sigma = var.clamp(min=0).sqrt()
+        zeros = torch.zeros_like(s.betas)
+        if variance == "learned_range":
+            sigma = torch.ones_like(s.betas)  # the mask: the kernel computes sigma per element from v
+            log_var = [s.posterior_log_variance_clipped, s.betas.log()]
+        else:
+            sigma = (s.posterior_variance if variance == "fixed_small" else s.betas).clamp(min=0).sqrt()
+            log_var = [zeros, zeros]
         sigma[0] = 0.0  # no noise on the last step
         coefs = torch.stack([s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod, s.posterior_mean_coef1,
-                             s.posterior_mean_coef2, torch.zeros_like(sigma), sigma], dim=1)
+                             s.posterior_mean_coef2, zeros, sigma, zeros, zeros, *log_var], dim=1)
         self.variance = variance
+        self.learned_variance = variance == "learned_range"
         super().__init__(schedule, coefs, clip_denoised)
 
 
 class DDIMSampler(_Sampler):
-    """DDIM with eta (0: deterministic; 1: DDPM-like noise) on ``num_steps`` respaced timesteps."""
+    """DDIM with eta (0: deterministic; 1: DDPM-like noise) on ``num_steps`` respaced timesteps, or on the
+    given ``timesteps`` (e.g. ``openai_timesteps(T, "ddim25")``).
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int, eta: float = 0.0, spacing: str = "leading",
-                 clip_denoised: bool = True):
+    ``use_clipped_model_output`` (diffusers' name): eps recomputed from the clipped x_0 before the update, as
+    openai's ddim_sample does (x_prev = sqrt(abar_prev) x0c + c_eps (a x_t - x0c) / b): still linear in x_t and
+    x0c, so the same fused step with other weights. The last step always lands on alpha_bar_prev = 1.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, eta: float = 0.0,
+                 spacing: str = "leading", clip_denoised: bool = True, use_clipped_model_output: bool = False,
+                 timesteps=None):
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
         if not 0.0 <= eta <= 1.0:  # beyond 1 the noise outgrows the posterior (c_eps clamps to 0): not DDIM
             raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
-        s = schedule.respace(schedule.space_timesteps(num_steps, spacing))
+        if (num_steps is None) == (timesteps is None):
+            raise ValueError("DDIMSampler: give num_steps or timesteps (one of them)")
+        if timesteps is None:
+            timesteps = schedule.space_timesteps(num_steps, spacing)
+        s = schedule.respace(timesteps)
         acp, acp_prev = s.alphas_cumprod, s.alphas_cumprod_prev
         var = (1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev)
         sigma = eta * var.clamp(min=0).sqrt()
         c_eps = (1 - acp_prev - sigma**2).clamp(min=0).sqrt()
-        coefs = torch.stack([s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod, acp_prev.sqrt(),
-                             torch.zeros_like(acp), c_eps, sigma], dim=1)
+        a, b = s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod
+        zeros = torch.zeros_like(acp)
+        if use_clipped_model_output:
+            coefs = torch.stack([a, b, acp_prev.sqrt() - c_eps / b, c_eps * a / b, zeros, sigma], dim=1)
+        else:
+            coefs = torch.stack([a, b, acp_prev.sqrt(), zeros, c_eps, sigma], dim=1)
         self.eta, self.spacing = float(eta), spacing
+        self.use_clipped_model_output = bool(use_clipped_model_output)
         super().__init__(s, coefs, clip_denoised)
 
 

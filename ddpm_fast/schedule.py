@@ -61,6 +61,9 @@ class NoiseSchedule:
         self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])) if pv.numel() > 1 else (
             torch.log(b)
         )
+        self.log_betas = torch.log(b)
+        # fixed_large's log variance: beta_t, but the posterior variance at t = 0 (improved-diffusion's choice).
+        self.log_betas_large = torch.log(torch.cat([pv[1:2], b[1:]])) if pv.numel() > 1 else self.log_betas
         self.posterior_mean_coef1 = b * acp_prev.sqrt() / (1.0 - acp)
         self.posterior_mean_coef2 = (1.0 - acp_prev) * self.alphas.sqrt() / (1.0 - acp)
 

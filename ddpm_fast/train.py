@@ -27,26 +27,29 @@ import torch
 
 from ddpm_fast.checkpoint import (
     CONFIG_NAME,
+    MODEL_PRESETS,
     RUN_CHECKPOINT,
     RUN_MODEL_FOLDER,
     CheckpointError,
+    build_model,
+    config_to_dict,
+    model_preset,
     read_torch_file,
     save_pretrained,
 )
-from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.data import BatchStream, DataError, FolderDataset, ImageData, batch_loader, load_data, to_model_range
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import atomic_write, prepare_output_folder, remove_stale_temp_files
 from ddpm_fast.images import save_grid
 from ddpm_fast.losses import training_loss
 from ddpm_fast.metrics import LOSS_PLOT_NAME, METRICS_NAME, MetricsLog, plot_loss
+from ddpm_fast.openai import openai_betas
 from ddpm_fast.samplers import DDIMSampler, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
-from ddpm_fast.unet import UNet
 
 CHECKPOINT_NAME = RUN_CHECKPOINT
 # Flags added after checkpoints were first written: the value that reproduces what those runs did.
-_LEGACY_DEFAULTS = {"hflip": "off"}
+_LEGACY_DEFAULTS = {"hflip": "off", "learn_sigma": False}
 MAX_TRAIN_SEED = 2**50  # the per-process generators are seeded with seed * 1000 + offsets (< 2**63)
 # L_simple is E|eps - eps_hat|^2 per element with eps ~ N(0, 1): about 1 for a model that predicts no noise at
 # all. A loss a thousand times that is no training dynamics but diverged weights (one more step is NaN).
@@ -64,8 +67,12 @@ class TrainConfig:
     """Every flag of ``python -m ddpm_fast.train``; the fields marked run-defining must match on --resume."""
 
     data: str = _opt(None, "an image folder, an .npz of uint8/uint16 images, or 'digits'", run=True, required=True)
-    config: str = _opt("digits", "U-Net preset", run=True, choices=sorted(PRESETS))
+    config: str = _opt("digits", "model preset: a DDPM U-Net, or openai's ADM architecture (adm-*)", run=True,
+                       choices=MODEL_PRESETS)
     schedule: str = _opt("linear", "beta schedule", run=True, choices=["linear", "cosine"])
+    learn_sigma: bool = _opt(False, "learned variance (Improved DDPM): the U-Net also outputs v, trained on "
+                             "L_hybrid = L_simple + 0.001 L_vlb; the linear schedule then follows improved-diffusion "
+                             "(beta range scaled by 1000/T)", run=True)
     num_timesteps: int = _opt(1000, "diffusion steps T", run=True)
     batch_size: int = _opt(128, "per process", run=True)
     lr: float = _opt(2e-4, "AdamW learning rate", run=True)
@@ -216,17 +223,20 @@ class Trainer:
         self.cfg, self.data, self.dist = cfg, data, dist_ctx
         self.workers, self.notes = worker_count(cfg.workers, isinstance(data, FolderDataset))
         self.device = device = dist_ctx.device
-        self.unet_config = ucfg = UNetConfig.from_name(cfg.config)
+        self.unet_config = ucfg = model_preset(cfg.config, cfg.learn_sigma)
         if ucfg.num_classes and data.labels is None:
             raise DataError(f"preset {cfg.config!r} is class-conditional but {cfg.data} has no labels")
         if data.labels is not None and ucfg.num_classes and data.num_classes > ucfg.num_classes:
             raise DataError(f"{cfg.data} has {data.num_classes} classes, preset {cfg.config!r} takes "
                             f"{ucfg.num_classes}")
         self.labels_used = ucfg.num_classes is not None
-        self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
+        if cfg.learn_sigma:  # improved-diffusion's betas (its linear range scales with T; cosine is the same)
+            self.schedule = openai_betas(cfg.schedule, cfg.num_timesteps)
+        else:
+            self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
 
         torch.manual_seed(cfg.seed + dist_ctx.rank)
-        model = UNet(ucfg).to(device)
+        model = build_model(ucfg).to(device)
         if device.type == "cuda":
             model = model.to_fast(torch.float32)  # fp32 masters, channels_last, fused blocks; autocast does fp16
         self.model = model
@@ -340,7 +350,7 @@ class Trainer:
             dist.all_gather_object(rng_all, _rng_state(self.gens))
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step_count, "rng": rng_all,
-                "args": dataclasses.asdict(self.cfg), "unet_config": self.unet_config.to_dict(),
+                "args": dataclasses.asdict(self.cfg), "unet_config": config_to_dict(self.unet_config),
                 "scheduler_config": self.schedule.to_config()}
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
@@ -401,10 +411,10 @@ class StopSignals:
         return False
 
 
-def _sample_grid(ema: UNet, schedule: NoiseSchedule, path: str) -> None:
+def _sample_grid(ema, schedule: NoiseSchedule, path: str) -> None:
     cfg = ema.config
     n = 10 * (cfg.num_classes or 10) if cfg.num_classes else 64
-    device = ema.conv_in.weight.device
+    device = next(ema.parameters()).device
     labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
     x = DDIMSampler(schedule, min(50, schedule.num_timesteps)).sample(
         ema, (n, cfg.in_channels, cfg.sample_size, cfg.sample_size), seed=0, class_labels=labels, progress=False)
@@ -520,7 +530,7 @@ def train(cfg: TrainConfig) -> str:
 def _load(cfg: TrainConfig, dist_ctx: Dist) -> tuple[TrainConfig, Trainer, _RunOutputs]:
     """Check the output folder, read the state to resume, load the data, build the trainer."""
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
-    ucfg = UNetConfig.from_name(cfg.config)
+    ucfg = model_preset(cfg.config)
     if cfg.hflip == "auto":  # resolved before it is compared or saved: the checkpoint says what ran
         cfg = dataclasses.replace(cfg, hflip="on" if ucfg.in_channels == 3 else "off")
     _prepare_out(cfg, dist_ctx, ckpt_path)

@@ -263,7 +263,7 @@ class UNet(nn.Module):
             prev_out = cout
 
         self.conv_norm_out = nn.GroupNorm(groups, ch, eps=eps)
-        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, cfg.output_channels, 3, padding=1)
         self._zero_init_outputs()
 
     def _zero_init_outputs(self):

@@ -338,3 +338,56 @@ def test_torchrun_training_ddp_gloo(tmp_path):
                                                 "--out", str(tmp_path / "ddp")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "ddp" / "model" / "config.json").exists()
+
+
+def test_train_learn_sigma_then_sample_with_learned_variance(tmp_path, capsys):
+    """--learn-sigma trains on L_hybrid (eps and v out); the export loads back as a learned-sigma model, and
+    sampling's ddpm picks learned_range by itself; resuming without the flag is refused."""
+    data = _npz_data(tmp_path / "d.npz", labels=False)
+    out = tmp_path / "run"
+    flags = TRAIN + ["--data", data, "--out", str(out), "--learn-sigma", "--num-timesteps", "100"]
+    assert _train(flags + ["--steps", "2"]) == 0
+    from ddpm_fast import load_pretrained
+
+    model = load_pretrained(out / "model")
+    assert model.config.learn_sigma and model.conv_out.out_channels == 6
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["args"]["learn_sigma"] is True
+    schedule = NoiseSchedule.from_config(json_load(out / "model" / "scheduler_config.json"))
+    assert schedule.betas[0].item() == pytest.approx(1e-3)  # improved-diffusion's linear range, scaled by 1000/T
+    capsys.readouterr()
+    args = ["--checkpoint", str(out), "--num-samples", "2", "--sampler", "ddpm", "--steps", "5",
+            "--out", str(tmp_path / "s")]
+    assert _sample(args) == 0
+    assert "ddpm (learned_range) 5 steps" in capsys.readouterr().out
+    assert _train([a for a in flags if a != "--learn-sigma"] + ["--steps", "3", "--resume"]) == 2
+    assert "--learn-sigma True (checkpoint) vs False" in capsys.readouterr().err
+
+
+def json_load(path):
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_train_adm_preset_then_sample(tmp_path, capsys):
+    """--config adm-tiny trains openai's architecture (with --learn-sigma: L_hybrid); the export and the
+    checkpoint load back as an ADM model and sample."""
+    from ddpm_fast import load_pretrained
+    from ddpm_fast.adm import ADMUNet
+
+    data = _npz_data(tmp_path / "d.npz", labels=False)
+    out = tmp_path / "run"
+    flags = ["--config", "adm-tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--data", data,
+             "--out", str(out), "--learn-sigma", "--steps", "2"]
+    assert _train(flags) == 0
+    for path in (out / "model", out / "checkpoint.pt"):
+        model = load_pretrained(path)
+        assert isinstance(model, ADMUNet) and model.config.learn_sigma
+    capsys.readouterr()
+    assert _sample(["--checkpoint", str(out), "--num-samples", "2", "--sampler", "ddpm", "--steps", "4",
+                    "--out", str(tmp_path / "s")]) == 0
+    assert "ddpm (learned_range) 4 steps" in capsys.readouterr().out
+    with np.load(tmp_path / "s" / "samples_2x8x8x3.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3)

@@ -57,7 +57,13 @@ def test_registered_ops_have_fake_implementations():
         (torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, add, 4, 1e-6, True)),
         (torch.ops.ddpm_fast.residual_add.default, (x, x.clone(), b)),
         (torch.ops.ddpm_fast.reverse_step_.default,
-         (x, torch.randn_like(x), None, coefs, index, torch.randn_like(x), None, None, 1.0, True, out, None, [h1])),
+         (x, torch.randn_like(x), None, None, coefs, index, torch.randn_like(x), None, None, 1.0, True, out, None,
+          [h1])),
+        (torch.ops.ddpm_fast.reverse_step_.default,  # learned variance: v read, sigma per element
+         (x, torch.randn_like(x), None, torch.rand_like(x) * 2 - 1, coefs, index, torch.randn_like(x), None, None,
+          1.0, True, out, None, [])),
+        (torch.ops.ddpm_fast.group_norm_silu.default,  # a per-sample affine (scale-shift norm)
+         (x, torch.randn(2, 8), torch.randn(2, 8), None, 4, 1e-5, True)),
     ]
     with ops.use_backend("native" if ops.extension() is not None else "triton"):
         for op, args in cases:

@@ -113,8 +113,10 @@ def test_group_norm_bad_input_is_named():
         _C.group_norm_silu(x.double(), None, None, None, 2, 1e-6, True)
     with pytest.raises(RuntimeError, match="give both weight and bias"):
         _C.group_norm_silu(x, torch.ones(8), None, None, 2, 1e-6, True)
-    with pytest.raises(RuntimeError, match=r"weight must be a \(8,\) CPU tensor"):
+    with pytest.raises(RuntimeError, match=r"weight must be a \(8,\) CPU tensor, or \(2, 8\) per sample"):
         _C.group_norm_silu(x, torch.ones(4), torch.ones(4), None, 2, 1e-6, True)
+    with pytest.raises(RuntimeError, match=r"bias must be a \(8,\) CPU tensor, or \(2, 8\) per sample"):
+        _C.group_norm_silu(x, torch.ones(2, 8), torch.ones(8), None, 2, 1e-6, True)
     with pytest.raises(RuntimeError, match="eps must be positive"):
         _C.group_norm_silu(x, None, None, None, 2, 0.0, True)
 

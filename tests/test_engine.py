@@ -174,7 +174,8 @@ def test_weights_fingerprint_sees_in_place_updates_and_loads():
 @pytest.mark.gpu
 def test_cuda_in_kernel_noise_statistics():
     x = torch.randn(8, 4, 32, 32, device="cuda")
-    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], device="cuda")
+    coefs = torch.zeros(1, len(ops.COEF_COLUMNS), device="cuda")
+    coefs[0, ops.COEF_COLUMNS.index("sigma")] = 1.0
     index = torch.zeros(8, dtype=torch.int64, device="cuda")
     ext = ops.extension()
 

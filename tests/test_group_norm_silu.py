@@ -195,3 +195,44 @@ def test_empty_groups_get_one_answer_on_every_backend(backend):
         with pytest.raises(ValueError, match="eps must be positive"):
             group_norm_silu(torch.randn(2, 8, 2, 2), w, b, 4, eps=-1.0)
         assert group_norm_silu(torch.randn(0, 8, 4, 4), w, b, 4).shape == (0, 8, 4, 4)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("shape, groups", [((2, 64, 8, 8), 32), ((3, 96, 17, 17), 32), ((1, 32, 1, 1), 8)])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 2e-2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scale_shift_matches_ref(backend, shape, groups, dtype, atol, rtol, channels_last):
+    """ADM's SiLU(GroupNorm(x) * (1 + scale) + shift): the kernels' per-sample affine against the formula."""
+    from ddpm_fast.ops import group_norm_scale_shift_silu, group_norm_scale_shift_silu_ref
+
+    if ops.backend_unavailable_reason(backend, torch.device("cpu")) is not None:
+        pytest.skip(f"{backend} backend not available here")
+    g = torch.Generator().manual_seed(sum(shape) + groups)
+    n, c = shape[:2]
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    scale, shift = torch.randn(n, c, generator=g).to(dtype), torch.randn(n, c, generator=g).to(dtype)
+    want = group_norm_scale_shift_silu_ref(x, weight, bias, groups, 1e-5, scale, shift)
+    with ops.use_backend(backend):
+        got = group_norm_scale_shift_silu(x, weight, bias, groups, 1e-5, scale, shift)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=ops.memory_format(x))
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    plain = group_norm_silu_ref(x, weight, bias, groups, 1e-5)
+    assert not torch.allclose(plain.float(), want.float(), atol=0.1)  # scale and shift did something
+
+
+def test_scale_shift_gradients_take_the_reference():
+    from ddpm_fast.ops import group_norm_scale_shift_silu, group_norm_scale_shift_silu_ref
+
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    s, t = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    inputs = (x, w, b, s, t)
+    got = torch.autograd.grad(group_norm_scale_shift_silu(x, w, b, 4, 1e-5, s, t).square().sum(), inputs)
+    want = torch.autograd.grad(group_norm_scale_shift_silu_ref(x, w, b, 4, 1e-5, s, t).square().sum(), inputs)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 8\)"):
+        group_norm_scale_shift_silu(x, w, b, 4, 1e-5, s[:1], t)

@@ -250,4 +250,4 @@ def test_noise_key_must_live_with_the_state():
     x = torch.randn(2, 3, 4, 4)
     key = NoiseKey(torch.tensor([1, 0], dtype=torch.int32), torch.arange(2))
     with pytest.raises(ValueError, match="counter must be an int64"):
-        ops.reverse_step(x, x, torch.rand(3, 8), torch.tensor([0, 1]), key)
+        ops.reverse_step(x, x, torch.rand(3, len(ops.COEF_COLUMNS)), torch.tensor([0, 1]), key)

@@ -106,7 +106,7 @@ def test_history_matches_ref(backend, device, depth, channels_last, dtype, guide
 def test_ref_history_formula():
     x, eps = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25)
     h1, h2 = torch.full_like(x, 0.3), torch.full_like(x, -0.7)
-    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.0, 0.4, 0.6]])
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.0, 0.4, 0.6, 0.0, 0.0]])
     x0 = 2.0 * 0.5 - 0.25
     got = reverse_step_ref(x, eps, coefs, torch.tensor([0]), None, False, history=(h1, h2))
     assert got.item() == pytest.approx(0.3 * x0 + 0.2 * 0.5 + 0.1 * 0.25 + 0.4 * 0.3 + 0.6 * -0.7)
@@ -117,11 +117,57 @@ def test_ref_history_formula():
         reverse_step(x, eps, coefs, torch.tensor([0]), history=(h1.half(),))
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("noise_kind", ["tensor", "key"])
+def test_learned_variance_matches_ref(backend, device, dtype, channels_last, noise_kind):
+    """sigma per element from v and the table's log-variance columns (learned_range), on every backend."""
+    if not _native_available(device, backend):
+        pytest.skip(f"{backend} backend not available here")
+    kw = _inputs((3, 5, 7, 6), dtype, channels_last, False, noise_kind == "tensor", device)
+    g = torch.Generator().manual_seed(5)
+    v = (torch.rand(kw["x_t"].shape, generator=g) * 2 - 1).to(device=device, dtype=dtype)
+    v = v.contiguous(memory_format=ops.memory_format(kw["x_t"]))
+    kw["coefs"][:, 8:] = -torch.rand(kw["coefs"].shape[0], 2, generator=g).to(device) * 6  # log variances < 0
+    kw["coefs"][0, 5] = 0.0  # a row without noise (the last step)
+    kw["index"][0] = 0
+    if noise_kind == "key":
+        kw["noise"] = NoiseKey(torch.tensor([7, 3], device=device), torch.tensor([0, 4, 9], device=device))
+    want_kw = dict(kw)
+    if noise_kind == "key":
+        from ddpm_fast.noise import randn_like_key
+        want_kw["noise"] = randn_like_key(kw["x_t"], kw["noise"])
+    want = reverse_step_ref(model_var_values=v, **want_kw)
+    with ops.use_backend(backend):
+        got = reverse_step(model_var_values=v, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    without = reverse_step_ref(**want_kw)
+    assert not torch.allclose(without[1:], want[1:], atol=1e-3)  # v changed the noisy rows
+    torch.testing.assert_close(without[0], want[0])  # and not the noise-free one
+
+
+def test_ref_learned_variance_formula():
+    x, eps, z = torch.full((1, 1, 1, 2), 0.5), torch.full((1, 1, 1, 2), 0.25), torch.full((1, 1, 1, 2), 2.0)
+    v = torch.tensor([[[[1.0, -0.5]]]])
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 1.0, 0.0, 0.0, -4.0, -2.0]])
+    got = reverse_step_ref(x, eps, coefs, torch.tensor([0]), z, False, model_var_values=v)
+    mean = 0.3 * (2.0 * 0.5 - 0.25) + 0.2 * 0.5 + 0.1 * 0.25
+    frac = torch.tensor([1.0, 0.25])
+    sigma = torch.exp(0.5 * (frac * -2.0 + (1 - frac) * -4.0))
+    torch.testing.assert_close(got.flatten(), mean + sigma * 2.0)
+    with pytest.raises(ValueError, match="model_var_values shape"):
+        reverse_step(x, eps, coefs, torch.tensor([0]), z, model_var_values=v[..., :1])
+    with pytest.raises(ValueError, match="two halves of one model output"):
+        reverse_step(x, eps, coefs, torch.tensor([0]), z, model_var_values=v.bfloat16())
+
+
 def test_ref_clips_x0_and_uses_all_coefficients():
     x = torch.tensor([[[[3.0]]]])
     eps = torch.tensor([[[[0.5]]]])
     z = torch.tensor([[[[2.0]]]])
-    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.05, 0.0, 0.0]])
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0]])
     idx = torch.zeros(1, dtype=torch.int64)
     # x0 = 2*3 - 0.5 = 5.5 -> clipped to 1
     want = 0.3 * 1.0 + 0.2 * 3.0 + 0.1 * 0.5 + 0.05 * 2.0
@@ -158,7 +204,8 @@ def _in_kernel_noise(backend, device, shape, seed, step, images=None, channels_l
     """With every coefficient 0 but sigma = 1, the step returns its noise z."""
     x = torch.randn(shape, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]], device=device)
+    coefs = torch.zeros(1, NUM_COEFS, device=device)
+    coefs[0, 5] = 1.0  # sigma alone: the step returns its noise
     index = torch.zeros(shape[0], dtype=torch.int64, device=device)
     images = list(range(shape[0])) if images is None else images
     with ops.use_backend(backend):
@@ -246,7 +293,7 @@ def test_native_rejects_bad_input():
         ext.reverse_step(x.double(), x, None, coefs, idx, None, 1.0, True)
     with pytest.raises(RuntimeError, match="same memory format"):
         ext.reverse_step(x, x.contiguous(memory_format=torch.channels_last), None, coefs, idx, None, 1.0, True)
-    with pytest.raises(RuntimeError, match=r"coefs must be a contiguous float32 \(S, 8\)"):
+    with pytest.raises(RuntimeError, match=rf"coefs must be a contiguous float32 \(S, {NUM_COEFS}\)"):
         ext.reverse_step(x, x, None, torch.rand(5, 4), idx, None, 1.0, True)
     with pytest.raises(RuntimeError, match="index must be int64"):
         ext.reverse_step(x, x, None, coefs, idx.int(), None, 1.0, True)

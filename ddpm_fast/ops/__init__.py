@@ -4,7 +4,12 @@ See registry.py for the backends and how the choice is made.
 """
 
 from ddpm_fast.base import memory_format
-from ddpm_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref
+from ddpm_fast.ops.group_norm_silu import (
+    group_norm_scale_shift_silu,
+    group_norm_scale_shift_silu_ref,
+    group_norm_silu,
+    group_norm_silu_ref,
+)
 from ddpm_fast.ops.q_sample import q_sample, q_sample_ref
 from ddpm_fast.ops.registry import (
     ALIASES,
@@ -32,6 +37,8 @@ __all__ = [
     "backend_unavailable_reason",
     "cpu_has_native_bf16",
     "extension",
+    "group_norm_scale_shift_silu",
+    "group_norm_scale_shift_silu_ref",
     "group_norm_silu",
     "group_norm_silu_ref",
     "launch",

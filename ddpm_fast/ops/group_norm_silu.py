@@ -1,7 +1,9 @@
 """group_norm_silu: y = SiLU(GroupNorm(x + add[:, :, None, None])) in one fused op.
 
 ``add`` is the per-sample, per-channel (N, C) time-embedding projection that a DDPM ResBlock adds
-before its second norm; silu=False gives plain GroupNorm (attention blocks). Statistics in fp32;
+before its second norm; silu=False gives plain GroupNorm (attention blocks). The affine may be per
+sample ((N, C) weight and bias): ``group_norm_scale_shift_silu`` folds ADM's scale-shift norm,
+SiLU(GroupNorm(x) * (1 + scale) + shift), into one (the (N, C) fold is tiny; x is read once). Statistics in fp32;
 the output keeps the input's dtype and memory format (NCHW or channels_last, no layout flips).
 
 Triton forward, groups of up to SINGLE_PASS_MAX elements (256 channels in 32 groups at 32x32): one
@@ -67,6 +69,7 @@ if triton is not None:
 
     @triton.jit
     def _affine_silu(y, W_ptr, B_ptr, c, mask, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr):
+        # W_ptr, B_ptr: this sample's row of a per-sample affine, or the per-channel one.
         if HAS_AFFINE:
             y = y * tl.load(W_ptr + c, mask=mask, other=1.0).to(tl.float32)
             y += tl.load(B_ptr + c, mask=mask, other=0.0).to(tl.float32)
@@ -111,7 +114,7 @@ if triton is not None:
     def _group_norm_apply_kernel(
         X_ptr, ADD_ptr, W_ptr, B_ptr, Y_ptr, PART_ptr, MEAN_ptr, RSTD_ptr,
         hw, cg, num_groups, chunk, group_size, eps,
-        stride_x_n, stride_c, stride_hw, stride_add_n,
+        stride_x_n, stride_c, stride_hw, stride_add_n, stride_w_n,
         SPLIT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
@@ -143,14 +146,15 @@ if triton is not None:
         for off in range(start, end, BLOCK_SIZE):
             x, c, offs, mask = _load_block(X_ptr, ADD_ptr, n, g, off, end, hw, cg, stride_x_n, stride_c, stride_hw,
                                            stride_add_n, HAS_ADD, CHANNELS_LAST, BLOCK_SIZE)
-            y = _affine_silu((x - mean) * rstd, W_ptr, B_ptr, c, mask, HAS_AFFINE, SILU)
+            y = _affine_silu((x - mean) * rstd, W_ptr + n * stride_w_n, B_ptr + n * stride_w_n, c, mask,
+                             HAS_AFFINE, SILU)
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _group_norm_single_pass_kernel(
         X_ptr, ADD_ptr, W_ptr, B_ptr, Y_ptr, MEAN_ptr, RSTD_ptr,
         hw, cg, num_groups, group_size, eps,
-        stride_x_n, stride_c, stride_hw, stride_add_n,
+        stride_x_n, stride_c, stride_hw, stride_add_n, stride_w_n,
         HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
@@ -166,7 +170,7 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / count + eps)
         tl.store(MEAN_ptr + pid_g, mean)
         tl.store(RSTD_ptr + pid_g, rstd)
-        y = _affine_silu(d * rstd, W_ptr, B_ptr, c, mask, HAS_AFFINE, SILU)
+        y = _affine_silu(d * rstd, W_ptr + n * stride_w_n, B_ptr + n * stride_w_n, c, mask, HAS_AFFINE, SILU)
         tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -301,8 +305,12 @@ def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, 
     h = x.float()
     if add is not None:
         h = h + add.float()[:, :, None, None]
-    h = F.group_norm(h, num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    if weight is not None and weight.dim() == 2:  # a per-sample affine
+        h = F.group_norm(h, num_groups, None, None, eps) * weight.float()[:, :, None, None] + \
+            bias.float()[:, :, None, None]
+    else:
+        h = F.group_norm(h, num_groups, None if weight is None else weight.float(),
+                         None if bias is None else bias.float(), eps)
     if silu:
         h = F.silu(h)
     return h.to(x.dtype).contiguous(memory_format=memory_format(x))
@@ -356,11 +364,12 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     has_affine = weight is not None
     w_arg = weight.contiguous() if has_affine else x
     b_arg = bias.contiguous() if has_affine else x
+    stride_w_n = c if has_affine and weight.dim() == 2 else 0  # a per-sample affine's row stride
     if split is None and group_size <= SINGLE_PASS_MAX:
         block = triton.next_power_of_2(group_size)
         registry.launch(_group_norm_single_pass_kernel, (n * num_groups,),
             x, add_arg, w_arg, b_arg, y, mean, rstd, hw, cg, num_groups, group_size, float(eps),
-            stride_n, stride_c, stride_hw, stride_add_n,
+            stride_n, stride_c, stride_hw, stride_add_n, stride_w_n,
             HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu), CHANNELS_LAST=channels_last,
             BLOCK_SIZE=block, num_warps=_single_pass_warps(block),
         )
@@ -380,7 +389,7 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu, split=None
     )
     registry.launch(_group_norm_apply_kernel, grid,
         x, add_arg, w_arg, b_arg, y, partials, mean, rstd, hw, cg, num_groups, chunk, group_size, float(eps),
-        stride_n, stride_c, stride_hw, stride_add_n,
+        stride_n, stride_c, stride_hw, stride_add_n, stride_w_n,
         SPLIT=split, HAS_ADD=add is not None, HAS_AFFINE=has_affine, SILU=bool(silu),
         CHANNELS_LAST=channels_last, BLOCK_SIZE=block,
     )
@@ -513,9 +522,9 @@ def _validate(x, weight, bias, num_groups, add):
     if (weight is None) != (bias is None):
         raise ValueError("group_norm_silu: give both weight and bias, or neither")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (p.shape != (c,) or p.device != x.device):
-            raise ValueError(f"group_norm_silu: {name} must have shape ({c},) on {x.device}, "
-                             f"got {tuple(p.shape)} on {p.device}")
+        if p is not None and (p.shape not in ((c,), (n, c)) or p.device != x.device or p.shape != weight.shape):
+            raise ValueError(f"group_norm_silu: {name} must have shape ({c},), or ({n}, {c}) per sample, like the "
+                             f"weight, on {x.device}; got {tuple(p.shape)} on {p.device}")
     if add is not None and (add.shape != (n, c) or add.device != x.device):
         raise ValueError(f"group_norm_silu: add must have shape ({n}, {c}) on {x.device}, got {tuple(add.shape)}")
 
@@ -526,7 +535,34 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=Non
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"group_norm_silu: eps must be positive and finite, got {eps}")
     backend = registry.backend_for("group_norm_silu", x.device)
-    if backend == "torch" or (backend == "native" and registry.needs_grad(x, weight, bias, add)):
+    grad = registry.needs_grad(x, weight, bias, add)
+    # The fused backward is per-channel; a per-sample affine under autograd takes the reference.
+    if backend == "torch" or (grad and (backend == "native" or (weight is not None and weight.dim() == 2))):
         return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
     return registry.call(_group_norm_silu_op, _group_norm_silu_kernels, x, weight, bias, add, int(num_groups),
                          float(eps), bool(silu))[0]
+
+
+def group_norm_scale_shift_silu_ref(x, weight, bias, num_groups: int, eps: float, scale, shift, silu: bool = True):
+    """Pure-torch definition of ADM's scale-shift norm: SiLU(GroupNorm(x) * (1 + scale) + shift), scale and shift
+    (N, C); fp32 statistics and arithmetic, the result in x's dtype and memory format."""
+    h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
+    h = h * (1 + scale.float()[:, :, None, None]) + shift.float()[:, :, None, None]
+    if silu:
+        h = F.silu(h)
+    return h.to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+def group_norm_scale_shift_silu(x, weight, bias, num_groups: int, eps: float, scale, shift, silu: bool = True):
+    """SiLU(GroupNorm(x) * (1 + scale) + shift) in one pass over x: (norm * w + b)(1 + s) + shift is the
+    per-sample affine w(1 + s), b(1 + s) + shift, folded here in fp32 ((N, C): tiny) and applied by the kernel."""
+    n, c = x.shape[:2] if torch.is_tensor(x) and x.dim() == 4 else (None, None)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if not torch.is_tensor(t) or t.shape != (n, c):
+            desc = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"group_norm_scale_shift_silu: {name} must have shape ({n}, {c}), got {desc}")
+    if weight is None or bias is None:
+        raise ValueError("group_norm_scale_shift_silu: weight and bias are required")
+    gain = 1 + scale.float()
+    return group_norm_silu(x, weight.float()[None] * gain, bias.float()[None] * gain + shift.float(), num_groups, eps,
+                           silu=silu)

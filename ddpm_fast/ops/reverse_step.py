@@ -4,10 +4,14 @@
     x0_hat  = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps    (clipped to [-1, 1] if clip_denoised)
     x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + c_hist1 h1 + c_hist2 h2 + sigma z
     (with history) h2 <- h1, h1 <- x0_hat
+    learned variance: sigma = sigma_col * exp((frac log_var_max + (1 - frac) log_var_min) / 2), frac = (v + 1) / 2
 
 h1, h2 (``history``) are the previous steps' data predictions x0_hat, newest first: the memory of a
 multistep solver (DPM-Solver++ 2M/3M), updated in place by the same pass. DDPM and DDIM keep none.
-Coefficients are rows of a (S, 8) fp32 table (columns COEF_COLUMNS) that the samplers build in float64;
+``model_var_values`` v (optional): a learned-variance model's second output half (Improved DDPM's
+learned_range); sigma is then per element, interpolated in log space between the table's two log-variance
+columns, and the table's sigma column is the mask (1 on noisy steps, 0 on the last).
+Coefficients are rows of a (S, 10) fp32 table (columns COEF_COLUMNS) that the samplers build in float64;
 ``index`` (N,) picks a row per sample and lives on the device, so a CUDA graph can replay the step.
 The state x_t and the result are fp32; the model output may be fp32, fp16 or bf16. ``half_out``
 (optional) also receives x_prev in fp16/bf16: the copy the next fast-path U-Net call reads.
@@ -38,7 +42,7 @@ except ImportError:
 
 # Column names of the coefficient table (csrc/reverse_step.h keeps the same order).
 COEF_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "coef_x0", "coef_xt", "coef_eps",
-                "sigma", "coef_hist1", "coef_hist2")
+                "sigma", "coef_hist1", "coef_hist2", "log_var_min", "log_var_max")
 SIGMA = COEF_COLUMNS.index("sigma")
 NUM_COEFS = len(COEF_COLUMNS)
 registry.register("reverse_step", {"cuda": ("native", "triton", "torch"), "cpu": ("native", "triton", "torch")})
@@ -47,9 +51,11 @@ if triton is not None:
 
     @triton.jit
     def _reverse_step_kernel(
-        X_ptr, EPS_ptr, EPSU_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, KEY_ptr, IMG_ptr, OUT_ptr, HALF_ptr, H1_ptr, H2_ptr,
+        X_ptr, EPS_ptr, EPSU_ptr, VAR_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, KEY_ptr, IMG_ptr, OUT_ptr, HALF_ptr,
+        H1_ptr, H2_ptr,
         numel, per_sample, channels, hw, num_rows, guidance_scale,
-        HAS_UNCOND: tl.constexpr, NOISE_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_HALF: tl.constexpr,
+        HAS_UNCOND: tl.constexpr, HAS_VAR: tl.constexpr, NOISE_MODE: tl.constexpr, CLIP: tl.constexpr,
+        HAS_HALF: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, HISTORY: tl.constexpr, NUM_COEFS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
         # HISTORY: how many previous data predictions (h1, h2) the step reads and shifts (0, 1 or 2).
@@ -66,6 +72,11 @@ if triton is not None:
         c_xt = tl.load(row + 3, mask=mask, other=0.0)
         c_eps = tl.load(row + 4, mask=mask, other=0.0)
         sigma = tl.load(row + 5, mask=mask, other=0.0)
+        if HAS_VAR:
+            frac = 0.5 * (tl.load(VAR_ptr + offs, mask=mask, other=0.0).to(tl.float32) + 1.0)
+            log_var = frac * tl.load(row + 9, mask=mask, other=0.0) + (1.0 - frac) * tl.load(row + 8, mask=mask,
+                                                                                           other=0.0)
+            sigma = sigma * tl.exp(0.5 * log_var)
         x = tl.load(X_ptr + offs, mask=mask, other=0.0)
         eps = tl.load(EPS_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_UNCOND:
@@ -111,11 +122,15 @@ def reverse_step_ref(
     model_output_uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     history: tuple[torch.Tensor, ...] = (),
+    model_var_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch definition of the update, computed in fp32. ``history`` (h1[, h2]) is updated in place."""
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     row = coefs.float()[index]
-    a, b, c_x0, c_xt, c_eps, sigma, c_h1, c_h2 = (row[:, i].view(shape) for i in range(NUM_COEFS))
+    a, b, c_x0, c_xt, c_eps, sigma, c_h1, c_h2, lv_min, lv_max = (row[:, i].view(shape) for i in range(NUM_COEFS))
+    if model_var_values is not None:
+        frac = (model_var_values.float() + 1.0) / 2.0
+        sigma = sigma * torch.exp(0.5 * (frac * lv_max + (1.0 - frac) * lv_min))
     eps = model_output.float()
     if model_output_uncond is not None:
         u = model_output_uncond.float()
@@ -137,12 +152,12 @@ def reverse_step_ref(
     return out
 
 
-def _validate(x_t, model_output, coefs, index, noise, model_output_uncond):
+def _validate(x_t, model_output, coefs, index, noise, model_output_uncond, model_var_values=None):
     if not torch.is_tensor(x_t) or x_t.dim() != 4 or x_t.dtype != torch.float32:
         desc = f"{tuple(x_t.shape)} {x_t.dtype}" if torch.is_tensor(x_t) else type(x_t).__name__
         raise ValueError(f"reverse_step: x_t must be a float32 (N, C, H, W) tensor, got {desc}")
     for name, t in (("model_output", model_output), ("model_output_uncond", model_output_uncond),
-                    ("noise", noise)):
+                    ("noise", noise), ("model_var_values", model_var_values)):
         if t is None:
             continue
         if t.shape != x_t.shape:
@@ -171,18 +186,24 @@ def reverse_step(
     out: torch.Tensor | None = None,
     half_out: torch.Tensor | None = None,
     history: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+    model_var_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse step on the backend the registry chose for x_t's device; returns x_prev (fp32, ``out`` if given).
 
     ``history``: () or the fp32 buffers (h1,) / (h1, h2) laid out like x_t, holding the previous steps'
     x0_hat (newest first); the step reads them and shifts this step's x0_hat in, in place.
+    ``model_var_values``: a learned-variance model's v, shaped like x_t (see the module docstring).
     Reads no device value on the host: safe inside CUDA-graph capture.
     """
     history = tuple(history)
     if len(history) > 2:
         raise ValueError(f"reverse_step: history holds at most 2 buffers (h1, h2), got {len(history)}")
     key = noise if isinstance(noise, NoiseKey) else None
-    _validate(x_t, model_output, coefs, index, None if key is not None else noise, model_output_uncond)
+    _validate(x_t, model_output, coefs, index, None if key is not None else noise, model_output_uncond,
+              model_var_values)
+    if model_var_values is not None and model_var_values.dtype != model_output.dtype:
+        raise ValueError(f"reverse_step: model_var_values is {model_var_values.dtype}, model_output "
+                         f"{model_output.dtype}; they are the two halves of one model output")
     if key is not None:
         key.validate(x_t.shape[0], x_t.device)
     outputs = [("out", out, (torch.float32,)), ("half_out", half_out, (torch.float16, torch.bfloat16))]
@@ -202,11 +223,17 @@ def reverse_step(
     backend = registry.backend_for("reverse_step", x_t.device)
     fmt = memory_format(x_t)
 
+    state = x_t.contiguous(memory_format=fmt)
+
     def dense(t, dtype=None):
+        """t laid out exactly like the state (the kernels index every input alike). Slices of a wider output
+        (a learned-sigma model's eps and v) are copied; a size-1 dim's stride can differ between formats."""
         if t is None:
             return None
         t = t if dtype is None else t.to(dtype)
-        return t.contiguous(memory_format=fmt)
+        if t.stride() == state.stride():
+            return t
+        return torch.empty_like(state, dtype=t.dtype).copy_(t)
 
     coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
     index = index.contiguous()  # kernels read it densely (callers may pass an expand)
@@ -215,21 +242,23 @@ def reverse_step(
         if key is not None:
             z = randn_like_key(x_t, key)
         result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
-                                  guidance_scale, history)
+                                  guidance_scale, history, model_var_values)
         if half_out is not None:
             half_out.copy_(result)
         return result if out is None else out.copy_(result)
-    x = dense(x_t)
+    x = state
     out = torch.empty_like(x) if out is None else out
     registry.call(
-        _reverse_step_op, _reverse_step_kernels, x, dense(model_output), dense(model_output_uncond), coefs, index, z,
+        _reverse_step_op, _reverse_step_kernels, x, dense(model_output), dense(model_output_uncond),
+        dense(model_var_values), coefs, index, z,
         None if key is None else key.counter, None if key is None else key.images.contiguous(),
         float(guidance_scale), bool(clip_denoised), out, half_out, list(history))
     return out
 
 
 def _reverse_step_kernels(x_t: torch.Tensor, model_output: torch.Tensor, model_output_uncond: torch.Tensor | None,
-                          coefs: torch.Tensor, index: torch.Tensor, noise: torch.Tensor | None,
+                          model_var_values: torch.Tensor | None, coefs: torch.Tensor, index: torch.Tensor,
+                          noise: torch.Tensor | None,
                           noise_counter: torch.Tensor | None, noise_images: torch.Tensor | None, guidance_scale: float,
                           clip_denoised: bool, out: torch.Tensor, half_out: torch.Tensor | None,
                           history: list[torch.Tensor]) -> None:
@@ -239,14 +268,15 @@ def _reverse_step_kernels(x_t: torch.Tensor, model_output: torch.Tensor, model_o
     key = None if noise_counter is None else NoiseKey(noise_counter, noise_images)
     if backend == "native":
         registry.extension().reverse_step(x_t, model_output, model_output_uncond, coefs, index, noise, guidance_scale,
-                                          clip_denoised, noise_counter, noise_images, out, half_out, *history)
+                                          clip_denoised, noise_counter, noise_images, out, half_out, *history,
+                                          model_var_values=model_var_values)
     elif backend == "triton":
         _reverse_step_triton(x_t, model_output, model_output_uncond, coefs, index, noise, key, guidance_scale,
-                             clip_denoised, out, half_out, history)
+                             clip_denoised, out, half_out, history, model_var_values)
     else:
         z = randn_like_key(x_t, key) if key is not None else noise
         result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
-                                  guidance_scale, tuple(history))
+                                  guidance_scale, tuple(history), model_var_values)
         out.copy_(result)
         if half_out is not None:
             half_out.copy_(result)
@@ -257,12 +287,13 @@ _reverse_step_op = torch.library.custom_op("ddpm_fast::reverse_step_", _reverse_
 
 
 @_reverse_step_op.register_fake
-def _(x_t, model_output, model_output_uncond, coefs, index, noise, noise_counter, noise_images, guidance_scale,
+def _(x_t, model_output, model_output_uncond, model_var_values, coefs, index, noise, noise_counter, noise_images,
+      guidance_scale,
       clip_denoised, out, half_out, history):
     return None
 
 
-def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out, history=()):
+def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out, history=(), var=None):
     numel = x.numel()
     if numel >= 2**31:
         raise ValueError("reverse_step: tensors of 2**31 elements or more are not supported; split the batch")
@@ -273,11 +304,13 @@ def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, 
     block = 1024
     registry.launch(
         _reverse_step_kernel, (triton.cdiv(numel, block),),
-        x, eps, eps_u if eps_u is not None else eps, noise if noise is not None else x, coefs, index,
+        x, eps, eps_u if eps_u is not None else eps, var if var is not None else eps,
+        noise if noise is not None else x, coefs, index,
         key.counter if key is not None else index, key.images if key is not None else index,
         out, half_out if half_out is not None else out, *(tuple(history) + (out, out))[:2],
         numel, numel // n, c, h * w_, coefs.shape[0], w,
-        HAS_UNCOND=eps_u is not None, NOISE_MODE=noise_mode, CLIP=clip, HAS_HALF=half_out is not None,
+        HAS_UNCOND=eps_u is not None, HAS_VAR=var is not None, NOISE_MODE=noise_mode, CLIP=clip,
+        HAS_HALF=half_out is not None,
         CHANNELS_LAST=memory_format(x) == torch.channels_last, HISTORY=len(history), NUM_COEFS=NUM_COEFS,
         BLOCK_SIZE=block,
     )

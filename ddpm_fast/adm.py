@@ -1,0 +1,579 @@
+"""The ADM U-Net (Dhariwal & Nichol 2021; Nichol & Dhariwal 2021): openai's guided-diffusion and
+improved-diffusion architecture, a second family beside the DDPM U-Net (unet.py).
+
+What sets it apart from the DDPM U-Net: scale-shift norm (the time embedding modulates the second norm of
+each ResBlock, ``norm(h) * (1 + scale) + shift``), ResBlocks that resample (``resblock_updown``), multi-head
+attention at several resolutions with two qkv channel orders, fractional channel multipliers, learned
+variance (2C output channels: eps, then the variance value v in [-1, 1]) and improved-diffusion's timestep
+rescaling (the model sees t * 1000 / T).
+
+The module tree mirrors openai's state-dict layout (time_embed.0, input_blocks.3.0.in_layers.2, ...), so
+their .pt files load key for key; the forward is written from the published formulas. Every norm goes
+through the ops registry (ops.group_norm_silu; scale-shift norm as ops.group_norm_scale_shift_silu, one
+fused pass), so one module runs the reference ops or the kernels. ADMUNet is the fp32 reference;
+``to_fast(dtype)`` returns a FastADMUNet (channels_last, fp16/bf16, SDPA attention with the legacy qkv
+order permuted once, at build time, into the new one) whose ResBlocks keep the folds that stay valid in
+this family: every block's time projection in one GEMM, conv2's and the shortcut's biases with the residual
+add in one ops.residual_add, and (without scale-shift norm only) conv1's bias in the time add. Under
+scale-shift norm nothing is added before the norm, so conv1's bias has no add to ride in.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm_fast import ops
+from ddpm_fast.unet import FAST_DTYPES, _cat, _folded, _Folding, timestep_embedding
+
+ADM_GROUPS = 32  # openai's normalization(): GroupNorm32(32, channels), eps 1e-5, computed in fp32
+ADM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class ADMConfig:
+    """The ADM U-Net's hyper-parameters, named as openai's UNetModel arguments.
+
+    ``attention_ds``: the downsample rates (1, 2, 4, ...) whose levels have attention (openai's
+    ``attention_resolutions`` after image_size // res). ``timestep_scale``: what the model multiplies t by
+    (1000 / T for improved-diffusion's rescale_timesteps, else 1). ``sigma_small``: for a fixed-variance
+    model, whether its checkpoint means the posterior variance (True) or beta (False, openai's default).
+    """
+
+    image_size: int = 64
+    in_channels: int = 3
+    model_channels: int = 128
+    num_res_blocks: int = 2
+    attention_ds: tuple[int, ...] = (4, 8)
+    dropout: float = 0.0
+    channel_mult: tuple[float, ...] = (1, 2, 3, 4)
+    conv_resample: bool = True
+    num_classes: int | None = None
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    learn_sigma: bool = False
+    sigma_small: bool = False
+    timestep_scale: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "attention_ds", tuple(int(d) for d in self.attention_ds))
+        object.__setattr__(self, "channel_mult", tuple(float(m) if float(m) != int(m) else int(m)
+                                                       for m in self.channel_mult))
+        errors = []
+        for name in ("image_size", "in_channels", "model_channels", "num_res_blocks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                errors.append(f"{name} must be a positive integer, got {v!r}")
+        if errors:
+            raise ValueError("invalid ADMConfig: " + "; ".join(errors))
+        if not self.channel_mult or any(not m > 0 for m in self.channel_mult):
+            errors.append(f"channel_mult must be non-empty and positive, got {self.channel_mult}")
+        else:
+            levels = len(self.channel_mult)
+            if self.image_size % 2 ** (levels - 1):
+                errors.append(f"image_size {self.image_size} must be divisible by 2**(levels-1) = {2 ** (levels - 1)}")
+            for c in sorted(set(self.level_channels)):
+                if c < 1 or c % ADM_GROUPS:
+                    errors.append(f"{c} channels (model_channels x channel_mult) are not a positive multiple of "
+                                  f"the {ADM_GROUPS} norm groups")
+            rates = [2**i for i in range(levels)]
+            missing = [d for d in self.attention_ds if d not in rates]
+            if missing:
+                errors.append(f"attention at downsample rates {missing} matches no level (rates {rates}; "
+                              f"resolutions {[self.image_size // r for r in rates]})")
+            for c, rate in zip(self.level_channels, rates, strict=True):
+                attn = rate in self.attention_ds or rate == rates[-1]  # the middle block always attends
+                if attn and self.num_head_channels != -1 and c % self.num_head_channels:
+                    errors.append(f"attention over {c} channels: not divisible by num_head_channels "
+                                  f"{self.num_head_channels}")
+                for heads in {self.heads(c, False), self.heads(c, True)}:
+                    if attn and (heads < 1 or c % heads):
+                        errors.append(f"attention over {c} channels: not divisible into {heads} heads")
+        if self.num_head_channels != -1 and self.num_head_channels < 1:
+            errors.append(f"num_head_channels must be positive or -1, got {self.num_head_channels}")
+        if self.num_heads < 1 and self.num_head_channels == -1:
+            errors.append(f"num_heads must be positive, got {self.num_heads}")
+        if self.model_channels % 2:
+            errors.append(f"model_channels must be even for the sinusoidal embedding, got {self.model_channels}")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
+            errors.append(f"num_classes must be positive or None, got {self.num_classes}")
+        if not (math.isfinite(self.timestep_scale) and self.timestep_scale > 0):
+            errors.append(f"timestep_scale must be positive and finite, got {self.timestep_scale}")
+        if errors:
+            raise ValueError("invalid ADMConfig: " + "; ".join(dict.fromkeys(errors)))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def sample_size(self) -> int:
+        return self.image_size
+
+    @property
+    def null_label(self) -> None:
+        """openai's class-conditional models have no null label (no classifier-free guidance)."""
+        return None
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(int(m * self.model_channels) for m in self.channel_mult)
+
+    @property
+    def temb_dim(self) -> int:
+        return 4 * self.model_channels
+
+    def heads(self, channels: int, upsample: bool) -> int:
+        if self.num_head_channels != -1:
+            return channels // self.num_head_channels
+        if upsample and self.num_heads_upsample != -1:
+            return self.num_heads_upsample
+        return self.num_heads
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["attention_ds"] = list(self.attention_ds)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ADMConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ADMConfig keys {unknown}")
+        return cls(**d)
+
+
+# ADM configurations to train (python -m ddpm_fast.train --config NAME): unconditional (openai's models
+# have no null label, so no classifier-free guidance); learned variance comes with --learn-sigma.
+TRAIN_PRESETS: dict[str, ADMConfig] = {
+    # improved-diffusion's CIFAR-10 architecture (its README: 128 channels, 3 blocks, dropout 0.3).
+    "adm-cifar10": ADMConfig(image_size=32, model_channels=128, num_res_blocks=3, attention_ds=(2, 4),
+                             channel_mult=(1, 2, 2, 2), num_heads=4, dropout=0.3, use_scale_shift_norm=True),
+    # Small enough for CPU tests, with every ADM block kind (scale-shift, resblock up/down, multi-head attention).
+    "adm-tiny": ADMConfig(image_size=8, model_channels=32, num_res_blocks=1, attention_ds=(2,), channel_mult=(1, 2),
+                          num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True),
+}
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(ADM_GROUPS, channels, eps=ADM_EPS)
+
+
+def _norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=silu)
+
+
+class _Resample(nn.Module):
+    """Nearest 2x upsampling or 2x downsampling (a stride-2 3x3 conv, or 2x2 average pooling), with the
+    parameter names of openai's Upsample (``conv``) and Downsample (``op``)."""
+
+    def __init__(self, channels: int, up: bool, use_conv: bool):
+        super().__init__()
+        self.up = up
+        if use_conv and up:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        elif use_conv:
+            self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        elif not up:
+            self.op = nn.AvgPool2d(2, 2)
+
+    def forward(self, x):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return self.conv(x) if hasattr(self, "conv") else x
+        return self.op(x)
+
+
+class ADMResBlock(nn.Module):
+    """in_layers (norm, SiLU, conv) -> time modulation -> out_layers (norm, SiLU, dropout, conv) + skip.
+
+    ``resample`` ('up', 'down' or None) resamples both paths between the first SiLU and the first conv.
+    """
+
+    def __init__(self, channels: int, temb_dim: int, out_channels: int, dropout: float, scale_shift: bool,
+                 resample: str | None = None):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.resample = resample
+        self.in_layers = nn.Sequential(_group_norm(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, out_channels * (2 if scale_shift else 1)))
+        self.out_layers = nn.Sequential(_group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def _resampled(self, h: torch.Tensor) -> torch.Tensor:
+        if self.resample == "up":
+            return F.interpolate(h, scale_factor=2.0, mode="nearest")
+        return F.avg_pool2d(h, 2, 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``emb``: SiLU of the time (+ class) embedding, the input of emb_layers' Linear."""
+        h = _norm(self.in_layers[0], x, silu=True)
+        if self.resample is not None:
+            h, x = self._resampled(h), self._resampled(x)
+        h = self.in_layers[2](h)
+        mod = self.emb_layers[1](emb).to(h.dtype)
+        norm = self.out_layers[0]
+        if self.scale_shift:
+            scale, shift = mod.chunk(2, dim=1)
+            h = ops.group_norm_scale_shift_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
+        else:
+            h = ops.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=mod, silu=True)
+        h = self.out_layers[3](self.out_layers[2](h))
+        return self.skip_connection(x) + h
+
+
+class ADMAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual; qkv and proj_out are 1x1 Conv1d as in
+    openai's layout. ``new_order``: qkv channels are [q | k | v], each split into heads; else (legacy) they
+    are per head [q k v | q k v | ...]."""
+
+    def __init__(self, channels: int, heads: int, new_order: bool):
+        super().__init__()
+        self.heads, self.new_order = heads, new_order
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def split_qkv(self, qkv: torch.Tensor):
+        """(N, 3C, T) -> q, k, v as (N, heads, T, C/heads)."""
+        n, width, length = qkv.shape
+        ch = width // (3 * self.heads)
+        if self.new_order:
+            parts = qkv.reshape(n, 3, self.heads, ch, length).unbind(1)
+        else:
+            parts = qkv.reshape(n, self.heads, 3, ch, length).unbind(2)
+        return tuple(p.transpose(-1, -2) for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, hgt, wid = x.shape
+        h = _norm(self.norm, x, silu=False).reshape(n, c, hgt * wid)
+        q, k, v = self.split_qkv(F.conv1d(h, self.qkv.weight, self.qkv.bias))
+        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
+        a = (w.to(v.dtype) @ v).transpose(-1, -2).reshape(n, c, hgt * wid)
+        return x + F.conv1d(a, self.proj_out.weight, self.proj_out.bias).reshape(n, c, hgt, wid)
+
+
+class _Stage(nn.Sequential):
+    """One of openai's TimestepEmbedSequential stages: ResBlocks get the time embedding, the rest x alone."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ADMResBlock) else layer(x)
+        return x
+
+
+class ADMUNet(nn.Module):
+    """The ADM U-Net (fp32 reference). ``model(x, t, class_labels)``: t are integer diffusion steps; the
+    output is eps (C channels) or eps and v (2C channels) for a learned-sigma model."""
+
+    def __init__(self, config: ADMConfig):
+        super().__init__()
+        if not isinstance(config, ADMConfig):
+            raise TypeError(f"ADMUNet needs an ADMConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        mc, temb, drop, ss = cfg.model_channels, cfg.temb_dim, cfg.dropout, cfg.use_scale_shift_norm
+        self.time_embed = nn.Sequential(nn.Linear(mc, temb), nn.SiLU(), nn.Linear(temb, temb))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, temb)
+
+        def res(cin, cout, resample=None):
+            return ADMResBlock(cin, temb, cout, drop, ss, resample)
+
+        def attn(c, up):
+            return ADMAttention(c, cfg.heads(c, up), cfg.use_new_attention_order)
+
+        ch = cfg.level_channels[0]
+        self.input_blocks = nn.ModuleList([_Stage(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        levels = len(cfg.channel_mult)
+        for level, cout in enumerate(cfg.level_channels):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, cout)]
+                ch = cout
+                if ds in cfg.attention_ds:
+                    layers.append(attn(ch, False))
+                self.input_blocks.append(_Stage(*layers))
+                skips.append(ch)
+            if level != levels - 1:
+                down = res(ch, ch, "down") if cfg.resblock_updown else _Resample(ch, False, cfg.conv_resample)
+                self.input_blocks.append(_Stage(down))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = _Stage(res(ch, ch), attn(ch, False), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            cout = cfg.level_channels[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), cout)]
+                ch = cout
+                if ds in cfg.attention_ds:
+                    layers.append(attn(ch, True))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(res(ch, ch, "up") if cfg.resblock_updown else _Resample(ch, True, cfg.conv_resample))
+                    ds //= 2
+                self.output_blocks.append(_Stage(*layers))
+        self.out = nn.Sequential(_group_norm(ch), nn.SiLU(), nn.Conv2d(cfg.level_channels[0], cfg.out_channels, 3,
+                                                                      padding=1))
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def _check_inputs(self, x, t, class_labels):
+        cfg = self.config
+        if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+            desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"ADMUNet: x must be a floating (N, C, H, W) tensor, got {desc}")
+        weight = self.out[2].weight
+        if x.device != weight.device:
+            raise ValueError(f"ADMUNet: x is on {x.device}, the model on {weight.device}")
+        if self.compute_dtype is None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"ADMUNet: x is {x.dtype}, the model's weights are {weight.dtype}; pass "
+                             f"x.to({weight.dtype}) or convert the model (model.to(dtype), model.to_fast(dtype))")
+        n, c, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"ADMUNet: x has {c} channels, the model takes {cfg.in_channels}")
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if h % factor or w % factor:
+            raise ValueError(f"ADMUNet: H and W ({h}x{w}) must be divisible by {factor}")
+        t = torch.as_tensor(t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"ADMUNet: t must be an integer tensor of diffusion steps, got {t.dtype}")
+        if t.dim() == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"ADMUNet: t must have shape ({n},) (or be a scalar), got {tuple(t.shape)}")
+        t = t.to(x.device)
+        if cfg.num_classes is not None:
+            if class_labels is None:
+                raise ValueError("ADMUNet: this model is class-conditional; pass class_labels in "
+                                 f"[0, {cfg.num_classes - 1}]")
+            class_labels = torch.as_tensor(class_labels, device=x.device)
+            if class_labels.dim() == 0:
+                class_labels = class_labels.expand(n)
+            if class_labels.shape != (n,) or class_labels.is_floating_point():
+                raise ValueError(f"ADMUNet: class_labels must be integers of shape ({n},)")
+            torch._assert_async(((class_labels >= 0) & (class_labels < cfg.num_classes)).all(),
+                                f"ADMUNet: class_labels must lie in [0, {cfg.num_classes - 1}]")
+        elif class_labels is not None:
+            raise ValueError("ADMUNet: class_labels given, but this model is unconditional")
+        return t, class_labels
+
+    def time_features(self, t: torch.Tensor, class_labels, dtype: torch.dtype) -> torch.Tensor:
+        """SiLU(time_embed(t * timestep_scale) [+ label_emb(y)]): the input of every ResBlock's emb Linear."""
+        cfg = self.config
+        emb = timestep_embedding(t.float() * cfg.timestep_scale, cfg.model_channels, flip_sin_to_cos=True,
+                                 freq_shift=0)
+        emb = self.time_embed[2](F.silu(self.time_embed[0](emb.to(dtype))))
+        if cfg.num_classes is not None:
+            emb = emb + self.label_emb(class_labels.long()).to(emb.dtype)
+        return F.silu(emb)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return None
+
+    @property
+    def is_fast(self) -> bool:
+        return self.compute_dtype is not None
+
+    def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        t, class_labels = self._check_inputs(x, t, class_labels)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype).contiguous(memory_format=torch.channels_last)
+        emb = self.time_features(t, class_labels, self.time_embed[0].weight.dtype)
+        h, skips = x, []
+        for stage in self.input_blocks:
+            h = stage(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for stage in self.output_blocks:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out[2](_norm(self.out[0], h, silu=True))
+
+    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastADMUNet:
+        """The fast path: a FastADMUNet built from a copy of this model (this one is left untouched)."""
+        if dtype not in FAST_DTYPES:
+            raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
+        return FastADMUNet(copy.deepcopy(self), dtype, fold=fold)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---- the fast path ------------------------------------------------------------------------------
+
+
+class FastADMResBlock(_Folding, ADMResBlock):
+    """An ADMResBlock's fast form (same parameters): called with the FastADMUNet's one time GEMM output, of
+    which ``time_slice`` are this block's columns (its emb_layers projection, + conv1's bias without
+    scale-shift); None: called with SiLU(emb) and projects it itself."""
+
+    def __init__(self, block: ADMResBlock, time_slice: tuple[int, int] | None = None):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.scale_shift, self.resample, self.time_slice = block.scale_shift, block.resample, time_slice
+
+    def time_bias(self) -> list[torch.Tensor]:
+        """The sources of this block's bias in the time GEMM."""
+        return [self.emb_layers[1].bias] if self.scale_shift else [self.emb_layers[1].bias, self.in_layers[2].bias]
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.time_slice is not None:
+            mod = temb[:, self.time_slice[0]:self.time_slice[1]]
+        else:
+            bias = _folded(self, "time_bias", _sum, *self.time_bias())
+            mod = F.linear(temb, self.emb_layers[1].weight, bias)
+        h = _norm(self.in_layers[0], x, silu=True)
+        if self.resample is not None:
+            h, x = self._resampled(h), self._resampled(x)
+        conv1, norm = self.in_layers[2], self.out_layers[0]
+        if self.scale_shift:
+            h = F.conv2d(h, conv1.weight, conv1.bias, padding=1)
+            scale, shift = mod.to(h.dtype).chunk(2, dim=1)
+            h = ops.group_norm_scale_shift_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
+        else:
+            h = F.conv2d(h, conv1.weight, None, padding=1)
+            h = ops.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=mod, silu=True)
+        conv2 = self.out_layers[3]
+        h = F.conv2d(self.out_layers[2](h), conv2.weight, None, padding=1)
+        if isinstance(self.skip_connection, nn.Identity):
+            return ops.residual_add(h, x, conv2.bias)
+        skip = F.conv2d(x, self.skip_connection.weight, None)
+        return ops.residual_add(h, skip, _folded(self, "out_bias", torch.add, conv2.bias, self.skip_connection.bias))
+
+
+def _sum(*tensors: torch.Tensor) -> torch.Tensor:
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out + t
+    return out
+
+
+class FastADMAttention(ADMAttention):
+    """An ADMAttention's fast form: SDPA over channels_last tokens; a legacy-order qkv is permuted once, here,
+    into the new order (the state dict keeps openai's layout: ``state_dict`` permutes it back)."""
+
+    def __init__(self, block: ADMAttention):
+        nn.Module.__init__(self)
+        self.heads, self.new_order = block.heads, True
+        self.norm, self.qkv, self.proj_out = block.norm, block.qkv, block.proj_out
+        self.legacy = not block.new_order
+        if self.legacy:
+            with torch.no_grad():
+                perm = self._legacy_to_new()
+                self.qkv.weight.copy_(self.qkv.weight[perm])
+                self.qkv.bias.copy_(self.qkv.bias[perm])
+        self._register_state_dict_hook(FastADMAttention._to_legacy_layout)
+
+    def _legacy_to_new(self) -> torch.Tensor:
+        """new-order row r holds legacy row perm[r]."""
+        c3 = self.qkv.weight.shape[0]
+        ch = c3 // (3 * self.heads)
+        return torch.arange(c3).reshape(self.heads, 3, ch).transpose(0, 1).reshape(-1)
+
+    @staticmethod
+    def _to_legacy_layout(module, state_dict, prefix, local_metadata):
+        """state_dict hook (after the children's entries are in): qkv back in openai's legacy order."""
+        if module.legacy:
+            inverse = torch.argsort(module._legacy_to_new())
+            for name in ("weight", "bias"):
+                key = prefix + "qkv." + name
+                state_dict[key] = state_dict[key][inverse]
+        return state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.legacy:
+            perm = self._legacy_to_new()
+            for name in ("weight", "bias"):
+                key = prefix + "qkv." + name
+                if key in state_dict:
+                    state_dict[key] = state_dict[key][perm]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, hgt, wid = x.shape
+        tokens = _norm(self.norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)  # (N, HW, C), no copy
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)
+        q, k, v = (p.reshape(n, hgt * wid, self.heads, c // self.heads).transpose(1, 2) for p in qkv.chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, hgt * wid, c)
+        out = F.linear(a, self.proj_out.weight[:, :, 0], self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(n, c, hgt, wid)
+
+
+class FastADMUNet(_Folding, ADMUNet):
+    """The fast path of an ADMUNet: built from a reference model whose modules it takes over (ADMUNet.to_fast
+    passes a copy), cast to ``dtype`` channels_last, attention through SDPA; with ``fold``, FastADMResBlocks
+    given their column slices of one time GEMM (assigned here, by block: no call order is assumed)."""
+
+    def __init__(self, model: ADMUNet, dtype: torch.dtype, fold: bool = True):
+        if dtype not in FAST_DTYPES:
+            raise ValueError(f"FastADMUNet: dtype must be one of {FAST_DTYPES}, got {dtype}")
+        nn.Module.__init__(self)
+        self.config = model.config
+        for name, child in model.named_children():
+            setattr(self, name, child)
+        self._dtype = dtype
+        self.fold = bool(fold)
+        self._time_blocks: list[FastADMResBlock] = []
+        start = 0
+        for parent in list(self.modules()):
+            for name, child in parent.named_children():
+                if type(child) is ADMAttention:
+                    setattr(parent, name, FastADMAttention(child))
+                elif type(child) is ADMResBlock and fold:
+                    width = child.emb_layers[1].out_features
+                    child = FastADMResBlock(child, (start, start + width))
+                    self._time_blocks.append(child)
+                    start += width
+                    setattr(parent, name, child)
+        self.to(dtype=dtype, memory_format=torch.channels_last)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def time_features(self, t, class_labels, dtype):
+        temb = super().time_features(t, class_labels, dtype)
+        if not self.fold:
+            return temb
+        blocks = self._time_blocks
+        weight = _folded(self, "time_weight", _cat, *(b.emb_layers[1].weight for b in blocks))
+        sources = [s for b in blocks for s in b.time_bias()]
+        counts = [len(b.time_bias()) for b in blocks]
+
+        def stacked_bias(*flat):
+            parts, i = [], 0
+            for k in counts:
+                parts.append(_sum(*flat[i:i + k]))
+                i += k
+            return torch.cat(parts)
+
+        return F.linear(temb, weight, _folded(self, "time_bias", stacked_bias, *sources))
+
+    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True):
+        raise TypeError("to_fast: this model is already a FastADMUNet; call to_fast on the reference ADMUNet")

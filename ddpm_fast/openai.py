@@ -1,0 +1,277 @@
+"""openai's guided-diffusion and improved-diffusion checkpoints: their flags, schedules and respacing strings.
+
+``load_openai(path, flags, repo)`` reads a .pt state dict (weights_only: no code runs from the file) with
+the ``MODEL_FLAGS`` / ``DIFFUSION_FLAGS`` string those READMEs print, and returns (ADMUNet, NoiseSchedule).
+Omitted flags take the named repository's defaults, which differ (improved-diffusion rescales timesteps,
+guided-diffusion does not; their default channel multipliers per image size differ too). Sampling and
+training flags are accepted and reported as ignored; anything else is an error naming the flag.
+"""
+
+from __future__ import annotations
+
+import shlex
+import warnings
+
+from ddpm_fast.adm import ADMConfig, ADMUNet
+from ddpm_fast.schedule import NoiseSchedule
+
+REPOS = ("guided-diffusion", "improved-diffusion")
+NUM_CLASSES = 1000  # both repositories' class-conditional models are ImageNet's
+
+# Model and diffusion flags with each repository's defaults (its script_util.model_and_diffusion_defaults).
+_COMMON = dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+               attention_resolutions="16,8", dropout=0.0, class_cond=False, learn_sigma=False, diffusion_steps=1000,
+               noise_schedule="linear", use_kl=False, predict_xstart=False, rescale_learned_sigmas=False,
+               use_checkpoint=False, use_scale_shift_norm=True, use_fp16=False)
+DEFAULTS = {
+    "guided-diffusion": dict(_COMMON, num_head_channels=-1, channel_mult="", resblock_updown=False,
+                             use_new_attention_order=False, rescale_timesteps=False),
+    "improved-diffusion": dict(_COMMON, sigma_small=False, rescale_timesteps=True, rescale_learned_sigmas=True),
+}
+# Channel multipliers when --channel_mult is empty (or absent), by image size.
+_CHANNEL_MULT = {
+    "guided-diffusion": {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
+                         64: (1, 2, 3, 4)},
+    "improved-diffusion": {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)},
+}
+# Flags of their sampling and training scripts: they do not describe the model, so the loader ignores them.
+IGNORED_FLAGS = {
+    "timestep_respacing": "", "use_ddim": False, "batch_size": 1, "num_samples": 1, "clip_denoised": True,
+    "model_path": "", "data_dir": "", "lr": 0.0, "weight_decay": 0.0, "lr_anneal_steps": 0, "microbatch": -1,
+    "ema_rate": "", "log_interval": 0, "save_interval": 0, "resume_checkpoint": "", "fp16_scale_growth": 0.0,
+    "schedule_sampler": "",
+}
+
+# The published checkpoints' flags (MODEL_FLAGS + DIFFUSION_FLAGS), as the repositories' READMEs print them:
+# pass a name wherever flags are taken.
+PRESETS = {
+    # guided-diffusion 256x256_diffusion_uncond.pt (the base model of DPS and other inverse-problem methods)
+    "adm-256-uncond": ("guided-diffusion",
+                       "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 "
+                       "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+                       "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True"),
+    # guided-diffusion lsun_bedroom.pt (and lsun_cat.pt, lsun_horse.pt)
+    "adm-lsun-256": ("guided-diffusion",
+                     "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 "
+                     "--image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 "
+                     "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
+                     "--use_scale_shift_norm True"),
+    # guided-diffusion 64x64_diffusion.pt (class-conditional ImageNet 64)
+    "adm-imagenet64-cond": ("guided-diffusion",
+                            "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
+                            "--image_size 64 --learn_sigma True --noise_schedule cosine --num_channels 192 "
+                            "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
+                            "--use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"),
+    # improved-diffusion cifar10_uncond_50M_500K.pt (L_hybrid, cosine, 4000 steps)
+    "iddpm-cifar10": ("improved-diffusion",
+                      "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
+                      "--diffusion_steps 4000 --noise_schedule cosine"),
+}
+_CLASSIFIER_FLAGS = ("classifier_path", "classifier_scale", "classifier_use_fp16", "classifier_width",
+                     "classifier_depth", "classifier_attention_resolutions", "classifier_use_scale_shift_norm",
+                     "classifier_resblock_updown", "classifier_pool")
+
+
+def _bool(name: str, text: str) -> bool:
+    low = text.lower()
+    if low in ("yes", "true", "t", "y", "1"):
+        return True
+    if low in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(f"--{name}: expected a boolean (True/False), got {text!r}")
+
+
+def parse_flags(flags, repo: str = "guided-diffusion") -> dict:
+    """The model and diffusion settings a flag string (or a dict of flag values, or a PRESETS name, which
+    also names its repository) describes: the repository's defaults, overridden by the flags. Raises
+    ValueError naming an unknown, repeated or malformed flag."""
+    flags, repo = resolve_preset(flags, repo)
+    if repo not in REPOS:
+        raise ValueError(f"repo must be one of {REPOS}, got {repo!r}")
+    defaults = DEFAULTS[repo]
+    if isinstance(flags, dict):
+        given = {str(k).lstrip("-"): v for k, v in flags.items()}
+    else:
+        given = _split_flags(flags)
+    values, ignored = dict(defaults), []
+    for name, raw in given.items():
+        if name in _CLASSIFIER_FLAGS:
+            raise ValueError(f"--{name}: classifier guidance (guided-diffusion's separate classifier) is not "
+                             "supported; drop the classifier flags")
+        if name in IGNORED_FLAGS:
+            ignored.append(name)
+            continue
+        if name not in defaults:
+            known = ", ".join(sorted(defaults))
+            raise ValueError(f"unknown {repo} flag --{name} (its model and diffusion flags: {known})")
+        values[name] = _typed(name, raw, defaults[name])
+    if ignored:
+        warnings.warn(f"load_openai ignores the sampling/training flags {', '.join('--' + n for n in ignored)}",
+                      stacklevel=3)
+    return values
+
+
+def resolve_preset(flags, repo: str):
+    """(flags, repo): a PRESETS name stands for its flags and repository."""
+    if isinstance(flags, str) and flags.strip() in PRESETS:
+        repo, flags = PRESETS[flags.strip()]
+    return flags, repo
+
+
+def _split_flags(flags: str) -> dict:
+    if not isinstance(flags, str):
+        raise TypeError(f"flags must be a string (or a dict), got {type(flags).__name__}")
+    tokens = shlex.split(flags)
+    given: dict = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ValueError(f"openai flags: expected --name value, got {tok!r}")
+        name, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ValueError(f"--{name}: missing its value")
+            value = tokens[i + 1]
+            i += 1
+        if name in given:
+            raise ValueError(f"--{name} given twice")
+        given[name] = value
+        i += 1
+    return given
+
+
+def _typed(name: str, raw, default):
+    if not isinstance(raw, str):
+        return raw
+    if isinstance(default, bool):
+        return _bool(name, raw)
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"--{name}: expected a {type(default).__name__}, got {raw!r}") from None
+    return raw
+
+
+def openai_betas(noise_schedule: str, diffusion_steps: int) -> NoiseSchedule:
+    """openai's get_named_beta_schedule: linear scaled so that T steps span the same process as 1000
+    (beta_start = 1e-4 * 1000/T, beta_end = 0.02 * 1000/T); cosine with max_beta 0.999."""
+    if noise_schedule == "linear":
+        scale = 1000.0 / diffusion_steps
+        return NoiseSchedule.linear(diffusion_steps, beta_start=scale * 1e-4, beta_end=scale * 0.02)
+    if noise_schedule == "cosine":
+        return NoiseSchedule.cosine(diffusion_steps, s=0.008, max_beta=0.999)
+    raise ValueError(f"--noise_schedule: unknown schedule {noise_schedule!r} (linear or cosine)")
+
+
+def openai_timesteps(num_timesteps: int, section_counts) -> list[int]:
+    """The timesteps openai's space_timesteps keeps, ascending: ``"ddimN"`` (a stride that gives exactly N),
+    ``"250"`` or ``"10,15,20"`` (the schedule cut into equal sections, each given that many evenly
+    strided steps, first and last included). An int or a list of ints means the same as the string."""
+    if isinstance(section_counts, str):
+        text = section_counts.strip()
+        if text.startswith("ddim"):
+            try:
+                desired = int(text[len("ddim"):])
+            except ValueError:
+                raise ValueError(f"respacing {section_counts!r}: expected ddimN, N an integer") from None
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"respacing {section_counts!r}: no integer stride gives exactly {desired} of "
+                             f"{num_timesteps} steps")
+        try:
+            counts = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"respacing {section_counts!r}: expected ddimN or comma-separated integers") from None
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        counts = [int(x) for x in section_counts]
+    if not counts or any(c < 1 for c in counts):
+        raise ValueError(f"respacing {section_counts!r}: each section needs at least one step")
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, steps = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"respacing {section_counts!r}: cannot take {count} steps from a section of {size}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        steps += [start + round(j * stride) for j in range(count)]
+        start += size
+    return sorted(set(steps))
+
+
+def config_from_flags(flags, repo: str = "guided-diffusion") -> tuple[ADMConfig, NoiseSchedule]:
+    """(ADMConfig, NoiseSchedule) of a flag string, as that repository's create_model_and_diffusion builds them."""
+    flags, repo = resolve_preset(flags, repo)
+    v = parse_flags(flags, repo)
+    if v["predict_xstart"]:
+        raise ValueError("--predict_xstart True: x_0-predicting models are not supported (eps prediction only)")
+    size = v["image_size"]
+    mult = v.get("channel_mult", "")
+    if mult:
+        try:
+            mult = tuple(float(m) if "." in m else int(m) for m in str(mult).split(","))
+        except ValueError:
+            raise ValueError(f"--channel_mult: expected comma-separated numbers, got {mult!r}") from None
+    elif size in _CHANNEL_MULT[repo]:
+        mult = _CHANNEL_MULT[repo][size]
+    else:
+        raise ValueError(f"--image_size {size}: {repo} has no default channel_mult for it "
+                         f"(sizes {sorted(_CHANNEL_MULT[repo])}); pass --channel_mult")
+    try:
+        resolutions = [int(r) for r in str(v["attention_resolutions"]).split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--attention_resolutions: expected comma-separated integers, got "
+                         f"{v['attention_resolutions']!r}") from None
+    if any(r < 1 or size % r for r in resolutions):
+        raise ValueError(f"--attention_resolutions {v['attention_resolutions']}: each must divide image_size {size}")
+    rates = [2**i for i in range(len(mult))]
+    unused = [r for r in resolutions if size // r not in rates]
+    if unused:  # openai's UNetModel builds no attention there either; say so rather than drop it silently
+        warnings.warn(f"--attention_resolutions {','.join(map(str, unused))}: no level of this model has that "
+                      f"resolution (levels: {','.join(str(size // r) for r in rates)}); no attention there",
+                      stacklevel=2)
+        resolutions = [r for r in resolutions if r not in unused]
+    steps = v["diffusion_steps"]
+    if steps < 1:
+        raise ValueError(f"--diffusion_steps must be positive, got {steps}")
+    schedule = openai_betas(v["noise_schedule"], steps)
+    try:
+        config = ADMConfig(
+            image_size=size, in_channels=3, model_channels=v["num_channels"], num_res_blocks=v["num_res_blocks"],
+            attention_ds=tuple(size // r for r in resolutions), dropout=v["dropout"], channel_mult=mult,
+            num_classes=NUM_CLASSES if v["class_cond"] else None, num_heads=v["num_heads"],
+            num_head_channels=v.get("num_head_channels", -1), num_heads_upsample=v["num_heads_upsample"],
+            use_scale_shift_norm=v["use_scale_shift_norm"], resblock_updown=v.get("resblock_updown", False),
+            use_new_attention_order=v.get("use_new_attention_order", False), learn_sigma=v["learn_sigma"],
+            sigma_small=v.get("sigma_small", False),
+            timestep_scale=1000.0 / steps if v["rescale_timesteps"] else 1.0)
+    except ValueError as exc:
+        raise ValueError(f"{repo} flags: {exc}") from None
+    return config, schedule
+
+
+def load_openai(path, flags, repo: str = "guided-diffusion", device=None) -> tuple[ADMUNet, NoiseSchedule]:
+    """(model, schedule) from an openai .pt state dict and the flags it was trained with (see the module
+    docstring). A state dict that does not fit the flags raises CheckpointError naming the first missing or
+    extra key or the first wrong shape."""
+    from ddpm_fast.checkpoint import CheckpointError, load_state_dict_strict, read_torch_file
+
+    flags, repo = resolve_preset(flags, repo)
+    try:
+        config, schedule = config_from_flags(flags, repo)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    path = str(path)
+    obj = read_torch_file(path)
+    if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
+        raise CheckpointError(f"{path}: expected openai's state dict (a dict of tensors)")
+    model = ADMUNet(config)
+    load_state_dict_strict(model, obj, f"{path} (with {repo} flags)")
+    model.eval()
+    return (model if device is None else model.to(device)), schedule
