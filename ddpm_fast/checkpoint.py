@@ -243,8 +243,16 @@ def _read_safetensors(path: str) -> dict:
 
 def read_torch_file(path: str):
     """torch.load with weights_only=True (no code runs from the file), errors naming the file."""
+    import pickle
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message goes on to advise weights_only=False, i.e. running the file's code: not our advice.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; it was not loaded (loading "
+                              f"them would run code from the file). Save a plain state dict or safetensors "
+                              f"instead. ({first[:200]})") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
 

@@ -28,6 +28,7 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1) -> None:
+    """A PNG grid of uint8 NHWC images, written atomically (a failed write leaves the old file as it was)."""
     from PIL import Image
 
     g = grid(images, nrow)
@@ -35,7 +36,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: i
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_npz(images: torch.Tensor, path: str, labels: torch.Tensor | None = None) -> None:

@@ -115,6 +115,8 @@ def run(args) -> str | None:
         print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
     notes: list[str] = []
     model, schedule = _load(args, dist_ctx.device)
+    if dist_ctx.rank == 0:
+        _check_targets(args, model.config)
     sampler = _build_sampler(args, schedule, model.config)  # before the fast copy: a bad setting fails now
     model, ran = _prepare_model(args, model, dist_ctx.device, notes)
     labels = _labels(args, model.config.num_classes)
@@ -223,7 +225,7 @@ def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> t
     images = []
     bar = tqdm(total=len(mine) * sampler.num_steps, unit="img-step", unit_scale=True, desc="sample",
                disable=args.no_progress or not show_progress, dynamic_ncols=True)
-    for chunk in mine.split(args.batch_size):
+    for chunk in mine.split(args.batch_size) if len(mine) else ():  # a rank beyond the images has none to draw
         # Image k is a function of (--seed, k) alone: batch size and process count do not change it.
         run = RunOptions.of(base, image_index=chunk, class_labels=None if labels is None else labels[chunk])
         if args.engine == "graph":
@@ -262,13 +264,26 @@ def _gather(dist_ctx, mine, images) -> torch.Tensor:
     return torch.cat([g[1] for g in gathered])[torch.argsort(order)]
 
 
+def _targets(args, n: int, h: int, w: int, c: int) -> tuple[str, str]:
+    return os.path.join(args.out, f"samples_{n}x{h}x{w}x{c}.npz"), os.path.join(args.out, "grid.png")
+
+
+def _check_targets(args, config) -> None:
+    """Before any work: the files the run will write must be writable files (not folders)."""
+    size = config.sample_size
+    for path in _targets(args, args.num_samples, size, size, config.in_channels):
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise OSError(f"{path}: exists and is not a file; the run writes it (move it away or pick another --out)")
+
+
 def _write(args, images, labels, num_classes):
+    """grid.png, then the .npz (the result FID tools read) last: each atomic, and no .npz unless the grid
+    was written too, so a failed run never leaves a result that looks complete."""
     n, h, w, c = images.shape
-    npz = os.path.join(args.out, f"samples_{n}x{h}x{w}x{c}.npz")
-    save_npz(images, npz, labels)
-    grid_path = os.path.join(args.out, "grid.png")
+    npz, grid_path = _targets(args, n, h, w, c)
     nrow = num_classes if num_classes and args.class_label is None else None
     save_grid(images[: min(n, 400)], grid_path, nrow=nrow, scale=max(1, 128 // max(h, 1)))
+    save_npz(images, npz, labels)
     return npz, grid_path
 
 

@@ -322,6 +322,11 @@ def test_torchrun_sampling_shards_over_two_processes(tmp_path, tiny_model, sampl
     assert sample_cli.main(tiny + ["--out", str(tmp_path / "one")]) == 0
     assert _close_images(a, _images(tmp_path / "one" / "samples_5x8x8x3.npz")), "one process draws the same images"
 
+    # More processes than images: the idle rank joins the gather with nothing, rank 0 writes the one image.
+    res = _torchrun("ddpm_fast.sample", tiny + ["--num-samples", "1", "--out", str(tmp_path / "r3")], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _images(tmp_path / "r3" / "samples_1x8x8x3.npz").shape == (1, 8, 8, 3)
+
     invariant = common + ["--batch-invariant"]
     res = _torchrun("ddpm_fast.sample", invariant + ["--out", str(tmp_path / "r2")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -115,3 +115,51 @@ def test_unknown_scheduler_in_a_model_folder_fails_the_cli(tmp_path, capsys):
                                                             "rescale_betas_zero_snr": True})
     assert sample_cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "rescale_betas_zero_snr" in capsys.readouterr().err
+
+
+def test_outputs_are_atomic_and_the_npz_is_written_last(tmp_path, capsys, monkeypatch):
+    """A grid that cannot be written (a full disk) leaves the old grid.png as it was, names the file, and writes
+    no .npz; a grid.png that is a folder is refused before any work."""
+    import errno
+
+    from PIL import Image
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grid.png").write_bytes(b"the previous grid")
+
+    def full_disk(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    args = ["--num-samples", "2", "--steps", "2", "--no-progress", "--out", str(out)]
+    assert sample_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "grid.png" in err and "No space left" in err and len(err.strip().splitlines()) == 1
+    assert (out / "grid.png").read_bytes() == b"the previous grid"
+    assert not list(out.glob("*.npz"))
+    monkeypatch.undo()
+
+    (out / "grid.png").unlink()
+    (out / "grid.png").mkdir()
+    assert sample_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "grid.png: exists and is not a file" in err
+    assert not list(out.glob("*.npz"))
+    (out / "grid.png").rmdir()
+    assert sample_cli.main(args) == 0
+    assert (out / "grid.png").is_file() and len(list(out.glob("*.npz"))) == 1
+
+
+def test_a_pickle_is_refused_without_advising_to_run_it(tmp_path):
+    import argparse
+
+    from ddpm_fast import load_pretrained
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": argparse.Namespace(a=1)}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(path, config=UNetConfig.from_name("tiny"))
+    message = str(info.value)
+    assert "evil.pt" in message and "it was not loaded" in message
+    assert "weights_only=False" not in message and "\n" not in message
