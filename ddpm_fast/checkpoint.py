@@ -248,11 +248,17 @@ def read_torch_file(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message goes on to advise weights_only=False, i.e. running the file's code: not our advice.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; it was not loaded (loading "
-                              f"them would run code from the file). Save a plain state dict or safetensors "
-                              f"instead. ({first[:200]})") from None
+        # torch's message advises weights_only=False, i.e. running the file's code: keep only what went wrong.
+        found = re.search(r"WeightsUnpickler error:\s*(.*)", str(exc))
+        detail = found.group(1).strip() if found and found.group(1).strip() else ""
+        if not detail and found:
+            detail = str(exc)[found.end():].strip().splitlines()[0] if str(exc)[found.end():].strip() else ""
+        global_ = re.search(r"GLOBAL ([\w.]+)", detail)
+        if global_:
+            raise CheckpointError(f"{path}: holds pickled Python objects besides tensors ({global_.group(1)}); it "
+                                  "was not loaded (loading them would run code from the file); save a plain state "
+                                  "dict or safetensors instead") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail or type(exc).__name__})") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
 
@@ -305,16 +311,21 @@ RUN_CHECKPOINT = "checkpoint.pt"
 
 
 def resolve_model_path(path) -> str:
-    """``path`` itself, or for a ddpm_fast.train --out folder its exported model/ (else its checkpoint.pt)."""
+    """``path`` itself, or for a ddpm_fast.train --out folder its newest state: the exported model/, unless
+    checkpoint.pt was written after it (a run resumed after its export, then stopped), else checkpoint.pt."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         exported = os.path.join(path, RUN_MODEL_FOLDER)
+        ckpt = os.path.join(path, RUN_CHECKPOINT)
+        weights = os.path.join(exported, WEIGHTS_NAME)
         if os.path.isfile(os.path.join(exported, CONFIG_NAME)):
-            return exported
-        if os.path.isfile(os.path.join(path, RUN_CHECKPOINT)):
-            return os.path.join(path, RUN_CHECKPOINT)
+            newer = (os.path.isfile(ckpt) and os.path.isfile(weights)
+                     and os.path.getmtime(ckpt) > os.path.getmtime(weights))
+            return ckpt if newer else exported
+        if os.path.isfile(ckpt):
+            return ckpt
         raise CheckpointError(f"{path}: no {CONFIG_NAME} (not a diffusers/ddpm_fast model folder), and not a "
                               f"ddpm_fast.train run folder ({RUN_MODEL_FOLDER}/{CONFIG_NAME} or {RUN_CHECKPOINT})")
     return path

@@ -24,7 +24,7 @@ import torch
 
 from ddpm_fast import base
 
-STEP_STREAM, X_T_STREAM = 0, 1
+STEP_STREAM, X_T_STREAM, BOUND_STREAM = 0, 1, 2  # BOUND_STREAM: the q(x_t | x_0) draws of the likelihood bound
 MAX_SEED = 2**63 - 1  # the key travels as one int64
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 round multipliers
@@ -86,19 +86,21 @@ def _uniform(u: torch.Tensor) -> torch.Tensor:
     return i.to(torch.float32) * _UNIFORM_SCALE
 
 
-def normal(counter: torch.Tensor, images: torch.Tensor, per_image: int, stream: int = STEP_STREAM) -> torch.Tensor:
-    """(N, per_image) fp32 N(0, 1) draws at step counter[1] of seed counter[0], for images ``images``.
+def normal(counter: torch.Tensor, images: torch.Tensor, per_image: int, stream: int = STEP_STREAM,
+           steps: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, per_image) fp32 N(0, 1) draws at step counter[1] of seed counter[0], for images ``images``
+    (``steps``: one step per row instead, an int64 (N,) tensor).
 
     The values a kernel draws for element e of image images[n] are out[n, e]; everything stays on the
     tensors' device (no host read).
     """
-    seed, step = counter[0], counter[1]
+    seed, step = counter[0], counter[1] if steps is None else steps.view(-1, 1)
     # uint32 products wrap mod 2**64 in int64 two's complement; the masks below keep the low 32 bits exact.
     k0 = (seed & _MASK).view(1, 1)
     k1 = ((seed >> 32) & _MASK).view(1, 1)
     c0 = torch.arange(per_image, device=counter.device, dtype=torch.int64).view(1, -1)
     c1 = (images & _MASK).view(-1, 1)
-    c2 = (step & _MASK).view(1, 1)
+    c2 = (step & _MASK).view(-1, 1)
     c3 = torch.full((1, 1), stream, device=counter.device, dtype=torch.int64)
     r0, r1, _, _ = philox4x32(c0, c1, c2, c3, k0, k1)
     u1 = _uniform(r0).clamp_min(1.0e-7)

@@ -22,7 +22,7 @@ import torch
 
 from ddpm_fast import ops
 from ddpm_fast.adm import ADMConfig
-from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule
+from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import prepare_output_folder
 from ddpm_fast.images import save_grid, save_npz
@@ -150,7 +150,10 @@ def _load(args, device):
         for w in caught:
             print(f"ddpm_fast.sample: note: {w.message}", file=sys.stderr)
     else:
-        model, schedule = load_pretrained(path, device=device), None
+        used = resolve_model_path(path)
+        if os.path.isdir(path) and os.path.normpath(used) != os.path.normpath(path):
+            print(f"ddpm_fast.sample: {path} is a training run: sampling {used} (its newest state)", file=sys.stderr)
+        model, schedule = load_pretrained(used, device=device), None
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # up front: sampling would only turn these into NaN images
         raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"

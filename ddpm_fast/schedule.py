@@ -37,6 +37,8 @@ class NoiseSchedule:
             raise ValueError("betas must be finite and in (0, 1]")
         self.name = name
         self.params = dict(params or {})  # how a named schedule was made (to_config / from_config)
+        # The reverse variance a scheduler config declares (diffusers' variance_type), when it names one.
+        self.variance_type: str | None = None
         self.num_timesteps = betas.numel()
         if timestep_map is None:
             timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
@@ -134,6 +136,16 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: dict) -> NoiseSchedule:
+        """A diffusers scheduler config (see _from_config), with the variance_type it declares, if any."""
+        sched = cls._from_config(cfg)
+        kind = cfg.get("variance_type")
+        sched.variance_type = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
+                               "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
+                               "learned_range": "learned_range"}.get(kind) if isinstance(kind, str) else None
+        return sched
+
+    @classmethod
+    def _from_config(cls, cfg: dict) -> NoiseSchedule:
         """A diffusers scheduler config: its betas (named schedule or ``trained_betas``); what changes the
         process in ways this engine does not implement is refused, naming it, never silently dropped."""
         kind = cfg.get("_class_name")

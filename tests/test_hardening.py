@@ -163,3 +163,39 @@ def test_a_pickle_is_refused_without_advising_to_run_it(tmp_path):
     message = str(info.value)
     assert "evil.pt" in message and "it was not loaded" in message
     assert "weights_only=False" not in message and "\n" not in message
+
+
+def test_checkpoint_run_folder_samples_the_newest_state(data, tmp_path, capsys):
+    """A run resumed after its export and stopped again has a newer checkpoint.pt than model/: --checkpoint RUN
+    samples that one, and says which file it used."""
+    import os
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "0", "--no-progress",
+            "--lr", "0.01", "--ema-decay", "0", "--data", data, "--out", str(out)]  # steps that change the images
+    assert train_cli.main(args + ["--steps", "2"]) == 0
+    export = out / "model"
+    old_export = tmp_path / "model_at_step_2"
+    shutil.copytree(export, old_export)
+    assert train_cli.main(args + ["--steps", "4", "--resume"]) == 0  # now model/ and checkpoint.pt are step 4
+    shutil.rmtree(export)
+    shutil.copytree(old_export, export)  # model/ back at step 2, as a run interrupted after resuming leaves it
+    stamp = os.path.getmtime(export / "diffusion_pytorch_model.safetensors")
+    os.utime(out / "checkpoint.pt", (stamp + 10, stamp + 10))
+    capsys.readouterr()
+    common = ["--num-samples", "2", "--steps", "2", "--no-progress"]
+    assert sample_cli.main(["--checkpoint", str(out), "--out", str(tmp_path / "a")] + common) == 0
+    assert f"sampling {out / 'checkpoint.pt'} (its newest state)" in capsys.readouterr().err
+    assert sample_cli.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "b")] + common) == 0
+    assert sample_cli.main(["--checkpoint", str(export), "--out", str(tmp_path / "c")] + common) == 0
+    import numpy as np
+
+    def images(folder):
+        with np.load(tmp_path / folder / "samples_2x8x8x3.npz") as f:
+            return f["arr_0"]
+
+    assert np.array_equal(images("a"), images("b")) and not np.array_equal(images("a"), images("c"))
+    os.utime(out / "checkpoint.pt", (stamp - 10, stamp - 10))  # an ordinary finished run: the export is newest
+    assert sample_cli.main(["--checkpoint", str(out), "--out", str(tmp_path / "d")] + common) == 0
+    assert f"sampling {export} (its newest state)" in capsys.readouterr().err

@@ -1,0 +1,218 @@
+"""python -m ddpm_fast.nll: the variational bound (negative log-likelihood, bits/dim) of images under a model.
+
+Writes OUT/bpd.csv (one row per image: index, label, total, prior, decoder bits/dim) and OUT/terms.png (the
+mean term against t: where the bits are), and prints mean +- standard error. The full bound takes one model
+evaluation per timestep per image, batched over (image, t) pairs; --estimate K evaluates K timesteps per
+image (t = 0 and one per stratum of the rest), an unbiased estimate with its standard error. Image k's
+bound depends on (--seed, k) alone. torchrun shards the images; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+
+import torch
+
+from ddpm_fast import ops
+from ddpm_fast.checkpoint import CheckpointError
+from ddpm_fast.data import DataError, load_data, to_model_range
+from ddpm_fast.distributed import Dist, parse_device
+from ddpm_fast.fileio import atomic_write, atomic_write_text, prepare_output_folder
+from ddpm_fast.likelihood import bits_per_dim, default_variance
+from ddpm_fast.noise import check_seed
+from ddpm_fast.openai import REPOS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm_fast.nll", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="a model as ddpm_fast.sample takes it (default: the embedded "
+                                                      "digits model)")
+    p.add_argument("--openai-flags", default=None, help="the checkpoint is an openai .pt (see ddpm_fast.sample)")
+    p.add_argument("--openai-repo", default="guided-diffusion", choices=list(REPOS))
+    p.add_argument("--data", required=True, help="an image folder, an .npz of images, or 'digits'")
+    p.add_argument("--num-images", type=int, default=100, help="the first N images of --data")
+    p.add_argument("--batch-size", type=int, default=256, help="(image, t) pairs per model call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--estimate", type=int, default=None, metavar="K",
+                   help="K timesteps per image instead of all T (stratified; mean and standard error)")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional models: the bound given each image's label from --data (default: "
+                        "the null label, i.e. the unconditional likelihood)")
+    p.add_argument("--fp16", action="store_true", help="the fast path (as ddpm_fast.sample --fp16)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", default="nll", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _images_8bit(data, index: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """uint8 NHWC images (the bound is defined on the 8-bit grid; 16-bit images are rounded to it, with a note)."""
+    images = data.get(index)
+    if images.dtype == torch.uint16:
+        if not notes:
+            notes.append("16-bit images are rounded to 8 bits: the bound is defined on the 8-bit grid")
+        images = ((images.to(torch.int32) + 128) // 257).clamp(0, 255).to(torch.uint8)
+    return images
+
+
+def _labels(args, model, data, index: torch.Tensor):
+    config = model.config
+    if not config.num_classes:
+        if args.conditional:
+            raise ValueError("--conditional needs a class-conditional model; this one is unconditional")
+        return None
+    if args.conditional or config.null_label is None:
+        if data.labels is None:
+            why = "--conditional" if args.conditional else "this model has no null label, so it"
+            raise ValueError(f"{why} needs each image's label, and {args.data} has none")
+        labels = data.labels[index]
+        if int(labels.max()) >= config.num_classes:
+            raise ValueError(f"{args.data} has labels up to {int(labels.max())}; the model takes "
+                             f"{config.num_classes} classes")
+        return labels
+    return None
+
+
+def run(args) -> dict | None:
+    from tqdm.auto import tqdm
+
+    from ddpm_fast.sample import _load
+
+    dist_ctx = Dist(args.device)
+    if dist_ctx.rank == 0 and prepare_output_folder(args.out):
+        print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
+    model, schedule = _load(args, dist_ctx.device)
+    variance = default_variance(model, schedule)
+    if args.fp16:
+        dev = dist_ctx.device
+        dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
+        model = model.to_fast(dtype)
+    cfg = model.config
+    data = load_data(args.data, cfg.sample_size, cfg.in_channels)
+    n = min(args.num_images, len(data))
+    mine = torch.arange(n)[dist_ctx.rank::dist_ctx.world]
+    labels_all = _labels(args, model, data, torch.arange(n))  # what the model is given (None: no/null label)
+    data_labels = None if data.labels is None else data.labels[:n]  # what the csv reports
+    big_t = len(schedule)
+    per_image = args.estimate or big_t
+    notes: list[str] = []
+    rows, term_sum, term_count = [], torch.zeros(big_t, dtype=torch.float64), torch.zeros(big_t, dtype=torch.float64)
+    chunk = max(1, args.batch_size // per_image) if per_image <= args.batch_size else 1
+    bar = tqdm(total=len(mine), unit="img", desc="bound", disable=args.no_progress or dist_ctx.rank != 0,
+               dynamic_ncols=True)
+    running = []
+    for part in mine.split(chunk) if len(mine) else ():
+        x0 = to_model_range(_images_8bit(data, part, notes), dist_ctx.device)
+        labels = None if labels_all is None else labels_all[part]
+        bound = bits_per_dim(model, schedule, x0, seed=args.seed, class_labels=labels, variance=variance,
+                             image_index=part, batch_size=args.batch_size, estimate=args.estimate)
+        if not bool(torch.isfinite(bound.total_bpd).all()):
+            k = int(part[~torch.isfinite(bound.total_bpd)][0])
+            raise ValueError(f"the bound of image {k} is not finite; check the checkpoint's weights; nothing was "
+                             "written")
+        for i, k in enumerate(part.tolist()):
+            rows.append((k, None if data_labels is None else int(data_labels[k]), float(bound.total_bpd[i]),
+                         float(bound.prior_bpd[i]), float(bound.decoder_bpd[i]), float(bound.stderr[i])))
+        term_sum.index_add_(0, bound.timesteps.reshape(-1), bound.vb.reshape(-1).double())
+        term_count.index_add_(0, bound.timesteps.reshape(-1), torch.ones(bound.vb.numel(), dtype=torch.float64))
+        running += bound.total_bpd.tolist()
+        bar.update(len(part))
+        bar.set_postfix(bpd=f"{sum(running) / len(running):.4f}")
+    bar.close()
+    rows, term_sum, term_count = _gather(dist_ctx, rows, term_sum, term_count)
+    dist_ctx.close()
+    if dist_ctx.rank != 0:
+        return None
+    for note in notes:
+        print(f"ddpm_fast.nll: note: {note}", file=sys.stderr)
+    return _write(args, rows, term_sum, term_count, variance)
+
+
+def _gather(dist_ctx, rows, term_sum, term_count):
+    if dist_ctx.world == 1:
+        return rows, term_sum, term_count
+    import torch.distributed as dist
+
+    gathered = [None] * dist_ctx.world if dist_ctx.rank == 0 else None
+    dist.gather_object((rows, term_sum, term_count), gathered, dst=0)
+    if dist_ctx.rank != 0:
+        return rows, term_sum, term_count
+    rows = sorted(r for g in gathered for r in g[0])
+    return rows, sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+
+
+def _write(args, rows, term_sum, term_count, variance: str) -> dict:
+    import os
+
+    totals = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+    n = len(rows)
+    mean = float(totals.mean())
+    sem = float(totals.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    prior = sum(r[3] for r in rows) / n
+    decoder = [r[4] for r in rows if math.isfinite(r[4])]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["index", "label", "total_bpd", "prior_bpd", "decoder_bpd"] + (["stderr"] if args.estimate else []))
+    for k, label, total, pri, dec, err in rows:
+        writer.writerow([k, "" if label is None else label, f"{total:.6f}", f"{pri:.6g}", f"{dec:.6f}"]
+                        + ([f"{err:.6f}"] if args.estimate else []))
+    csv_path, png_path = os.path.join(args.out, "bpd.csv"), os.path.join(args.out, "terms.png")
+    _plot_terms(term_sum / term_count.clamp(min=1), term_count > 0, png_path)
+    atomic_write_text(csv_path, buf.getvalue())
+    how = f"estimate from {args.estimate} timesteps per image" if args.estimate else "full bound"
+    decoder_text = f"{sum(decoder) / len(decoder):.4f}" if decoder else "n/a"
+    print(f"{n} images: {mean:.4f} +- {sem:.4f} bits/dim ({how}, variance {variance}); prior {prior:.2e}, "
+          f"decoder (t=0) {decoder_text} -> {csv_path}, {png_path}")
+    return {"mean": mean, "sem": sem, "csv": csv_path, "png": png_path}
+
+
+def _plot_terms(mean_terms: torch.Tensor, seen: torch.Tensor, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    t = torch.nonzero(seen).flatten()
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(t.tolist(), mean_terms[t].tolist(), color="tab:blue", linewidth=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel("mean term (bits/dim)")
+    ax.set_title("the variational bound's terms (t = 0: the decoder)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1:
+        parser.error("--num-images and --batch-size must be positive")
+    if args.estimate is not None and args.estimate < 2:
+        parser.error("--estimate K needs K >= 2 (t = 0 and at least one stratum)")
+    if args.openai_flags is not None and args.checkpoint is None:
+        parser.error("--openai-flags describes an openai .pt: give it with --checkpoint")
+    try:
+        check_seed(args.seed)
+        parse_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("ddpm_fast.nll: interrupted (outputs are written only at the end, each atomically)", file=sys.stderr)
+        return 130
+    except (CheckpointError, DataError, ValueError, OSError) as exc:
+        print(f"ddpm_fast.nll: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
