@@ -131,6 +131,8 @@ def _read_image(path: str, channels: int) -> np.ndarray:
             if mode == "F":
                 raise DataError(f"{path}: 32-bit float images have no fixed range; save it as an 8- or 16-bit image")
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: {_bomb(exc)}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
     return arr if arr.ndim == 3 else arr[..., None]
@@ -168,6 +170,15 @@ def _list_images(path: str) -> list[str]:
     return sorted(files)
 
 
+def _bomb(exc: Exception) -> str:
+    """One line for Pillow's decompression-bomb refusal (an image whose header claims far too many pixels)."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    what = f"its header claims {int(found.group(1)):,} pixels" if found else "its header claims too many pixels"
+    return f"{what}, beyond Pillow's decompression-bomb limit; not read (shrink or remove the file)"
+
+
 def _scan_header(path: str) -> tuple[str, tuple[int, int], bool]:
     """(mode, (width, height), whether Pillow reads its 16-bit color samples at 8 bits), without decoding."""
     from PIL import Image, UnidentifiedImageError
@@ -176,6 +187,8 @@ def _scan_header(path: str) -> tuple[str, tuple[int, int], bool]:
         with Image.open(path) as im:
             mode, size = im.mode, im.size
             reduced = mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in (im.tile or []))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: {_bomb(exc)}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
     if mode == "F":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from ddpm_fast.fileio import atomic_write, atomic_write_text
 
@@ -18,21 +19,39 @@ METRICS_NAME = "metrics.jsonl"
 LOSS_PLOT_NAME = "loss.png"
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics file; a torn (half-written) line is skipped."""
+def read_metrics(path: str, problems: list[str] | None = None) -> list[dict]:
+    """The rows of a metrics file. A line that is not a JSON object with an integer step (a torn last line
+    after a crash, a hand edit, a stray byte) is skipped; ``problems`` (if given) receives one
+    "file:line: what" entry per skipped line, except a torn last line, which a crash legitimately leaves."""
     rows = []
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and "step" in row:
-                    rows.append(row)
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
     except FileNotFoundError:
-        pass
+        return rows
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            bad = None if isinstance(row, dict) and _is_step(row.get("step")) else "no integer 'step'"
+        except UnicodeDecodeError:
+            bad = "not UTF-8 text"
+        except json.JSONDecodeError:
+            bad = None if number - 1 == last and not raw.endswith(b"}") else "not a JSON object"
+            if bad is None:  # the torn last line of a crash: expected, skipped quietly
+                continue
+        if bad is not None:
+            if problems is not None:
+                problems.append(f"{path}:{number}: {bad}; skipped")
+            continue
+        rows.append(row)
     return rows
+
+
+def _is_step(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class MetricsLog:
@@ -47,7 +66,12 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(tensorboard_dir, purge_step=None if resume_step is None else resume_step + 1)
-        kept = [] if resume_step is None else [r for r in read_metrics(path) if r["step"] <= resume_step]
+        problems: list[str] = []
+        kept = [] if resume_step is None else [r for r in read_metrics(path, problems) if r["step"] <= resume_step]
+        for problem in problems[:5]:
+            print(f"ddpm_fast.train: note: {problem}", file=sys.stderr)
+        if len(problems) > 5:
+            print(f"ddpm_fast.train: note: {path}: {len(problems) - 5} more such lines skipped", file=sys.stderr)
         if resume_step is None and not os.path.exists(path):
             return
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -199,3 +199,23 @@ def test_checkpoint_run_folder_samples_the_newest_state(data, tmp_path, capsys):
     os.utime(out / "checkpoint.pt", (stamp - 10, stamp - 10))  # an ordinary finished run: the export is newest
     assert sample_cli.main(["--checkpoint", str(out), "--out", str(tmp_path / "d")] + common) == 0
     assert f"sampling {export} (its newest state)" in capsys.readouterr().err
+
+
+def test_a_decompression_bomb_is_one_line(tmp_path, capsys):
+    """A 100-byte PNG whose header claims 60000x60000: exit 2, one line naming the file, nothing decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                                      + chunk(b"IEND", b""))
+    args = ["--config", "tiny", "--batch-size", "4", "--steps", "1", "--no-progress", "--data", str(folder),
+            "--out", str(tmp_path / "o")]
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bomb.png: its header claims 3,600,000,000 pixels" in err and len(err.splitlines()) == 1

@@ -121,3 +121,17 @@ def test_tensorboard_is_optional(data, tmp_path, capsys):
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
+def test_corrupted_metrics_rows_are_reported_with_file_and_line(tmp_path, capsys):
+    """A resumed run keeps the good rows; each bad one (no integer step, not UTF-8, not JSON) is one note naming
+    file and line; a torn last line (what a crash leaves) is skipped quietly."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 0.5}\n{"step": "x"}\n\xff\xfe junk\ngarbage\n{"step": 2, "loss": 0.4}\n'
+                     b'{"step": 3, "lo')
+    MetricsLog(str(path), 5)
+    err = capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2]
+    for number, what in ((2, "no integer 'step'"), (3, "not UTF-8 text"), (4, "not a JSON object")):
+        assert f"{path}:{number}: {what}; skipped" in err
+    assert f"{path}:6" not in err and len(err.strip().splitlines()) == 3
