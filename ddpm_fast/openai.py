@@ -35,12 +35,11 @@ _CHANNEL_MULT = {
     "improved-diffusion": {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)},
 }
 # Flags of their sampling and training scripts: they do not describe the model, so the loader ignores them.
-IGNORED_FLAGS = {
-    "timestep_respacing": "", "use_ddim": False, "batch_size": 1, "num_samples": 1, "clip_denoised": True,
-    "model_path": "", "data_dir": "", "lr": 0.0, "weight_decay": 0.0, "lr_anneal_steps": 0, "microbatch": -1,
-    "ema_rate": "", "log_interval": 0, "save_interval": 0, "resume_checkpoint": "", "fp16_scale_growth": 0.0,
-    "schedule_sampler": "",
-}
+IGNORED_FLAGS = frozenset({
+    "timestep_respacing", "use_ddim", "batch_size", "num_samples", "clip_denoised", "model_path", "data_dir", "lr",
+    "weight_decay", "lr_anneal_steps", "microbatch", "ema_rate", "log_interval", "save_interval",
+    "resume_checkpoint", "fp16_scale_growth", "schedule_sampler",
+})
 
 # The published checkpoints' flags (MODEL_FLAGS + DIFFUSION_FLAGS), as the repositories' READMEs print them:
 # pass a name wherever flags are taken.
