@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
-from ddpm_fast.unet import FAST_DTYPES, _cat, _folded, _Folding, timestep_embedding
+from ddpm_fast.unet import FAST_DTYPES, _cat, _folded, _Folding, check_x_and_t, timestep_embedding
 
 ADM_GROUPS = 32  # openai's normalization(): GroupNorm32(32, channels), eps 1e-5, computed in fp32
 ADM_EPS = 1e-5
@@ -342,29 +342,7 @@ class ADMUNet(nn.Module):
 
     def _check_inputs(self, x, t, class_labels):
         cfg = self.config
-        if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
-            desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"ADMUNet: x must be a floating (N, C, H, W) tensor, got {desc}")
-        weight = self.out[2].weight
-        if x.device != weight.device:
-            raise ValueError(f"ADMUNet: x is on {x.device}, the model on {weight.device}")
-        if self.compute_dtype is None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"ADMUNet: x is {x.dtype}, the model's weights are {weight.dtype}; pass "
-                             f"x.to({weight.dtype}) or convert the model (model.to(dtype), model.to_fast(dtype))")
-        n, c, h, w = x.shape
-        if c != cfg.in_channels:
-            raise ValueError(f"ADMUNet: x has {c} channels, the model takes {cfg.in_channels}")
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if h % factor or w % factor:
-            raise ValueError(f"ADMUNet: H and W ({h}x{w}) must be divisible by {factor}")
-        t = torch.as_tensor(t)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"ADMUNet: t must be an integer tensor of diffusion steps, got {t.dtype}")
-        if t.dim() == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"ADMUNet: t must have shape ({n},) (or be a scalar), got {tuple(t.shape)}")
-        t = t.to(x.device)
+        n, t = check_x_and_t(self, "ADMUNet", x, t, self.out[2].weight, cfg.in_channels, len(cfg.channel_mult))
         if cfg.num_classes is not None:
             if class_labels is None:
                 raise ValueError("ADMUNet: this model is class-conditional; pass class_labels in "

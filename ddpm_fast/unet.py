@@ -208,6 +208,33 @@ def _paired_sums(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([a + b for a, b in zip(tensors[::2], tensors[1::2], strict=True)])
 
 
+def check_x_and_t(model, name: str, x, t, weight: torch.Tensor, in_channels: int, levels: int):
+    """(N, t as int64 (N,) on x's device): x and t as a U-Net's forward takes them, each problem one error naming
+    ``name``. The reference computes in its weights' dtype, as asked; a fast form (compute_dtype) casts x."""
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+        desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name}: x must be a floating (N, C, H, W) tensor, got {desc}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: x is on {x.device}, the model on {weight.device}")
+    if model.compute_dtype is None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{name}: x is {x.dtype}, the model's weights are {weight.dtype}; pass x.to({weight.dtype})"
+                         " or convert the model (model.to(dtype), model.to_fast(dtype))")
+    n, c, h, w = x.shape
+    if c != in_channels:
+        raise ValueError(f"{name}: x has {c} channels, the model takes {in_channels}")
+    factor = 2 ** (levels - 1)
+    if h % factor or w % factor:
+        raise ValueError(f"{name}: H and W ({h}x{w}) must be divisible by {factor}")
+    t = torch.as_tensor(t)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name}: t must be an integer tensor of diffusion steps, got {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"{name}: t must have shape ({n},) (or be a scalar), got {tuple(t.shape)}")
+    return n, t.to(x.device)
+
+
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -282,31 +309,7 @@ class UNet(nn.Module):
 
     def _check_inputs(self, x, t, class_labels):
         cfg = self.config
-        if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
-            desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"UNet: x must be a floating (N, C, H, W) tensor, got {desc}")
-        weight = self.conv_in.weight
-        if x.device != weight.device:
-            raise ValueError(f"UNet: x is on {x.device}, the model on {weight.device}")
-        if self.compute_dtype is None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            # The fast form casts its input; the reference computes in its weights' dtype, as asked.
-            raise ValueError(f"UNet: x is {x.dtype}, the model's weights are {weight.dtype}; pass x.to({weight.dtype})"
-                             " or convert the model (model.to(dtype), model.to_fast(dtype))")
-        n, c, h, w = x.shape
-        if c != cfg.in_channels:
-            raise ValueError(f"UNet: x has {c} channels, the model takes {cfg.in_channels}")
-        factor = 2 ** (len(cfg.ch_mult) - 1)
-        if h % factor or w % factor:
-            raise ValueError(f"UNet: H and W ({h}x{w}) must be divisible by {factor}")
-        if not torch.is_tensor(t):
-            t = torch.as_tensor(t)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"UNet: t must be an integer tensor, got {t.dtype}")
-        if t.dim() == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"UNet: t must have shape ({n},) (or be a scalar), got {tuple(t.shape)}")
-        t = t.to(x.device)
+        n, t = check_x_and_t(self, "UNet", x, t, self.conv_in.weight, cfg.in_channels, len(cfg.ch_mult))
         if cfg.num_classes:
             if class_labels is None:
                 raise ValueError("UNet: this model is class-conditional; pass class_labels "
