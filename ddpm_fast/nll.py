@@ -21,7 +21,7 @@ from ddpm_fast import ops
 from ddpm_fast.checkpoint import CheckpointError
 from ddpm_fast.data import DataError, load_data, to_model_range
 from ddpm_fast.distributed import Dist, parse_device
-from ddpm_fast.fileio import atomic_write, atomic_write_text, prepare_output_folder
+from ddpm_fast.fileio import RunFolder, atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
 from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS
@@ -79,13 +79,19 @@ def _labels(args, model, data, index: torch.Tensor):
 
 
 def run(args) -> dict | None:
+    dist_ctx = Dist(args.device)
+    with RunFolder(args.out, "--out", active=dist_ctx.rank == 0) as folder:
+        if folder.removed:
+            print(f"removed {folder.removed} temporary file(s) an interrupted write left in {args.out}",
+                  file=sys.stderr)
+        return _run(args, dist_ctx)
+
+
+def _run(args, dist_ctx) -> dict | None:
     from tqdm.auto import tqdm
 
     from ddpm_fast.sample import _load
 
-    dist_ctx = Dist(args.device)
-    if dist_ctx.rank == 0 and prepare_output_folder(args.out):
-        print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
     model, schedule = _load(args, dist_ctx.device)
     variance = default_variance(model, schedule)
     if args.fp16:

@@ -24,7 +24,7 @@ from ddpm_fast import ops
 from ddpm_fast.adm import ADMConfig
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
 from ddpm_fast.distributed import Dist, parse_device
-from ddpm_fast.fileio import prepare_output_folder
+from ddpm_fast.fileio import RunFolder
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
@@ -111,8 +111,15 @@ def _labels(args, num_classes):
 def run(args) -> str | None:
     """Load, prepare, sample, write; returns the .npz path on rank 0 (None on the others)."""
     dist_ctx = Dist(args.device)
-    if dist_ctx.rank == 0 and prepare_output_folder(args.out):  # before any work: a bad --out fails now
-        print(f"removed temporary files an interrupted write left in {args.out}", file=sys.stderr)
+    # Before any work: a bad or busy --out fails now; rank 0 holds it until the results are written.
+    with RunFolder(args.out, "--out", active=dist_ctx.rank == 0) as folder:
+        if folder.removed:
+            print(f"removed {folder.removed} temporary file(s) an interrupted write left in {args.out}",
+                  file=sys.stderr)
+        return _run(args, dist_ctx)
+
+
+def _run(args, dist_ctx) -> str | None:
     notes: list[str] = []
     model, schedule = _load(args, dist_ctx.device)
     if dist_ctx.rank == 0:

@@ -39,7 +39,7 @@ from ddpm_fast.checkpoint import (
 )
 from ddpm_fast.data import BatchStream, DataError, FolderDataset, ImageData, batch_loader, load_data, to_model_range
 from ddpm_fast.distributed import Dist, parse_device
-from ddpm_fast.fileio import atomic_write, prepare_output_folder, remove_stale_temp_files
+from ddpm_fast.fileio import RunFolder, atomic_write
 from ddpm_fast.images import save_grid
 from ddpm_fast.losses import training_loss
 from ddpm_fast.metrics import LOSS_PLOT_NAME, METRICS_NAME, MetricsLog, plot_loss
@@ -444,13 +444,13 @@ def _read_resume_state(cfg: TrainConfig, ckpt_path: str) -> tuple[dict, str]:
     return state, path
 
 
-def _prepare_out(cfg: TrainConfig, dist_ctx: Dist, ckpt_path: str) -> None:
-    """Before any work: --out writable; another run there refused unless --resume / --overwrite."""
+def _prepare_out(cfg: TrainConfig, dist_ctx: Dist, ckpt_path: str, folder: RunFolder) -> None:
+    """Before any work (the folder is made, writable and held): another run there refused unless --resume /
+    --overwrite; what killed writes of ours left is removed."""
     out = cfg.out
     if not dist_ctx.main:
         return
-    stale = prepare_output_folder(out)
-    stale += sum(remove_stale_temp_files(os.path.join(out, sub)) for sub in (RUN_MODEL_FOLDER, "samples"))
+    stale = folder.removed + sum(folder.remove_stale(sub) for sub in (RUN_MODEL_FOLDER, "samples"))
     if stale:
         print(f"removed {stale} temporary file(s) an interrupted save left in {out}", file=sys.stderr)
     existing = [p for p in (ckpt_path, os.path.join(out, RUN_MODEL_FOLDER, CONFIG_NAME)) if os.path.exists(p)]
@@ -512,7 +512,12 @@ def train(cfg: TrainConfig) -> str:
     Raises TrainingInterrupted after SIGINT/SIGTERM (the step boundary it stopped at is saved) and
     TrainingDiverged on non-finite values (the last good checkpoint is kept)."""
     dist_ctx = Dist(cfg.device)
-    cfg, trainer, outputs = _load(cfg, dist_ctx)
+    with RunFolder(cfg.out, "--out", active=dist_ctx.main) as folder:  # held until the run ends
+        return _train(cfg, dist_ctx, folder)
+
+
+def _train(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder) -> str:
+    cfg, trainer, outputs = _load(cfg, dist_ctx, folder)
     try:
         stopped = _loop(cfg, trainer, outputs, dist_ctx)
     except TrainingDiverged as exc:
@@ -527,13 +532,13 @@ def train(cfg: TrainConfig) -> str:
     return _export(cfg, trainer, outputs, dist_ctx)
 
 
-def _load(cfg: TrainConfig, dist_ctx: Dist) -> tuple[TrainConfig, Trainer, _RunOutputs]:
+def _load(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder) -> tuple[TrainConfig, Trainer, _RunOutputs]:
     """Check the output folder, read the state to resume, load the data, build the trainer."""
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     ucfg = model_preset(cfg.config)
     if cfg.hflip == "auto":  # resolved before it is compared or saved: the checkpoint says what ran
         cfg = dataclasses.replace(cfg, hflip="on" if ucfg.in_channels == 3 else "off")
-    _prepare_out(cfg, dist_ctx, ckpt_path)
+    _prepare_out(cfg, dist_ctx, ckpt_path, folder)
     state, resume_path = _read_resume_state(cfg, ckpt_path) if cfg.resume else (None, None)
     data = load_data(cfg.data, ucfg.sample_size, ucfg.in_channels)
     if dist_ctx.main:

@@ -219,3 +219,92 @@ def test_a_decompression_bomb_is_one_line(tmp_path, capsys):
     assert train_cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "bomb.png: its header claims 3,600,000,000 pixels" in err and len(err.splitlines()) == 1
+
+
+# ---- own only what we made ----------------------------------------------------------------------------
+
+
+def _holder(folder):
+    """A real process holding ``folder`` as its run folder until it is killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom ddpm_fast.fileio import RunFolder\nRunFolder(sys.argv[1]).__enter__()\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_temp_files_are_removed_only_when_ours_and_their_writer_is_gone(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from ddpm_fast.fileio import TEMP_PREFIX
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        host = socket.gethostname()
+        files = {
+            ".tmp-notes.txt": b"the user's own notes",  # not ours: kept
+            f"{TEMP_PREFIX}{host}~{dead_pid}~abc123~grid.png": b"half a grid",  # ours, writer gone: removed
+            f"{TEMP_PREFIX}{host}~{live.pid}~def456~checkpoint.pt": b"another writer's",  # writer alive: kept
+            f"{TEMP_PREFIX}elsewhere~{dead_pid}~ghi789~x.npz": b"another machine's",  # cannot tell: kept
+        }
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+        assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--no-progress", "--out", str(out)]) == 0
+        assert "removed 1 temporary file(s)" in capsys.readouterr().err
+        left = {p.name for p in out.iterdir()}
+        assert left >= set(files) - {f"{TEMP_PREFIX}{host}~{dead_pid}~abc123~grid.png"}
+        assert f"{TEMP_PREFIX}{host}~{dead_pid}~abc123~grid.png" not in left
+        assert (out / ".tmp-notes.txt").read_bytes() == b"the user's own notes"
+        assert not any(n.startswith(".ddpm_fast.lock") for n in left), "the lock goes with its run"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_folder_another_process_writes_is_refused(data, tmp_path, capsys):
+    """A real process holds RUN (as a training run does): sample --out RUN, --out RUN/sub and train --out RUN are
+    one line naming the holder, and nothing in RUN is touched; once the holder is gone (killed: no clean exit)
+    the folder is free again."""
+    import signal
+
+    run = tmp_path / "run"
+    proc = _holder(run)
+    try:
+        theirs = run / ".ddpm_fast-tmp~host~1~x~checkpoint.pt"
+        theirs.write_bytes(b"being written")
+        for out in (run, run / "sub"):
+            assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--no-progress", "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1, err
+            assert "another ddpm_fast process is writing" in err and f"pid {proc.pid}" in err
+        assert train_cli.main(["--config", "tiny", "--data", data, "--steps", "1", "--no-progress",
+                               "--out", str(run)]) == 2
+        assert f"pid {proc.pid}" in capsys.readouterr().err
+        assert theirs.read_bytes() == b"being written" and not (run / "sub").exists()
+        assert {p.name for p in run.iterdir()} == {".ddpm_fast.lock", theirs.name}
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--no-progress", "--out", str(run)]) == 0
+
+
+def test_a_failed_run_leaves_no_empty_out(tmp_path, capsys):
+    """The flags pass, the run fails (a label the model does not have): the --out it made is gone, a --out that
+    existed stays."""
+    made = tmp_path / "a" / "b"
+    assert sample_cli.main(["--class-label", "99", "--no-progress", "--out", str(made)]) == 2
+    assert "--class-label must be in [0, 9]" in capsys.readouterr().err
+    assert not made.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert sample_cli.main(["--class-label", "99", "--no-progress", "--out", str(kept)]) == 2
+    assert kept.is_dir() and not list(kept.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,8 +158,10 @@ def test_third_signal_aborts_and_keeps_the_last_checkpoint(data, tmp_path, monke
 def test_stale_temp_files_are_removed(data, tmp_path, capfd):
     out = tmp_path / "run"
     assert train_cli.main(TRAIN + ["--data", data, "--steps", "2", "--out", str(out)]) == 0
-    (out / f"{TEMP_PREFIX}abc123checkpoint.pt").write_bytes(b"partial")
-    (out / "model" / f"{TEMP_PREFIX}xyz{train_cli.CONFIG_NAME}").write_bytes(b"{")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    writer = f"{socket.gethostname()}~{int(gone.stdout)}"  # a killed writer of ours: its files are stale
+    (out / f"{TEMP_PREFIX}{writer}~abc123~checkpoint.pt").write_bytes(b"partial")
+    (out / "model" / f"{TEMP_PREFIX}{writer}~xyz~{train_cli.CONFIG_NAME}").write_bytes(b"{")
     assert train_cli.main(TRAIN + ["--data", data, "--steps", "3", "--out", str(out), "--resume"]) == 0
     assert "removed 2 temporary file(s)" in capfd.readouterr().err
     assert not _temp_files(out)
