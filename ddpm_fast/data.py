@@ -17,8 +17,10 @@ after its draws, so a checkpoint records exactly what was consumed however far t
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -326,31 +328,87 @@ class BatchStream:
 
 
 class _WholeBatches(torch.utils.data.Dataset):
-    """DataLoader adapter: an item is a whole batch, built from one BatchStream entry (a worker decodes it)."""
+    """DataLoader adapter: an item is a whole batch, built from one BatchStream entry (a worker decodes it).
+    A file that cannot be read travels back as the batch's "error" (one line naming the file), not as the
+    worker's traceback."""
 
     def __init__(self, data):
         self.data = data
 
     def __getitem__(self, item: dict) -> dict:
-        batch = dict(item, images=self.data.get(item["index"]))
+        try:
+            batch = dict(item, images=self.data.get(item["index"]))
+        except DataError as exc:
+            return {"error": str(exc)}
         if self.data.labels is not None:
             batch["labels"] = self.data.labels[item["index"]]
         return batch
 
 
-def batch_loader(data, stream: BatchStream, workers: int = 0, pin_memory: bool = False):
+class BatchLoader:
     """An iterator of batches (dicts: index, images (NHWC, the data's dtype), labels, flip, state) in stream
-    order. With workers > 0, that many processes decode batches ahead (2 each); the stream stays in order."""
-    # The loader draws its workers' base seed from ``generator``: never from torch's global generator, whose
-    # state a checkpoint saves (a resumed run starts a loader at another point of the global stream).
-    return iter(torch.utils.data.DataLoader(
-        _WholeBatches(data), batch_size=None, sampler=stream, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None))
+    order. With workers > 0, that many processes decode batches ahead (2 each); the stream stays in order.
+    A file that cannot be read, or a worker that died, is a DataError of one line. ``close()`` stops the
+    workers (call it on every way out: a worker left to the interpreter's exit is stopped with SIGTERM,
+    which workers ignore)."""
+
+    def __init__(self, data, stream: BatchStream, workers: int = 0, pin_memory: bool = False):
+        # The loader draws its workers' base seed from ``generator``: never from torch's global generator,
+        # whose state a checkpoint saves (a resumed run starts a loader at another point of the global stream).
+        self._it = iter(torch.utils.data.DataLoader(
+            _WholeBatches(data), batch_size=None, sampler=stream, num_workers=workers, pin_memory=pin_memory,
+            prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None))
+        if workers:
+            _close_at_exit(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            batch = next(self._it)
+        except RuntimeError as exc:  # torch's report of a worker killed by a signal or out of memory
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise DataError(f"a data-loading worker died ({str(exc).strip().splitlines()[0]})") from None
+        if "error" in batch:
+            raise DataError(batch["error"])
+        return batch
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+_OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HOOK: list = []
+
+
+def _close_at_exit(loader: BatchLoader) -> None:
+    """Close the loaders their owner left open before the interpreter exits. The hook is registered after
+    torch's and multiprocessing's exit hooks, so it runs before them (atexit runs last-in first-out): those
+    would stop the workers with SIGTERM, which workers ignore."""
+    if not _EXIT_HOOK:
+        atexit.register(_close_open_loaders)
+        _EXIT_HOOK.append(_close_open_loaders)
+    _OPEN_LOADERS.add(loader)
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+def batch_loader(data, stream: BatchStream, workers: int = 0, pin_memory: bool = False) -> BatchLoader:
+    """The training batches: see BatchLoader."""
+    return BatchLoader(data, stream, workers, pin_memory)
 
 
 def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
-    """A worker ignores SIGINT: Ctrl-C reaches the whole process group, and the main process decides (it
-    saves the step boundary, then shuts its workers down). SIGTERM stays default: multiprocessing stops
-    leftover workers with it at exit."""
+    """A worker ignores SIGINT and SIGTERM. Ctrl-C reaches the whole process group, and so does the SIGTERM of
+    a job scheduler or `timeout`: the main process decides (it saves the step boundary, then stops its workers
+    through the loader, never by a signal)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

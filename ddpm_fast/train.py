@@ -315,6 +315,12 @@ class Trainer:
         self.gens["data"].set_state(batch["state"])
         return batch
 
+    def close_data(self) -> None:
+        """Stop the batch stream and its workers (on every way out of a run)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
     def check_finite(self) -> None:
         """Raise TrainingDiverged if any step so far had a non-finite loss or gradient (one host read)."""
         first = self.dist.max_int(int(self._first_bad))
@@ -370,7 +376,7 @@ class Trainer:
             _set_rng_state(self.gens, state["rng"][rank])
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
             raise CheckpointError(f"{source}: broken generator state ({str(exc).splitlines()[0]})") from None
-        self._batches = None  # restart the stream from the restored generator
+        self.close_data()  # restart the stream from the restored generator
         self.step_count = int(state["step"])
 
 
@@ -523,6 +529,8 @@ def _train(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder) -> str:
     except TrainingDiverged as exc:
         dist_ctx.close()
         raise TrainingDiverged(f"{exc}; {outputs.last_good()}") from None
+    finally:
+        trainer.close_data()
     outputs.close()
     if stopped:
         dist_ctx.close()

@@ -79,6 +79,7 @@ def test_workers_give_the_same_batches_in_order(tmp_path):
     for workers in (0, 2):
         batches = batch_loader(folder, BatchStream(state, len(folder), 5, hflip=True), workers)
         runs.append([next(batches) for _ in range(6)])
+        batches.close()
     for a, b in zip(*runs, strict=True):
         for key in ("index", "images", "labels", "flip", "state"):
             assert torch.equal(a[key], b[key]), key
@@ -91,9 +92,28 @@ def test_a_bad_file_found_late_names_it(tmp_path):
     with open(folder.files[1], "r+b") as f:  # the header still scans; the pixels do not decode
         f.truncate(60)
     batches = batch_loader(folder, BatchStream(torch.Generator().manual_seed(0).get_state(), 6, 6, False), 1)
-    with pytest.raises(data_mod.DataError, match="1.png: cannot read image"):
+    with pytest.raises(data_mod.DataError, match="1.png: cannot read image") as info:
         for _ in range(5):
             next(batches)
+    batches.close()
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value), "the worker's traceback stays there"
+
+
+def test_a_file_lost_mid_run_is_one_line_with_workers(tmp_path, capsys, monkeypatch):
+    """A file deleted after the scan, read by a worker process: exit 2 and one line naming the file."""
+    path = _folder(tmp_path / "f", classes=("a",))
+    real = FolderDataset.__init__
+
+    def scan_then_lose(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.unlink(self.files[2])  # listed by the scan, gone when a worker reads it
+
+    monkeypatch.setattr(FolderDataset, "__init__", scan_then_lose)
+    args = TRAIN + ["--data", path, "--workers", "2", "--steps", "50", "--out", str(tmp_path / "run")]
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ddpm_fast.train: error: ") and "2.png: cannot read image" in err[-1], err
+    assert not any("Traceback" in line or "worker process" in line for line in err), err
 
 
 TRAIN = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--no-progress",

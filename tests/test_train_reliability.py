@@ -111,6 +111,34 @@ def test_workers_are_capped_by_the_cores(monkeypatch):
     assert "far more than" in train_cli.TrainConfig(data="digits", workers=17).errors()[0]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_process_group_signal_with_workers_ends_like_one_to_the_main_process(tmp_path, signum):
+    """What `timeout`, job schedulers (SIGTERM) and Ctrl-C (SIGINT) do: signal the whole process group, workers
+    included. One notice, the step boundary saved, exit 128+signum, no worker traceback, and --resume goes on."""
+    folder = _image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    args = ["--data", folder, "--workers", "2", "--steps", "100000", "--save-every", "5", "--out", str(out)]
+    cmd = [sys.executable, "-m", "ddpm_fast.train", *TRAIN, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)  # its own process group, as a shell job has
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert err.count(f"{name}: finishing the current step") == 1, err[-3000:]
+    assert "Traceback" not in err and "worker" not in err.lower(), err[-3000:]
+    stopped = _state(out / "checkpoint.pt")["step"]
+    assert f"{name} at step {stopped}: checkpoint saved" in err
+    resume = ["--data", folder, "--workers", "2", "--steps", str(stopped + 2), "--out", str(out), "--resume"]
+    assert train_cli.main(TRAIN + resume) == 0
+
+
 def _signalling_save(monkeypatch, at_call: int, signals: list[int]):
     """torch.save that, on its ``at_call``-th call, sends ``signals`` to this process while it writes."""
     real = torch.save
