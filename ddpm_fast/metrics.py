@@ -77,11 +77,34 @@ class MetricsLog:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, **row) -> None:
-        line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """One row, strict JSON: a non-finite float is written as null and its key listed under "nonfinite".
+        The line is appended whole or not at all: a failed write (a full disk) is cut back off and raised as
+        one OSError naming the file."""
+        bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+        clean = {k: (None if k in bad else v) for k, v in row.items()}
+        if bad:
+            clean["nonfinite"] = bad
+        data = (json.dumps(clean, allow_nan=False) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OSError(f"{self.path}: cannot append ({exc.strerror or exc})") from None
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, size)  # no torn line
+                except OSError:
+                    pass
+                raise OSError(f"{self.path}: cannot append ({exc.strerror or exc}); the row of step "
+                              f"{row.get('step')} was not written") from None
+        finally:
+            os.close(fd)
         if self.board is not None:
             for key, value in row.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):

@@ -480,6 +480,7 @@ class _RunOutputs:
         board = os.path.join(cfg.out, "tensorboard") if cfg.tensorboard else None
         self.metrics = (MetricsLog(self.metrics_path, trainer.step_count if resume_path else None, board)
                         if dist_ctx.main else None)
+        self.warned: set[str] = set()
 
     def save(self) -> None:
         """The checkpoint of this step, after the loss, gradients and weights to be saved are checked."""
@@ -490,22 +491,36 @@ class _RunOutputs:
             atomic_write(self.ckpt_path, lambda p: torch.save(payload, p))
         self.saved_at = self.trainer.step_count
 
+    def _side(self, what: str, write) -> None:
+        """A side output (metrics row, loss plot, preview grid) never ends the run: a failure is one warning
+        per kind of output, and the run goes on (the checkpoint, the main work, still fails loudly)."""
+        try:
+            write()
+        except (OSError, ValueError, RuntimeError) as exc:
+            if what not in self.warned:
+                self.warned.add(what)
+                print(f"ddpm_fast.train: warning: {str(exc).strip().splitlines()[0]}; the run goes on without "
+                      f"{what}", file=sys.stderr)
+
     def log(self, step: int, loss: float, lr: float, rate: float) -> None:
         if self.metrics is not None:
             grad = None if self.trainer.grad_norm is None else float(self.trainer.grad_norm)
-            self.metrics.append(step=step, loss=loss, lr=lr, grad_norm=grad, images_per_s=round(rate, 2),
-                                time=round(time.time(), 3))
+            self._side("these metrics rows", lambda: self.metrics.append(
+                step=step, loss=loss, lr=lr, grad_norm=grad, images_per_s=round(rate, 2), time=round(time.time(), 3)))
 
     def preview(self, step: int) -> None:
         if self.dist.main:
-            _sample_grid(self.trainer.ema, self.trainer.schedule,
-                         os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png"))
-            plot_loss(self.metrics_path, self.plot_path)
+            grid = os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png")
+            self._side("preview grids", lambda: _sample_grid(self.trainer.ema, self.trainer.schedule, grid))
+            self._plot()
+
+    def _plot(self) -> None:
+        self._side("the loss plot", lambda: plot_loss(self.metrics_path, self.plot_path))
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-            plot_loss(self.metrics_path, self.plot_path)
+            self._plot()
 
     def last_good(self) -> str:
         return (f"{self.ckpt_path} (step {self.saved_at}) is the last good state and was kept"

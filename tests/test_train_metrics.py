@@ -52,7 +52,12 @@ def test_metrics_log_unit(tmp_path):
     log = MetricsLog(path, None)
     log.append(step=1, loss=float("nan"), lr=1e-4)
     log.append(step=2, loss=0.5, lr=1e-4)
-    assert read_metrics(path) == [{"step": 1, "loss": None, "lr": 1e-4}, {"step": 2, "loss": 0.5, "lr": 1e-4}]
+    log.append(step=3, loss=float("1e400"), lr=1e-4)
+    for line in open(path):
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert read_metrics(path) == [{"step": 1, "loss": None, "lr": 1e-4, "nonfinite": ["loss"]},
+                                  {"step": 2, "loss": 0.5, "lr": 1e-4},
+                                  {"step": 3, "loss": None, "lr": 1e-4, "nonfinite": ["loss"]}]
     MetricsLog(path, 1)
     assert [r["step"] for r in read_metrics(path)] == [1]
     assert not plot_loss(path, str(tmp_path / "l.png")) and not (tmp_path / "l.png").exists(), "nothing to plot"
@@ -135,3 +140,34 @@ def test_corrupted_metrics_rows_are_reported_with_file_and_line(tmp_path, capsys
     for number, what in ((2, "no integer 'step'"), (3, "not UTF-8 text"), (4, "not a JSON object")):
         assert f"{path}:{number}: {what}; skipped" in err
     assert f"{path}:6" not in err and len(err.strip().splitlines()) == 3
+
+
+def test_a_failing_side_output_is_one_warning_and_the_run_goes_on(data, tmp_path, capsys, monkeypatch):
+    """loss.png a folder, samples/ a file, and a disk that fills in the middle of a metrics row: each is one
+    warning naming the file, the metrics file keeps no torn line, and the run ends normally with its export."""
+    import errno
+    import os
+
+    out = tmp_path / "run"
+    (out / "loss.png").mkdir(parents=True)
+    (out / "samples").write_bytes(b"not a folder")
+    real_write = os.write
+
+    def filling_disk(fd, data):
+        if data.startswith(b'{"step": 3,'):  # the third row: half of it lands, then the disk is full
+            real_write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling_disk)
+    args = TRAIN + ["--data", data, "--steps", "6", "--log-every", "1", "--sample-every", "2", "--out", str(out)]
+    assert train_cli.main(args) == 0
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 3, err
+    assert any("metrics.jsonl: cannot append (No space left on device)" in w for w in warnings)
+    assert any("loss.png" in w for w in warnings) and any("samples" in w for w in warnings)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 4, 5, 6], "the failed row is cut off whole"
+    assert (out / "model" / "config.json").is_file() and (out / "loss.png").is_dir()
