@@ -18,8 +18,10 @@ after its draws, so a checkpoint records exactly what was consumed however far t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 2**26  # 67 megapixels (8192 x 8192): a larger image is refused unless the limit is raised
+LARGE_IMAGE_PIXELS = 2**22  # 4 megapixels: an image beyond it is reduced while decoding, and decoded once
+REDUCED_CACHE_BYTES = 256 << 20  # per process: the reduced copies of large images kept for the next draw
 
 
 class DataError(ValueError):
@@ -116,15 +121,50 @@ def load_npz(path: str) -> ImageData:
 _SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _read_image(path: str, channels: int) -> np.ndarray:
-    """One image as (H, W, channels) uint8, or uint16 for 16-bit grayscale."""
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int):
+    """Pillow's decompression-bomb limit set to ours while we open files (it refuses at twice the limit, and
+    its warning between 1x and 2x is ours to give: _scan_header refuses those with a line naming the flag)."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _halved(w: int, h: int, size: int | None) -> tuple[int, int]:
+    """The (w, h) center_crop_resize's box halvings take a w x h image to on its way to ``size``."""
+    while size is not None and min(w, h) >= 2 * size:
+        w, h = w // 2, h // 2
+    return w, h
+
+
+def _read_image(path: str, channels: int, size: int | None = None,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """One image as (H, W, channels) uint8, or uint16 for 16-bit grayscale. An image of more than
+    LARGE_IMAGE_PIXELS that is read for a smaller ``size`` is reduced while decoding (JPEG draft mode, then
+    one box resize in its own 8-bit type to where center_crop_resize's halvings end), so its full-size float
+    copy never exists."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with _pillow_limit(max_pixels), Image.open(path) as im:
+            target = _halved(*im.size, size) if im.size[0] * im.size[1] > LARGE_IMAGE_PIXELS else im.size
+            reduce = target != im.size
+            if reduce and im.format == "JPEG":
+                im.draft(im.mode, target)  # decodes at 1/2, 1/4 or 1/8 scale, still at least the target
+
+            def shrink(im):  # the halvings in one box resize (integer reduce first), in the image's own type
+                return im.resize(target, Image.BOX, reducing_gap=3.0) if reduce else im
+
             mode = im.mode
             if mode in _SIXTEEN_BIT_GRAY or mode == "I":
-                arr = np.asarray(im)
+                arr = np.asarray(shrink(im) if mode == "I" else im)
                 if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
                     raise DataError(f"{path}: 32-bit integer samples outside 0..65535 "
                                     f"({arr.min()}..{arr.max()}); save it as an 8- or 16-bit image")
@@ -132,9 +172,10 @@ def _read_image(path: str, channels: int) -> np.ndarray:
                 return np.repeat(arr, 3, axis=-1) if channels == 3 else arr
             if mode == "F":
                 raise DataError(f"{path}: 32-bit float images have no fixed range; save it as an 8- or 16-bit image")
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+            im = im.convert("L" if channels == 1 else "RGB")
+            arr = np.asarray(shrink(im))
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: {_bomb(exc)}") from None
+        raise DataError(f"{path}: {_bomb(exc, max_pixels)}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
     return arr if arr.ndim == 3 else arr[..., None]
@@ -172,27 +213,31 @@ def _list_images(path: str) -> list[str]:
     return sorted(files)
 
 
-def _bomb(exc: Exception) -> str:
-    """One line for Pillow's decompression-bomb refusal (an image whose header claims far too many pixels)."""
+def _bomb(exc: Exception, max_pixels: int) -> str:
+    """One line for an image whose header claims far too many pixels (Pillow's decompression-bomb refusal)."""
     import re
 
     found = re.search(r"\((\d+) pixels\)", str(exc))
     what = f"its header claims {int(found.group(1)):,} pixels" if found else "its header claims too many pixels"
-    return f"{what}, beyond Pillow's decompression-bomb limit; not read (shrink or remove the file)"
+    return f"{what}, over the limit of {max_pixels:,} (--max-image-pixels); not read"
 
 
-def _scan_header(path: str) -> tuple[str, tuple[int, int], bool]:
-    """(mode, (width, height), whether Pillow reads its 16-bit color samples at 8 bits), without decoding."""
+def _scan_header(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, tuple[int, int], bool]:
+    """(mode, (width, height), whether Pillow reads its 16-bit color samples at 8 bits), without decoding.
+    An image over ``max_pixels`` is refused here, before anything is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with _pillow_limit(max_pixels), Image.open(path) as im:
             mode, size = im.mode, im.size
             reduced = mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in (im.tile or []))
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: {_bomb(exc)}") from None
+        raise DataError(f"{path}: {_bomb(exc, max_pixels)}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
+    if size[0] * size[1] > max_pixels:
+        raise DataError(f"{path}: its header claims {size[0] * size[1]:,} pixels ({size[0]}x{size[1]}), over the "
+                        f"limit of {max_pixels:,} (--max-image-pixels); not read")
     if mode == "F":
         raise DataError(f"{path}: 32-bit float images have no fixed range; save it as an 8- or 16-bit image")
     return mode, size, reduced
@@ -204,13 +249,19 @@ class FolderDataset:
     16-bit) and, when ``image_size`` is given, images of another size are resized and center-cropped to it
     (center_crop_resize); without it, all images must share one size. Memory: the file list and labels."""
 
-    def __init__(self, path: str, channels: int = 3, image_size: int | None = None):
-        self.path, self.channels = path, channels
+    def __init__(self, path: str, channels: int = 3, image_size: int | None = None,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
+        self.path, self.channels, self.max_pixels = path, channels, max_pixels
         self.files = files = _list_images(path)
+        self._reduced: dict[int, np.ndarray] = {}  # large images, decoded once (see get)
+        self._reduced_bytes = 0
         target = "L" if channels == 1 else "RGB"
         modes, sizes, reduced, first = Counter(), Counter(), 0, {}
-        for f in files:
-            mode, size, was_reduced = _scan_header(f)
+        self._large = set()
+        for k, f in enumerate(files):
+            mode, size, was_reduced = _scan_header(f, max_pixels)
+            if size[0] * size[1] > LARGE_IMAGE_PIXELS:
+                self._large.add(k)
             modes[mode] += 1
             sizes[size] += 1
             reduced += was_reduced
@@ -262,18 +313,31 @@ class FolderDataset:
         return None if self.labels is None else int(self.labels.max()) + 1
 
     def get(self, index: torch.Tensor) -> torch.Tensor:
-        """Images ``index`` as one NHWC tensor (self.dtype), decoded now."""
+        """Images ``index`` as one NHWC tensor (self.dtype), decoded now. A large image (over
+        LARGE_IMAGE_PIXELS) is reduced while decoding and its result kept (up to REDUCED_CACHE_BYTES per
+        process), so it is decoded once, not at every draw."""
         size, arrays = self.image_size, []
         for k in index.tolist():
-            arr = _read_image(self.files[k], self.channels)
-            if arr.shape[:2] != (size, size):
-                arr = center_crop_resize(arr, size)
-            if self.dtype == torch.uint16 and arr.dtype != np.uint16:
-                arr = arr.astype(np.uint16) * 257  # exact: 255 -> 65535
+            arr = self._reduced.get(k)
+            if arr is None:
+                arr = self._decode(k)
             arrays.append(arr)
         if not arrays:
             return torch.empty((0, size, size, self.channels), dtype=self.dtype)
         return torch.from_numpy(np.stack(arrays))  # the one copy: Pillow's read-only views into a new batch
+
+    def _decode(self, k: int) -> np.ndarray:
+        size = self.image_size
+        arr = _read_image(self.files[k], self.channels, size, self.max_pixels)
+        if arr.shape[:2] != (size, size):
+            arr = center_crop_resize(arr, size)
+        if self.dtype == torch.uint16 and arr.dtype != np.uint16:
+            arr = arr.astype(np.uint16) * 257  # exact: 255 -> 65535
+        if k in self._large and self._reduced_bytes + arr.nbytes <= REDUCED_CACHE_BYTES:
+            arr.setflags(write=False)
+            self._reduced[k] = arr
+            self._reduced_bytes += arr.nbytes
+        return arr
 
     def check_fits(self, image_size: int, channels: int) -> None:
         if self.image_size != image_size or self.channels != channels:
@@ -281,21 +345,23 @@ class FolderDataset:
                             f"model config wants {image_size}x{image_size} with {channels}")
 
 
-def load_image_folder(path: str, channels: int = 3, image_size: int | None = None) -> ImageData:
+def load_image_folder(path: str, channels: int = 3, image_size: int | None = None,
+                      max_pixels: int = MAX_IMAGE_PIXELS) -> ImageData:
     """A FolderDataset decoded into memory at once (small folders; see FolderDataset for the rules)."""
-    folder = FolderDataset(path, channels, image_size)
+    folder = FolderDataset(path, channels, image_size, max_pixels)
     return ImageData(folder.get(torch.arange(len(folder))), folder.labels, folder.class_names, folder.notes)
 
 
-def load_data(spec: str, image_size: int, channels: int) -> ImageData | FolderDataset:
-    """``digits`` or a .npz file (in memory), or an image folder (lazy); checked against the model's size and
-    channels."""
+def load_data(spec: str, image_size: int, channels: int,
+              max_pixels: int = MAX_IMAGE_PIXELS) -> ImageData | FolderDataset:
+    """``digits`` or a .npz file (in memory), or an image folder (lazy; images over ``max_pixels`` refused);
+    checked against the model's size and channels."""
     if spec == "digits":
         data = load_digits(image_size)
     elif not os.path.exists(spec):
         raise DataError(f"{spec}: no such file or folder (use an image folder, an .npz, or 'digits')")
     elif os.path.isdir(spec):
-        data = FolderDataset(spec, channels, image_size)
+        data = FolderDataset(spec, channels, image_size, max_pixels)
     elif spec.endswith(".npz"):
         data = load_npz(spec)
     else:

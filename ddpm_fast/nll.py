@@ -19,7 +19,7 @@ import torch
 
 from ddpm_fast import ops
 from ddpm_fast.checkpoint import CheckpointError
-from ddpm_fast.data import DataError, load_data, to_model_range
+from ddpm_fast.data import MAX_IMAGE_PIXELS, DataError, load_data, to_model_range
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import RunFolder, atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--openai-repo", default="guided-diffusion", choices=list(REPOS))
     p.add_argument("--data", required=True, help="an image folder, an .npz of images, or 'digits'")
     p.add_argument("--num-images", type=int, default=100, help="the first N images of --data")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="largest image (width x height) an image folder may hold; a larger one is refused before "
+                        "anything is decoded")
     p.add_argument("--batch-size", type=int, default=256, help="(image, t) pairs per model call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--estimate", type=int, default=None, metavar="K",
@@ -99,7 +102,7 @@ def _run(args, dist_ctx) -> dict | None:
         dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
         model = model.to_fast(dtype)
     cfg = model.config
-    data = load_data(args.data, cfg.sample_size, cfg.in_channels)
+    data = load_data(args.data, cfg.sample_size, cfg.in_channels, args.max_image_pixels)
     n = min(args.num_images, len(data))
     mine = torch.arange(n)[dist_ctx.rank::dist_ctx.world]
     labels_all = _labels(args, model, data, torch.arange(n))  # what the model is given (None: no/null label)
@@ -198,8 +201,8 @@ def _plot_terms(mean_terms: torch.Tensor, seen: torch.Tensor, path: str) -> None
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_images < 1 or args.batch_size < 1:
-        parser.error("--num-images and --batch-size must be positive")
+    if args.num_images < 1 or args.batch_size < 1 or args.max_image_pixels < 1:
+        parser.error("--num-images, --batch-size and --max-image-pixels must be positive")
     if args.estimate is not None and args.estimate < 2:
         parser.error("--estimate K needs K >= 2 (t = 0 and at least one stratum)")
     if args.openai_flags is not None and args.checkpoint is None:

@@ -37,7 +37,16 @@ from ddpm_fast.checkpoint import (
     read_torch_file,
     save_pretrained,
 )
-from ddpm_fast.data import BatchStream, DataError, FolderDataset, ImageData, batch_loader, load_data, to_model_range
+from ddpm_fast.data import (
+    MAX_IMAGE_PIXELS,
+    BatchStream,
+    DataError,
+    FolderDataset,
+    ImageData,
+    batch_loader,
+    load_data,
+    to_model_range,
+)
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import RunFolder, atomic_write
 from ddpm_fast.images import save_grid
@@ -88,6 +97,8 @@ class TrainConfig:
                       choices=["auto", "on", "off"])
     workers: int = _opt(-1, "processes decoding batches of an image folder ahead of the training step (-1: auto, "
                         "min(4, CPU cores - 1) for a folder, 0 for in-memory data: .npz, digits)")
+    max_image_pixels: int = _opt(MAX_IMAGE_PIXELS, "largest image (width x height) an image folder may hold; a "
+                                 "larger one is refused before anything is decoded (raise it to use such images)")
     seed: int = _opt(0, f"random seed in [0, 2**{int(math.log2(MAX_TRAIN_SEED))})", run=True)
     sample_every: int = _opt(0, "write a sample grid every N steps (0: off)")
     save_every: int = _opt(1000, "write the checkpoint every N steps (0: only at the end)")
@@ -127,6 +138,8 @@ class TrainConfig:
             errs.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             errs.append(f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}")
+        if self.max_image_pixels < 1:
+            errs.append(f"--max-image-pixels must be positive, got {self.max_image_pixels}")
         if self.workers < -1:
             errs.append(f"--workers must be >= 0 (or -1: auto), got {self.workers}")
         elif self.workers > max_workers_accepted():
@@ -563,7 +576,7 @@ def _load(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder) -> tuple[TrainCon
         cfg = dataclasses.replace(cfg, hflip="on" if ucfg.in_channels == 3 else "off")
     _prepare_out(cfg, dist_ctx, ckpt_path, folder)
     state, resume_path = _read_resume_state(cfg, ckpt_path) if cfg.resume else (None, None)
-    data = load_data(cfg.data, ucfg.sample_size, ucfg.in_channels)
+    data = load_data(cfg.data, ucfg.sample_size, ucfg.in_channels, cfg.max_image_pixels)
     if dist_ctx.main:
         for note in data.notes:
             print(note, file=sys.stderr)

@@ -218,7 +218,54 @@ def test_a_decompression_bomb_is_one_line(tmp_path, capsys):
             "--out", str(tmp_path / "o")]
     assert train_cli.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "bomb.png: its header claims 3,600,000,000 pixels" in err and len(err.splitlines()) == 1
+    assert "bomb.png: its header claims 3,600,000,000 pixels, over the limit of 67,108,864 (--max-image-pixels)" \
+        in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_huge_image_is_refused_over_the_limit_and_decoded_once_under_it(tmp_path, capsys, monkeypatch, fmt):
+    """2400 x 2400 (5.8 megapixels): over --max-image-pixels, one line naming the file and the flag; under it,
+    reduced while decoding (no full-size float copy: numpy's peak stays far below one full-size plane), kept,
+    and not decoded again at the next draws; the result is the full-size path's, up to resampling."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_fast import data as data_mod
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    yy, xx = np.mgrid[0:2400, 0:2400]
+    rgb = np.stack([xx * 255 // 2399, yy * 255 // 2399, (xx + yy) * 255 // 4798], axis=-1).astype(np.uint8)
+    path = folder / f"big.{fmt.lower()}"
+    Image.fromarray(rgb).save(path, format=fmt)
+    args = ["--config", "tiny", "--batch-size", "4", "--steps", "1", "--no-progress", "--data", str(folder),
+            "--out", str(tmp_path / "o"), "--max-image-pixels", "1000000"]
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"big.{fmt.lower()}: its header claims 5,760,000 pixels" in err, err
+    assert "over the limit of 1,000,000 (--max-image-pixels)" in err
+    args[-1] = "5000000"  # between the limit and twice it (Pillow's own refusal starts at twice): ours refuses
+    assert train_cli.main(args) == 2
+    assert "5,760,000 pixels (2400x2400), over the limit of 5,000,000" in capsys.readouterr().err
+
+    decodes = []
+    real = data_mod._read_image
+    monkeypatch.setattr(data_mod, "_read_image", lambda *a, **k: decodes.append(a[0]) or real(*a, **k))
+    dataset = data_mod.FolderDataset(str(folder), 3, 16)
+    tracemalloc.start()
+    first = dataset.get(torch.tensor([0, 0]))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2400 * 2400 * 4 // 4, f"numpy peaked at {peak / 2**20:.1f} MB: a full-size plane was made"
+    again = dataset.get(torch.tensor([0]))
+    assert len(decodes) == 1 and torch.equal(first[0], again[0]) and torch.equal(first[0], first[1])
+    full = data_mod.center_crop_resize(rgb, 16)  # the path a small image takes, on the undecoded pixels
+    diff = np.abs(first[0].numpy().astype(int) - full.astype(int))
+    # One box resize instead of seven floor-halvings: the same geometry up to the halvings' own unevenness.
+    assert diff.max() <= 8 and diff.mean() < 3, (diff.max(), diff.mean())  # the ramp climbs 16 levels a pixel
 
 
 # ---- own only what we made ----------------------------------------------------------------------------
