@@ -28,7 +28,7 @@ from ddpm_fast.fileio import RunFolder
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
-from ddpm_fast.plan import MAX_GUIDANCE_SCALE
+from ddpm_fast.plan import MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
 from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import compile_model
@@ -339,8 +339,9 @@ def main(argv=None) -> int:
         parser.error(f"--guidance-scale must be finite, within +-{MAX_GUIDANCE_SCALE:g}")
     if args.invariant_chunk is not None and not args.batch_invariant:
         parser.error("--invariant-chunk applies with --batch-invariant only")
-    if args.invariant_chunk is not None and args.invariant_chunk < 1:
-        parser.error("--invariant-chunk must be positive")
+    if args.invariant_chunk is not None and not 1 <= args.invariant_chunk <= MAX_INVARIANT_CHUNK:
+        parser.error(f"--invariant-chunk must be in [1, {MAX_INVARIANT_CHUNK}] (the U-Net always runs on that many "
+                     f"images, padded), got {args.invariant_chunk}")
     try:
         check_seed(args.seed)
     except ValueError as exc:

@@ -133,10 +133,11 @@ def test_sample_errors_are_one_line(tmp_path, tiny_model, capsys):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         sample_cli.main(["--sampler", "euler"])
-    for bad in (["--invariant-chunk", "4"], ["--batch-invariant", "--invariant-chunk", "0"]):
+    for bad in (["--invariant-chunk", "4"], ["--batch-invariant", "--invariant-chunk", "0"],
+                ["--batch-invariant", "--invariant-chunk", "10000"]):
         with pytest.raises(SystemExit):
             sample_cli.main(bad)
-    assert "--invariant-chunk" in capsys.readouterr().err
+        assert "--invariant-chunk" in capsys.readouterr().err
 
 
 def test_non_finite_samples_fail_and_write_nothing(tmp_path, capsys):

@@ -10,7 +10,7 @@ from conftest import DEVICES
 from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, ops
 from ddpm_fast.noise import NoiseKey, normal
 from ddpm_fast.ops import reverse_step, reverse_step_ref
-from ddpm_fast.ops.reverse_step import NUM_COEFS
+from ddpm_fast.ops.reverse_step import HIST1, NUM_COEFS
 
 # x_prev: every backend computes in fp32 from the same (exactly widened) half inputs, so the fp32 result
 # agrees to fp32 rounding whatever the model-output dtype. The half copy carries the dtype's own rounding.
@@ -28,7 +28,14 @@ def test_extension_is_built_when_required():
         assert ext.with_cuda(), "ddpm_fast._C was built without its CUDA sources"
 
 
-def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7):
+def _table(rows, generator=None, history=0):
+    """A random coefficient table whose rows weigh ``history`` earlier predictions (the others' columns 0)."""
+    coefs = torch.rand(rows, NUM_COEFS, generator=generator)
+    coefs[:, HIST1 + history:HIST1 + 2] = 0
+    return coefs
+
+
+def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7, history=0):
     # A stable seed per case (hash() is salted per process: inputs would change from run to run).
     g = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, channels_last, guided, with_noise)).encode()))
 
@@ -36,7 +43,7 @@ def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7):
         t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dt)
         return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
-    coefs = torch.rand(rows, NUM_COEFS, generator=g).to(device) * 2
+    coefs = _table(rows, g, history).to(device) * 2
     index = torch.randint(0, rows, (shape[0],), generator=g).to(device)
     return dict(
         x_t=r(scale=2.0), model_output=r(dtype), coefs=coefs, index=index,
@@ -88,7 +95,7 @@ def test_history_matches_ref(backend, device, depth, channels_last, dtype, guide
     """The multistep form: c_hist1 h1 + c_hist2 h2 added, then h2 <- h1, h1 <- x0_hat, in place."""
     if not _native_available(device, backend):
         pytest.skip(f"{backend} backend not available here")
-    kw = _inputs((3, 5, 6, 6), dtype, channels_last, guided, noisy, device)
+    kw = _inputs((3, 5, 6, 6), dtype, channels_last, guided, noisy, device, history=depth)
     g = torch.Generator().manual_seed(depth)
     hist = [torch.randn(kw["x_t"].shape, generator=g).to(device).contiguous(
         memory_format=ops.memory_format(kw["x_t"])) for _ in range(depth)]
@@ -256,7 +263,7 @@ def test_out_of_range_index_is_an_error_on_every_backend(backend, bad):
     if not _native_available("cpu", backend):
         pytest.skip(f"{backend} backend not available here")
     x = torch.randn(2, 3, 4, 4)
-    coefs = torch.rand(7, NUM_COEFS)
+    coefs = _table(7)
     with ops.use_backend(backend), pytest.raises(RuntimeError, match="outside the coefficient table of 7 rows"):
         reverse_step(x, x, coefs, torch.tensor([0, bad]))
 
@@ -285,7 +292,7 @@ def test_native_rejects_bad_input():
         pytest.skip("ddpm_fast._C not available here")
     ext = ops.extension()
     x = torch.randn(2, 3, 4, 4)
-    coefs = torch.rand(5, NUM_COEFS)
+    coefs = _table(5)
     idx = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="outside the coefficient table"):
         ext.reverse_step(x, x, None, coefs, torch.tensor([0, 5]), None, 1.0, True)
@@ -301,7 +308,7 @@ def test_native_rejects_bad_input():
 
 def test_python_entry_rejects_bad_input():
     x = torch.randn(2, 3, 4, 4)
-    coefs, idx = torch.rand(5, NUM_COEFS), torch.tensor([0, 1])
+    coefs, idx = _table(5), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="x_t must be a float32"):
         reverse_step(x.half(), x, coefs, idx)
     with pytest.raises(ValueError, match="noise shape"):
@@ -319,6 +326,27 @@ def test_python_entry_rejects_bad_input():
     h1 = torch.zeros_like(x)
     with pytest.raises(ValueError, match="out must not be one of the history buffers"):
         reverse_step(x, x, coefs, idx, out=h1, history=(h1,))
+    with pytest.raises(ValueError, match=r"history\[0\] and history\[1\] are one buffer"):
+        reverse_step(x, x, _table(5, history=2), idx, history=(h1, h1.view_as(h1)))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "torch"])
+def test_rows_that_weigh_history_need_its_buffers(backend):
+    """A multistep row (coef_hist1/2 != 0) without the buffers it weighs is an error on every backend, not a
+    silently dropped term; rows that weigh nothing earlier need none (and rows not picked are not looked at)."""
+    if not _native_available("cpu", backend):
+        pytest.skip(f"{backend} backend not available here")
+    x = torch.randn(2, 3, 4, 4)
+    h1, h2 = torch.randn_like(x), torch.randn_like(x)
+    coefs = _table(4, history=2)
+    coefs[3, HIST1:HIST1 + 2] = 0  # a first step: nothing earlier yet
+    with ops.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"weigh h1 and h2 .* history holds 0 buffer"):
+            reverse_step(x, x, coefs, torch.tensor([3, 1]))
+        with pytest.raises(RuntimeError, match=r"weigh h2 .* history holds 1 buffer"):
+            reverse_step(x, x, coefs, torch.tensor([0, 3]), history=(h1,))
+        reverse_step(x, x, coefs, torch.tensor([3, 3]))
+        reverse_step(x, x, coefs, torch.tensor([0, 1]), history=(h1, h2))
 
 
 def test_backend_switch(monkeypatch):
@@ -337,12 +365,12 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setattr(ops.registry, "_TRITON_INTERPRET", False)
     x = torch.randn(1, 3, 4, 4)
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=triton cannot run"):
-        reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
+        reverse_step(x, x, _table(2), torch.tensor([0]))
     monkeypatch.setattr(ops.registry, "_C", None)
     with ops.use_backend("auto"):
         assert ops.backend_for("reverse_step", "cpu") == "torch"
     with ops.use_backend("native"), pytest.raises(RuntimeError, match="DDPM_FAST_BACKEND=native cannot run"):
-        reverse_step(x, x, torch.rand(2, NUM_COEFS), torch.tensor([0]))
+        reverse_step(x, x, _table(2), torch.tensor([0]))
 
 
 def test_backend_is_chosen_once_per_device_type(monkeypatch):

@@ -20,7 +20,8 @@ Noise z: a tensor, or a ``noise.NoiseKey`` (int64 device tensors [seed, step] an
 indices) from which every backend draws the project's Philox stream (ddpm_fast.noise) in the kernel:
 the same values on every backend, and nothing read back to the host, so a replayed graph draws fresh
 noise as the step counter advances. ``out`` may be x_t itself (each element is read before it is
-written). The row index is checked without a host read (an asynchronous assert on the device, an
+written); it may not be a history buffer. A row that weighs h1 or h2 without those buffers given is an
+error, not a dropped term. The row index is checked without a host read (an asynchronous assert on the device, an
 immediate error on the CPU) and again inside the kernels. The kernel backends run as the registered torch
 op ddpm_fast::reverse_step_, which declares what it writes (out, half_out, history), so torch.compile
 orders it correctly and a CUDA graph captures it.
@@ -44,6 +45,7 @@ except ImportError:
 COEF_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "coef_x0", "coef_xt", "coef_eps",
                 "sigma", "coef_hist1", "coef_hist2", "log_var_min", "log_var_max")
 SIGMA = COEF_COLUMNS.index("sigma")
+HIST1 = COEF_COLUMNS.index("coef_hist1")
 NUM_COEFS = len(COEF_COLUMNS)
 registry.register("reverse_step", {"cuda": ("native", "triton", "torch"), "cpu": ("native", "triton", "torch")})
 
@@ -218,6 +220,9 @@ def reverse_step(
     if out is not None and any(h is out or (not torch.compiler.is_compiling() and h.data_ptr() == out.data_ptr())
                                for h in history):
         raise ValueError("reverse_step: out must not be one of the history buffers (the step shifts them)")
+    if len(history) == 2 and (history[0] is history[1] or (not torch.compiler.is_compiling()
+                                                             and history[0].data_ptr() == history[1].data_ptr())):
+        raise ValueError("reverse_step: history[0] and history[1] are one buffer (the step shifts h1 into h2)")
     torch._assert_async(((index >= 0) & (index < coefs.shape[0])).all(),
                         f"reverse_step: index outside the coefficient table of {coefs.shape[0]} rows")
     backend = registry.backend_for("reverse_step", x_t.device)
@@ -237,6 +242,11 @@ def reverse_step(
 
     coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
     index = index.contiguous()  # kernels read it densely (callers may pass an expand)
+    if len(history) < 2:  # rows that weigh earlier predictions need their buffers: never drop those terms
+        hist = coefs[:, HIST1 + len(history):HIST1 + 2]
+        torch._assert_async((hist.index_select(0, index.clamp(0, coefs.shape[0] - 1)) == 0).all(),
+                            f"reverse_step: the table's rows weigh {'h1 and h2' if not history else 'h2'} (coef_hist "
+                            f"columns), but history holds {len(history)} buffer(s); pass them")
     z = None if key is not None else dense(noise, torch.float32)
     if backend == "torch":
         if key is not None:
