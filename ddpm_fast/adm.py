@@ -127,6 +127,17 @@ class ADMConfig:
         """openai's class-conditional models have no null label (no classifier-free guidance)."""
         return None
 
+    def budget_problem(self, fields: dict[str, object] | None = None) -> str | None:
+        """Why this U-Net cannot be built on this machine (see base.unet_budget_problem), naming ``fields``
+        (default: this config's own model_channels, channel_mult, num_res_blocks, image_size), or None."""
+        from ddpm_fast.base import unet_budget_problem
+
+        fields = fields or {"model_channels": self.model_channels, "channel_mult": list(self.channel_mult),
+                            "num_res_blocks": self.num_res_blocks, "image_size": self.image_size}
+        rates = [2**i for i in range(len(self.channel_mult))]
+        return unet_budget_problem([self.image_size // r for r in rates], self.level_channels, self.num_res_blocks,
+                                   [r in self.attention_ds for r in rates], self.temb_dim, fields)
+
     @property
     def level_channels(self) -> tuple[int, ...]:
         return tuple(int(m * self.model_channels) for m in self.channel_mult)
@@ -293,6 +304,9 @@ class ADMUNet(nn.Module):
         super().__init__()
         if not isinstance(config, ADMConfig):
             raise TypeError(f"ADMUNet needs an ADMConfig, got {type(config).__name__}")
+        problem = config.budget_problem()
+        if problem:
+            raise ValueError(f"ADMUNet: {problem}")
         self.config = cfg = config
         mc, temb, drop, ss = cfg.model_channels, cfg.temb_dim, cfg.dropout, cfg.use_scale_shift_norm
         self.time_embed = nn.Sequential(nn.Linear(mc, temb), nn.SiLU(), nn.Linear(temb, temb))

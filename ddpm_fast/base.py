@@ -23,3 +23,52 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a dense NHWC 4-D tensor, else contiguous_format (what kernels preserve)."""
     nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if nhwc else torch.contiguous_format
+
+
+# ---- what a U-Net config would cost, before anything is allocated -------------------------------------
+
+
+def machine_memory_bytes() -> int:
+    """This machine's physical memory (what a model built on it must fit in)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def unet_cost(resolutions, channels, num_res_blocks: int, attention, temb_dim: int) -> tuple[float, float]:
+    """(parameters, fp32 activation bytes of one image's forward) of a DDPM/ADM-shaped U-Net, estimated
+    within tens of percent from its levels (resolution, channels, attention?) alone: the down path's
+    ``num_res_blocks`` and the up path's ``num_res_blocks + 1`` ResBlocks (two 3x3 convs, a time projection,
+    the up path's skip-concatenated input), attention (4 c^2; scores (HW)^2), resampling convs, the middle;
+    activations: the skips the up path keeps, a few working tensors at full size, one attention score map."""
+    params = 1.25 * temb_dim * temb_dim  # the time MLP (ch -> temb_dim -> temb_dim, temb_dim = 4 ch)
+    act = 0.0
+    levels = len(channels)
+    for i, (res, c, attn) in enumerate(zip(resolutions, channels, attention, strict=True)):
+        c, res, a = float(c), float(res), 4.0 * c * c if attn else 0.0
+        params += num_res_blocks * (18 * c * c + temb_dim * c + a)  # down
+        params += (num_res_blocks + 1) * (29 * c * c + temb_dim * c + a)  # up: input c + skip
+        params += 18 * c * c if i < levels - 1 else 2 * (18 * c * c + temb_dim * c) + 4 * c * c  # resample / mid
+        act += 4.0 * res * res * c * (num_res_blocks + 2) + (4.0 * res**4 if attn else 0.0)
+    act += 4.0 * 6 * float(resolutions[0]) ** 2 * float(max(channels))
+    return params, act
+
+
+def unet_budget_problem(resolutions, channels, num_res_blocks: int, attention, temb_dim: int,
+                        fields: dict[str, object], memory: int | None = None) -> str | None:
+    """Why a U-Net of these levels cannot be built on this machine (its fp32 weights, or one image's
+    activations, above half its memory), naming ``fields`` (name -> value, as the user wrote them), or None."""
+    memory = memory or machine_memory_bytes()
+    params, act = unet_cost(resolutions, channels, num_res_blocks, attention, temb_dim)
+    names = list(fields)
+    if 4 * params > memory / 2:
+        what = " with ".join(f"{k} {fields[k]}" for k in names if k != names[-1]) or f"{names[-1]}"
+        return (f"{what} make about {params:.3g} parameters ({4 * params / 2**30:,.0f} GiB in fp32), over half of "
+                f"this machine's {memory / 2**30:.0f} GiB of memory; not built")
+    if act > memory / 2:
+        return (f"{names[-1]} {fields[names[-1]]} needs about {act / 2**30:,.0f} GiB of activations for one image, "
+                f"over half of this machine's {memory / 2**30:.0f} GiB of memory; not built")
+    return None

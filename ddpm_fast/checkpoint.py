@@ -106,7 +106,11 @@ def from_diffusers_config(d: dict, source: str = "config") -> UNetConfig:
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if key not in d:
             fail(f"missing key {key!r}")
-    chans = list(d["block_out_channels"])
+    chans = d["block_out_channels"]
+    if not isinstance(chans, (list, tuple)) or not chans or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
+        fail(f"block_out_channels must be a non-empty list of positive integers, got {chans!r}")
+    chans = list(chans)
     ch = chans[0]
     if any(c % ch for c in chans):
         fail(f"block_out_channels {chans} are not multiples of the first")
@@ -131,12 +135,14 @@ def from_diffusers_config(d: dict, source: str = "config") -> UNetConfig:
         if len(set(sample)) != 1:
             fail(f"non-square sample_size {sample} is not supported")
         sample = sample[0]
+    if isinstance(sample, bool) or not isinstance(sample, int):
+        fail(f"sample_size must be an integer, got {sample!r}")
     n_cls = d.get("num_class_embeds")
     # Learned variance: eps and v, twice the input's channels (diffusers' learned_range models are shaped so).
     in_ch, out_ch = d.get("in_channels", 3), d.get("out_channels", 3)
     learn_sigma = isinstance(in_ch, int) and isinstance(out_ch, int) and out_ch == 2 * in_ch
     try:
-        return UNetConfig(
+        cfg = UNetConfig(
             sample_size=int(sample),
             in_channels=in_ch,
             out_channels=in_ch if learn_sigma else out_ch,
@@ -154,8 +160,13 @@ def from_diffusers_config(d: dict, source: str = "config") -> UNetConfig:
             attention_head_dim=d.get("attention_head_dim"),
             num_classes=None if n_cls is None else n_cls - 1,
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         fail(str(exc))
+    problem = cfg.budget_problem({"block_out_channels": chans, "layers_per_block": cfg.num_res_blocks,
+                                  "sample_size": cfg.sample_size})
+    if problem:
+        fail(problem)
+    return cfg
 
 
 # ---- key layouts --------------------------------------------------------------------------------

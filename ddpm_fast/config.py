@@ -93,6 +93,16 @@ class UNetConfig:
         if errors:
             raise ValueError("invalid UNetConfig: " + "; ".join(errors))
 
+    def budget_problem(self, fields: dict[str, object] | None = None) -> str | None:
+        """Why this U-Net cannot be built on this machine (see base.unet_budget_problem), naming ``fields``
+        (default: this config's own ch, ch_mult, num_res_blocks, sample_size), or None."""
+        from ddpm_fast.base import unet_budget_problem
+
+        fields = fields or {"ch": self.ch, "ch_mult": list(self.ch_mult), "num_res_blocks": self.num_res_blocks,
+                            "sample_size": self.sample_size}
+        return unet_budget_problem(self.resolutions, [self.ch * m for m in self.ch_mult], self.num_res_blocks,
+                                   [r in self.attn_resolutions for r in self.resolutions], self.temb_dim, fields)
+
     @property
     def resolutions(self) -> tuple[int, ...]:
         return tuple(self.sample_size // 2**i for i in range(len(self.ch_mult)))

@@ -252,6 +252,10 @@ def config_from_flags(flags, repo: str = "guided-diffusion") -> tuple[ADMConfig,
             timestep_scale=1000.0 / steps if v["rescale_timesteps"] else 1.0)
     except ValueError as exc:
         raise ValueError(f"{repo} flags: {exc}") from None
+    problem = config.budget_problem({"--num_channels": v["num_channels"], "--channel_mult": list(mult),
+                                     "--num_res_blocks": v["num_res_blocks"], "--image_size": size})
+    if problem:
+        raise ValueError(f"{repo} flags: {problem}")
     return config, schedule
 
 

@@ -224,6 +224,9 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading"
     return ts
 
 
+MAX_TIMESTEPS = 1_000_000  # diffusion processes use 1000 to 4000; each table costs 8 bytes a step
+
+
 def _check_steps(n) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"number of timesteps must be a positive int, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be a positive int of at most {MAX_TIMESTEPS:,}, got {n!r}")

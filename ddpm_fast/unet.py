@@ -240,6 +240,9 @@ class UNet(nn.Module):
         super().__init__()
         if not isinstance(config, UNetConfig):
             raise TypeError(f"UNet needs a UNetConfig, got {type(config).__name__}")
+        problem = config.budget_problem()
+        if problem:
+            raise ValueError(f"UNet: {problem}")
         self.config = cfg = config
         ch, groups, eps, temb = cfg.ch, cfg.num_groups, cfg.norm_eps, cfg.temb_dim
         chans = [ch * m for m in cfg.ch_mult]

@@ -355,3 +355,60 @@ def test_a_failed_run_leaves_no_empty_out(tmp_path, capsys):
     kept.mkdir()
     assert sample_cli.main(["--class-label", "99", "--no-progress", "--out", str(kept)]) == 2
     assert kept.is_dir() and not list(kept.iterdir())
+
+
+# ---- sizes are checked before anything is allocated ---------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"block_out_channels": [10**9, 2 * 10**9]}, "block_out_channels [1000000000, 2000000000] with layers_per_block 1 "
+                                                 "make about"),
+    ({"layers_per_block": 100000}, "block_out_channels [16, 32] with layers_per_block 100000 make about"),
+    ({"sample_size": 65536}, "sample_size 65536 needs about"),
+    ({"block_out_channels": []}, "block_out_channels must be a non-empty list of positive integers, got []"),
+    ({"block_out_channels": [0, 0]}, "block_out_channels must be a non-empty list of positive integers, got [0, 0]"),
+    ({"sample_size": "x"}, "sample_size must be an integer, got 'x'"),
+])
+def test_config_sizes_are_checked_before_allocation(tmp_path, capsys, monkeypatch, edit, message):
+    """An edited config.json: one line naming the field, exit 2, before any weight is allocated (the machine's
+    memory is pinned to 16 GiB so the verdict does not depend on the machine running the test)."""
+    import json
+
+    from ddpm_fast import base
+
+    monkeypatch.setattr(base, "machine_memory_bytes", lambda: 16 << 30)
+    path = tmp_path / "model"
+    save_pretrained(UNet(UNetConfig.from_name("tiny")), path, schedule=NoiseSchedule.linear(20))
+    cfg = json.loads((path / "config.json").read_text())
+    atomic_write_json(str(path / "config.json"), {**cfg, **edit})
+    allocated = []
+    monkeypatch.setattr(UNet, "__init__", lambda *a, **k: allocated.append(1) or pytest.fail("a UNet was built"))
+    assert sample_cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"config.json: {message}" in err, err
+    assert not allocated and not (tmp_path / "o").exists()
+
+
+def test_model_budget_by_api_and_flags_and_timesteps(monkeypatch):
+    from ddpm_fast import base
+    from ddpm_fast.adm import ADMConfig, ADMUNet
+    from ddpm_fast.openai import config_from_flags
+
+    monkeypatch.setattr(base, "machine_memory_bytes", lambda: 16 << 30)
+    with pytest.raises(ValueError, match=r"UNet: ch 4096 with ch_mult \[1, 2\] with num_res_blocks 1 make about"):
+        UNet(UNetConfig.from_name("tiny", ch=4096, num_groups=4))
+    with pytest.raises(ValueError, match=r"ADMUNet: image_size 65536 needs about"):
+        ADMUNet(ADMConfig(image_size=65536, model_channels=32, channel_mult=(1, 2), attention_ds=(2,)))
+    with pytest.raises(ValueError, match=r"--num_channels 100000 with .* make about"):
+        config_from_flags("--num_channels 100000 --image_size 64", "guided-diffusion")
+    for n in (0, 10**9, 2.0):
+        with pytest.raises(ValueError, match="num_train_timesteps must be a positive int of at most 1,000,000"):
+            NoiseSchedule.linear(n)
+    # The real presets fit (the estimate is within a few percent of the true counts).
+    for name in ("cifar10", "celebahq256"):
+        cfg = UNetConfig.from_name(name)
+        est, _ = base.unet_cost(cfg.resolutions, [cfg.ch * m for m in cfg.ch_mult], cfg.num_res_blocks,
+                                [r in cfg.attn_resolutions for r in cfg.resolutions], cfg.temb_dim)
+        with torch.device("meta"):
+            real = sum(p.numel() for p in UNet(cfg).parameters())
+        assert abs(est / real - 1) < 0.05 and cfg.budget_problem() is None
