@@ -8,11 +8,15 @@
 (b) Throughput of the full bound (all T = 1000 terms): bits_per_dim, (image, t) pairs batched per forward, on
     the fp32 reference model and on its fast path (what --fp16 runs on this device), against an eager loop
     over t as improved-diffusion's calc_bpd_loop runs it (one forward per t over the batch of images, the
-    reference model), same device, same noise.
+    reference model), same device, same noise; on the embedded model and on the cifar10 preset (35.7M
+    parameters, random weights: the cost does not depend on them).
+(c) How close --estimate K comes to the full bound: K = 50 and 200 against all 1000 terms on 16 digits, the
+    same noise; the error relative to the bound and in units of the estimate's own standard error.
 
 extra_info carries every number. DDPM_FAST_LIKELIHOOD=full is the recorded run (100 images per kind, K=50;
-the throughput on the embedded model, 4 images, 2 interleaved rounds; minutes on 2 CPU cores). By default (CI) a
-quick pass checks the harness: 12 images per kind, K=20, and the throughput on a small random model with T=100.
+the throughput on the embedded model, 4 images, 2 interleaved rounds, and on the cifar10 preset, 1 image, 1 round;
+the estimate on 16 digits at K = 50 and 200; about 15 minutes on 2 CPU cores). By default (CI) a quick pass checks
+the harness: 12 images per kind, K=20, the throughput on small random models with T=100, K = 20 and 50.
 """
 
 import os
@@ -89,17 +93,34 @@ def test_anomaly_scoring_auroc(benchmark, embedded):
     assert all(torch.isfinite(v).all() for v in scores.values())
 
 
-def test_bound_throughput_batched_vs_eager_loop(benchmark, embedded):
-    if FULL:
-        model, schedule = embedded
-    else:  # the harness check: a small random conditional model and a short schedule
-        from ddpm_fast import NoiseSchedule, UNet, UNetConfig
+def _throughput_model(which: str, embedded):
+    """(model, schedule, x0, class label for the eager loop's null label): the embedded digits model or the
+    cifar10 preset (random weights, T = 1000); in the quick pass small random stand-ins with T = 100."""
+    from ddpm_fast import NoiseSchedule, UNet, UNetConfig
 
-        torch.manual_seed(0)
-        model = UNet(UNetConfig.from_name("digits", ch=16, num_groups=4)).eval()
-        schedule = NoiseSchedule.linear(100)
-    x0 = to_model_range(load_digits(16).images[:N_THROUGHPUT], "cpu")
+    torch.manual_seed(0)
+    if which == "embedded":
+        model, schedule = embedded
+        if not FULL:
+            model = UNet(UNetConfig.from_name("digits", ch=16, num_groups=4)).eval()
+            schedule = NoiseSchedule.linear(100)
+        return model, schedule, to_model_range(load_digits(16).images[:N_THROUGHPUT], "cpu")
+    cfg = UNetConfig.from_name("cifar10") if FULL else UNetConfig.from_name("cifar10", ch=32, ch_mult=(1, 2))
+    model = UNet(cfg).eval()
+    schedule = NoiseSchedule.linear(1000 if FULL else 100)
+    x0 = torch.randint(0, 256, (N_CIFAR, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
+    return model, schedule, x0
+
+
+N_CIFAR = 1 if FULL else 2
+
+
+@pytest.mark.parametrize("which", ["embedded", "cifar10"])
+def test_bound_throughput_batched_vs_eager_loop(benchmark, embedded, which):
+    model, schedule, x0 = _throughput_model(which, embedded)
     n, big_t = x0.shape[0], len(schedule)
+    labels = None if not model.config.num_classes else torch.full((n,), model.config.num_classes)
+    rounds = ROUNDS if which == "embedded" else 1
 
     def eager():
         """improved-diffusion's calc_bpd_loop: for each t (T-1 .. 0), one forward over the batch of images."""
@@ -110,11 +131,13 @@ def test_bound_throughput_batched_vs_eager_loop(benchmark, embedded):
                 z = normal(counter, torch.arange(n), x0[0].numel(), BOUND_STREAM, steps=ts).view(x0.shape)
                 x_t = schedule.sqrt_alphas_cumprod[t].float() * x0 + \
                     schedule.sqrt_one_minus_alphas_cumprod[t].float() * z
-                total = total + vb_terms_bpd(model, schedule, x0, x_t, ts, class_labels=torch.full((n,), 10))
+                total = total + vb_terms_bpd(model, schedule, x0, x_t, ts, class_labels=labels)
         return total
 
+    batch = 1000 if which == "embedded" else 64
+
     def batched():
-        return bits_per_dim(model, schedule, x0, seed=0, batch_size=1000).total_bpd
+        return bits_per_dim(model, schedule, x0, seed=0, batch_size=batch).total_bpd
 
     from ddpm_fast import ops
 
@@ -122,22 +145,54 @@ def test_bound_throughput_batched_vs_eager_loop(benchmark, embedded):
     fast = model.to_fast(fast_dtype)
 
     def batched_fast():
-        return bits_per_dim(fast, schedule, x0, seed=0, batch_size=1000).total_bpd
+        return bits_per_dim(fast, schedule, x0, seed=0, batch_size=batch).total_bpd
 
     providers = (("eager_loop", eager), ("batched", batched), ("batched_fast", batched_fast))
     times = {name: [] for name, _ in providers}
     results = {}
-    for _ in range(ROUNDS):  # interleaved rounds: the machine's noise hits all alike
+    for _ in range(rounds):  # interleaved rounds: the machine's noise hits all alike
         for name, fn in providers:
             start = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - start)
-    benchmark.pedantic(batched_fast, rounds=1, iterations=1)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the timings are the interleaved rounds above
     torch.testing.assert_close(results["batched"], results["eager_loop"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results["batched_fast"], results["eager_loop"], rtol=2e-2, atol=1e-2)
     best = {k: min(v) for k, v in times.items()}
-    record(benchmark, images=n, timesteps=big_t, fast_dtype=str(fast_dtype).replace("torch.", ""),
-           rounds=len(times["batched"]), **{f"{k}_images_per_s": n / v for k, v in best.items()},
+    record(benchmark, model=which, images=n, timesteps=big_t, batch=batch,
+           fast_dtype=str(fast_dtype).replace("torch.", ""), rounds=rounds,
+           **{f"{k}_seconds": v for k, v in best.items()},
+           **{f"{k}_images_per_s": n / v for k, v in best.items()},
            speedup_batched=best["eager_loop"] / best["batched"],
            speedup_batched_fast=best["eager_loop"] / best["batched_fast"])
-    print({k: [round(s, 2) for s in v] for k, v in times.items()})
+    print(which, {k: [round(s, 2) for s in v] for k, v in times.items()})
+
+
+def test_estimate_against_the_full_bound(benchmark, embedded):
+    """--estimate K (t = 0 and K - 1 strata) against the full bound on the same images and noise: the error
+    per image, relative to the bound, and in units of the estimate's own standard error."""
+    from ddpm_fast import ops
+
+    model, schedule = embedded
+    fast = model.to_fast(torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32)
+    n = 16 if FULL else 4
+    x0 = to_model_range(load_digits(16).images[100:100 + n], "cpu")
+    ks = (50, 200) if FULL else (20, 50)
+    info = {}
+
+    def run():
+        full = bits_per_dim(fast, schedule, x0, seed=0, batch_size=1000).total_bpd
+        for k in ks:
+            est = bits_per_dim(fast, schedule, x0, seed=0, batch_size=1000, estimate=k)
+            err = est.total_bpd - full
+            info[f"k{k}_mean_abs_rel_error"] = float((err.abs() / full).mean())
+            info[f"k{k}_max_abs_rel_error"] = float((err.abs() / full).max())
+            info[f"k{k}_mean_stderr_rel"] = float((est.stderr / full).mean())
+            info[f"k{k}_within_2se"] = float((err.abs() <= 2 * est.stderr).float().mean())
+            info[f"k{k}_mean_error_bpd"] = float(err.mean())
+        info["full_mean_bpd"] = float(full.mean())
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, images=n, timesteps=len(schedule), **info)
+    print(info)
+    assert all(np.isfinite(v) for v in info.values())

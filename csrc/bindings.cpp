@@ -14,6 +14,8 @@ void register_sampling_loop(pybind11::module_& m);
 at::Tensor group_norm_silu_cpu(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
                                double, bool);
 at::Tensor residual_add_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&);
+at::Tensor vb_terms_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, bool, const OptTensor&);
 
 at::Tensor reverse_step(const at::Tensor& x, const at::Tensor& eps, const OptTensor& eps_uncond,
                         const at::Tensor& coefs, const at::Tensor& index, const OptTensor& noise,
@@ -50,6 +52,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("residual_add", &ddpm_fast::residual_add_cpu,
         "y + skip + bias[c] on the CPU (fp32 arithmetic; y and skip of one dtype and memory format)", py::arg("y"),
         py::arg("skip"), py::arg("bias"));
+  m.def("vb_terms", &ddpm_fast::vb_terms_cpu,
+        "per (image, t) row: the variational bound's term in bits/dim (KL, or the discretized decoder NLL at t = 0), "
+        "the eps MSE and the x_0 MSE, as (N, 3) float32 (CPU)",
+        py::arg("x_start"), py::arg("x_t"), py::arg("eps"), py::arg("noise"), py::arg("table"), py::arg("t"),
+        py::arg("clip_denoised"), py::arg("v") = py::none());
   m.def("with_cuda", []() {
 #ifdef DDPM_FAST_WITH_CUDA
     return true;

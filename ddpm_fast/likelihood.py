@@ -17,73 +17,61 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast.ops.vb_terms import (  # noqa: F401 (the reference formulas, re-exported)
+    VB_COLUMNS,
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    vb_terms,
+    vb_terms_ref,
+)
 from ddpm_fast.schedule import NoiseSchedule
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of the standard normal CDF (the one the published bounds use)."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-    """log P(x) for x on the 8-bit grid rescaled to [-1, 1] (bins of width 2/255; the end bins reach to
-    +-infinity), under N(means, exp(log_scales)^2); elementwise, in nats."""
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def _at(schedule: NoiseSchedule, name: str, t: torch.Tensor) -> torch.Tensor:
     return schedule.device_table(name, t.device)[t].view(-1, 1, 1, 1)
 
 
-def model_log_variance(schedule: NoiseSchedule, t: torch.Tensor, variance: str, v: torch.Tensor | None = None):
-    """log sigma_t^2 of the reverse process (see the module docstring); (N, 1, 1, 1), or per element with v."""
+def vb_table(schedule: NoiseSchedule, variance: str, device=None) -> torch.Tensor:
+    """The (T, 8) fp32 table of the fused vb_terms op (columns ops.VB_COLUMNS) for ``variance``, built from
+    the schedule's float64 tables and cast once; cached per (variance, device)."""
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
-    if variance == "learned_range":
-        if v is None:
-            raise ValueError("variance 'learned_range' needs the model's v (its second output half)")
-        frac = (v.float() + 1.0) / 2.0
-        return frac * _at(schedule, "log_betas", t) + (1.0 - frac) * _at(schedule, "posterior_log_variance_clipped", t)
-    if variance == "fixed_large":
-        return _at(schedule, "log_betas_large", t)
-    return _at(schedule, "posterior_log_variance_clipped", t)
+    device = torch.device(device or "cpu")
+    cache = schedule._device_tables  # the schedule's per-device table cache
+    key = ("vb_terms table, " + variance, str(device))
+    if key not in cache:
+        fixed = "log_betas_large" if variance == "fixed_large" else "posterior_log_variance_clipped"
+        cols = {"sqrt_recip_alphas_cumprod": "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod": "sqrt_recipm1_alphas_cumprod",
+                "posterior_mean_coef1": "posterior_mean_coef1", "posterior_mean_coef2": "posterior_mean_coef2",
+                "true_log_variance": "posterior_log_variance_clipped", "model_log_variance": fixed,
+                "log_var_min": "posterior_log_variance_clipped", "log_var_max": "log_betas"}
+        table = torch.stack([getattr(schedule, cols[c]) for c in VB_COLUMNS], dim=1)
+        cache[key] = table.to(device=device, dtype=torch.float32).contiguous()
+    return cache[key]
+
+
+def _split(model_output: torch.Tensor, channels: int):
+    """eps and, for a learned-sigma output (2C channels), v."""
+    eps = model_output[:, :channels]
+    return eps, model_output[:, channels:] if model_output.shape[1] == 2 * channels else None
 
 
 def vb_terms_from_output(schedule: NoiseSchedule, model_output: torch.Tensor, x_start: torch.Tensor,
                          x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
                          variance: str = "fixed_large") -> torch.Tensor:
     """The bound's term at t per image, in bits/dim, from the model's output at (x_t, t): eps (C channels) or
-    eps and v (2C, needed by learned_range)."""
-    c = x_t.shape[1]
-    eps = model_output[:, :c].float()
-    v = model_output[:, c:] if model_output.shape[1] == 2 * c else None
-    x_start, x_t = x_start.float(), x_t.float()
-    a, b = _at(schedule, "sqrt_recip_alphas_cumprod", t), _at(schedule, "sqrt_recipm1_alphas_cumprod", t)
-    pred_x0 = a * x_t - b * eps
-    if clip_denoised:
-        pred_x0 = pred_x0.clamp(-1.0, 1.0)
-    coef1, coef2 = _at(schedule, "posterior_mean_coef1", t), _at(schedule, "posterior_mean_coef2", t)
-    model_mean = coef1 * pred_x0 + coef2 * x_t
-    log_var = model_log_variance(schedule, t, variance, v).expand_as(model_mean)
-    true_mean = coef1 * x_start + coef2 * x_t
-    true_log_var = _at(schedule, "posterior_log_variance_clipped", t)
-    kl = normal_kl(true_mean, true_log_var, model_mean, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
-    nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
-    return torch.where(t == 0, nll, kl)
+    eps and v (2C, needed by learned_range). The torch reference (autograd flows: the hybrid loss uses it)."""
+    eps, v = _split(model_output, x_t.shape[1])
+    if variance == "learned_range" and v is None:
+        raise ValueError("variance 'learned_range' needs the model's v (its second output half)")
+    table = vb_table(schedule, variance, x_t.device)
+    noise = torch.zeros_like(x_t, dtype=torch.float32)  # the mse columns are not asked for here
+    return vb_terms_ref(x_start.float(), x_t.float(), eps, noise, table, t, clip_denoised,
+                        v if variance == "learned_range" else None)[:, 0]
 
 
 def default_variance(model, schedule: NoiseSchedule) -> str:
@@ -202,6 +190,7 @@ def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed:
     per_image = x_start[0].numel()
     counter = torch.tensor([seed, 0], dtype=torch.int64, device=device)
     a_bar = schedule.device_table("sqrt_alphas_cumprod", device)
+    table, learned = vb_table(schedule, variance, device), variance == "learned_range"
     s_bar = schedule.device_table("sqrt_one_minus_alphas_cumprod", device)
     for start in range(0, n * k, batch_size):
         idx, t = rows_image[start:start + batch_size].to(device), rows_t[start:start + batch_size].to(device)
@@ -209,15 +198,9 @@ def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed:
         noise = normal(counter, images.to(device)[idx], per_image, BOUND_STREAM, steps=t).view(x0.shape)
         x_t = a_bar[t].view(-1, 1, 1, 1) * x0 + s_bar[t].view(-1, 1, 1, 1) * noise
         out = model(x_t, t, None if labels is None else labels[idx])
-        c = x0.shape[1]
-        eps = out[:, :c].float()
-        vb[start:start + len(idx)] = vb_terms_from_output(schedule, out, x0, x_t, t, clip_denoised, variance)
-        mse[start:start + len(idx)] = (eps - noise).square().mean(dim=(1, 2, 3))
-        a, b = _at(schedule, "sqrt_recip_alphas_cumprod", t), _at(schedule, "sqrt_recipm1_alphas_cumprod", t)
-        pred = a * x_t - b * eps
-        if clip_denoised:
-            pred = pred.clamp(-1.0, 1.0)
-        xmse[start:start + len(idx)] = (pred - x0).square().mean(dim=(1, 2, 3))
+        eps, v = _split(out, x0.shape[1])
+        terms = vb_terms(x0, x_t, eps, noise, table, t, clip_denoised, v if learned else None)  # one fused pass
+        vb[start:start + len(idx)], mse[start:start + len(idx)], xmse[start:start + len(idx)] = terms.unbind(1)
         if progress is not None:
             progress(len(idx))
     vb, mse, xmse = (v.view(n, k) for v in (vb, mse, xmse))

@@ -28,11 +28,13 @@ from ddpm_fast.ops.registry import (
 )
 from ddpm_fast.ops.residual_add import residual_add, residual_add_ref
 from ddpm_fast.ops.reverse_step import COEF_COLUMNS, reverse_step, reverse_step_ref
+from ddpm_fast.ops.vb_terms import VB_COLUMNS, vb_terms, vb_terms_ref
 
 __all__ = [
     "ALIASES",
     "BACKENDS",
     "COEF_COLUMNS",
+    "VB_COLUMNS",
     "backend_for",
     "backend_unavailable_reason",
     "cpu_has_native_bf16",
@@ -55,4 +57,6 @@ __all__ = [
     "triton_available",
     "triton_interpreting",
     "use_backend",
+    "vb_terms",
+    "vb_terms_ref",
 ]
