@@ -148,10 +148,76 @@ def _estimate_timesteps(num_timesteps: int, k: int, seed: int, images: torch.Ten
     return torch.tensor(rows, dtype=torch.int64)
 
 
+class BoundRows:
+    """The batched bound's inner step: (image, t) rows in, their (rows, 3) terms [vb bits/dim, mse, xstart_mse]
+    out: Philox noise keyed by (seed, image, t), x_t, one forward, the fused vb_terms. It makes no device->host
+    read, so a CUDA graph can capture it over static row buffers (``graph_rows``)."""
+
+    def __init__(self, model, schedule: NoiseSchedule, x_start: torch.Tensor, images: torch.Tensor, labels, seed: int,
+                 clip_denoised: bool, variance: str):
+        device = x_start.device
+        self.model, self.x_start, self.labels, self.clip = model, x_start, labels, clip_denoised
+        self.images = images.to(device)
+        self.counter = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+        self.a_bar = schedule.device_table("sqrt_alphas_cumprod", device)
+        self.s_bar = schedule.device_table("sqrt_one_minus_alphas_cumprod", device)
+        self.table, self.learned = vb_table(schedule, variance, device), variance == "learned_range"
+
+    def __call__(self, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from ddpm_fast.noise import BOUND_STREAM, normal
+
+        x0 = self.x_start[idx]
+        noise = normal(self.counter, self.images[idx], x0[0].numel(), BOUND_STREAM, steps=t).view(x0.shape)
+        x_t = self.a_bar[t].view(-1, 1, 1, 1) * x0 + self.s_bar[t].view(-1, 1, 1, 1) * noise
+        out = self.model(x_t, t, None if self.labels is None else self.labels[idx])
+        eps, v = _split(out, x0.shape[1])
+        return vb_terms(x0, x_t, eps, noise, self.table, t, self.clip, v if self.learned else None)
+
+
+class GraphRows:
+    """``BoundRows`` at a fixed batch over static (image, t) buffers: on a GPU captured once into a CUDA graph and
+    replayed per batch (the rows copied in; a short last batch padded with its first row); on a CPU the same
+    buffers and padding, run eagerly (what the captured graph computes)."""
+
+    def __init__(self, rows: BoundRows, batch: int):
+        device = rows.x_start.device
+        self.rows, self.batch = rows, batch
+        self.idx = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.t = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.out = torch.zeros(batch, 3, dtype=torch.float32, device=device)
+        self.graph = None
+        if device.type == "cuda":
+            side = torch.cuda.Stream(device)  # warm up (Triton compiles, cuDNN picks), then capture one batch
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+
+    def step(self) -> None:
+        self.out.copy_(self.rows(self.idx, self.t))
+
+    def __call__(self, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        k = len(idx)
+        self.idx[:k].copy_(idx)
+        self.t[:k].copy_(t)
+        if k < self.batch:  # padding rows: valid indices, results dropped
+            self.idx[k:].copy_(idx[:1].expand(self.batch - k))
+            self.t[k:].copy_(t[:1].expand(self.batch - k))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+        return self.out[:k].clone()
+
+
 @torch.no_grad()
 def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed: int = 0, class_labels=None,
                  clip_denoised: bool = True, variance: str | None = None, image_index=0, batch_size: int = 64,
-                 estimate: int | None = None, progress=None) -> Bound:
+                 estimate: int | None = None, progress=None, engine: str = "eager") -> Bound:
     """The variational bound of each image of ``x_start`` (float NCHW in [-1, 1], on the 8-bit grid).
 
     Every (image, t) pair is one row of a batched forward (``batch_size`` rows per call, any mix of images and
@@ -159,15 +225,19 @@ def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed:
     bound does not depend on the batch it sits in (k = ``image_index`` + its place, or ``image_index[i]``).
     ``estimate`` K: one t per stratum of T/K steps instead of all T, an unbiased estimate of the sum
     (sum_k |stratum_k| L_{t_k}) with its standard error from collapsed pairs of strata. ``progress``: a
-    callback given the number of rows done after each forward.
+    callback given the number of rows done after each forward. ``engine="graph"``: each batch is a replay of
+    one captured CUDA graph (on a GPU; the fast path's model, fixed shapes); on a CPU the same static-buffer
+    loop runs eagerly. Both give the eager loop's numbers.
     """
     from ddpm_fast.config import conditioning_labels
-    from ddpm_fast.noise import BOUND_STREAM, check_seed, normal
+    from ddpm_fast.noise import check_seed
 
     if not torch.is_tensor(x_start) or x_start.dim() != 4 or not x_start.is_floating_point():
         raise ValueError("bits_per_dim: x_start must be a floating (N, C, H, W) tensor in [-1, 1]")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"bits_per_dim: batch_size must be a positive int, got {batch_size!r}")
+    if engine not in ("eager", "graph"):
+        raise ValueError(f"bits_per_dim: engine must be 'eager' or 'graph', got {engine!r}")
     seed = check_seed(seed)
     variance = variance or default_variance(model, schedule)
     device = next(model.parameters()).device
@@ -185,25 +255,16 @@ def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed:
     k = timesteps.shape[1]
     rows_image = torch.arange(n).repeat_interleave(k)
     rows_t = timesteps.reshape(-1)
-    vb = torch.empty(n * k, dtype=torch.float32, device=device)
-    mse, xmse = torch.empty_like(vb), torch.empty_like(vb)
-    per_image = x_start[0].numel()
-    counter = torch.tensor([seed, 0], dtype=torch.int64, device=device)
-    a_bar = schedule.device_table("sqrt_alphas_cumprod", device)
-    table, learned = vb_table(schedule, variance, device), variance == "learned_range"
-    s_bar = schedule.device_table("sqrt_one_minus_alphas_cumprod", device)
+    terms = torch.empty(n * k, 3, dtype=torch.float32, device=device)
+    rows = BoundRows(model, schedule, x_start, images, labels, seed, clip_denoised, variance)
+    if engine == "graph":
+        rows = GraphRows(rows, min(batch_size, n * k))
     for start in range(0, n * k, batch_size):
         idx, t = rows_image[start:start + batch_size].to(device), rows_t[start:start + batch_size].to(device)
-        x0 = x_start[idx]
-        noise = normal(counter, images.to(device)[idx], per_image, BOUND_STREAM, steps=t).view(x0.shape)
-        x_t = a_bar[t].view(-1, 1, 1, 1) * x0 + s_bar[t].view(-1, 1, 1, 1) * noise
-        out = model(x_t, t, None if labels is None else labels[idx])
-        eps, v = _split(out, x0.shape[1])
-        terms = vb_terms(x0, x_t, eps, noise, table, t, clip_denoised, v if learned else None)  # one fused pass
-        vb[start:start + len(idx)], mse[start:start + len(idx)], xmse[start:start + len(idx)] = terms.unbind(1)
+        terms[start:start + len(idx)] = rows(idx, t)
         if progress is not None:
             progress(len(idx))
-    vb, mse, xmse = (v.view(n, k) for v in (vb, mse, xmse))
+    vb, mse, xmse = (v.view(n, k) for v in terms.unbind(1))
     prior = prior_bpd(schedule, x_start)
     if estimate is None:
         total, stderr = vb.sum(1) + prior, torch.zeros_like(prior)

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-conditional models: the bound given each image's label from --data (default: "
                         "the null label, i.e. the unconditional likelihood)")
     p.add_argument("--fp16", action="store_true", help="the fast path (as ddpm_fast.sample --fp16)")
+    p.add_argument("--engine", choices=["eager", "graph"], default="eager",
+                   help="graph: each batch of (image, t) pairs is a replay of one captured CUDA graph (on a GPU; "
+                        "on a CPU the same loop runs eagerly)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", default="nll", help="output folder")
     p.add_argument("--no-progress", action="store_true")
@@ -119,7 +122,8 @@ def _run(args, dist_ctx) -> dict | None:
         x0 = to_model_range(_images_8bit(data, part, notes), dist_ctx.device)
         labels = None if labels_all is None else labels_all[part]
         bound = bits_per_dim(model, schedule, x0, seed=args.seed, class_labels=labels, variance=variance,
-                             image_index=part, batch_size=args.batch_size, estimate=args.estimate)
+                             image_index=part, batch_size=args.batch_size, estimate=args.estimate,
+                             engine=args.engine)
         if not bool(torch.isfinite(bound.total_bpd).all()):
             k = int(part[~torch.isfinite(bound.total_bpd)][0])
             raise ValueError(f"the bound of image {k} is not finite; check the checkpoint's weights; nothing was "

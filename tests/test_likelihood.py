@@ -191,6 +191,12 @@ def test_nll_cli_writes_the_table_and_the_plot(tmp_path, capsys):
     assert [line.split(",")[:2] for line in lines[1:]] == [["0", "0"], ["1", "1"], ["2", "2"]]
     assert all(0 < float(line.split(",")[2]) < 20 for line in lines[1:])
     assert (out / "terms.png").stat().st_size > 1000
+    graph = tmp_path / "graph"
+    assert nll_cli.main(["--data", "digits", "--num-images", "3", "--estimate", "10", "--out", str(graph),
+                         "--no-progress", "--engine", "graph", "--batch-size", "7"]) == 0
+    got = [[float(v) for v in line.split(",")[2:]] for line in (graph / "bpd.csv").read_text().splitlines()[1:]]
+    want = [[float(v) for v in line.split(",")[2:]] for line in lines[1:]]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -121,3 +121,61 @@ def test_bits_per_dim_is_the_same_on_every_backend(backend):
         got = bits_per_dim(model, schedule, x, seed=3, batch_size=7)
     for name in ("total_bpd", "vb", "mse", "xstart_mse"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=2e-5, atol=2e-6, msg=name)
+
+
+# ---- the graph engine's form of the bound --------------------------------------------------------------
+
+
+def _bound_model(learn_sigma):
+    from conftest import randomize_
+
+    from ddpm_fast import UNet, UNetConfig
+
+    cfg = UNetConfig.from_name("tiny", learn_sigma=learn_sigma, num_classes=3)
+    return randomize_(UNet(cfg).eval(), 0.05)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_graph_rows_give_the_eager_bound(learn_sigma):
+    """engine="graph": static row buffers, a short last batch padded (on a GPU each batch is one graph replay; on
+    a CPU the same buffers run eagerly): the eager loop's numbers."""
+    model = _bound_model(learn_sigma).to_fast(torch.float32)
+    schedule = NoiseSchedule.linear(10)
+    x = torch.randint(0, 256, (3, 3, 8, 8), generator=torch.Generator().manual_seed(2)).float() / 127.5 - 1
+    labels = torch.tensor([0, 2, 1])
+    want = bits_per_dim(model, schedule, x, seed=5, class_labels=labels, batch_size=7)  # 30 rows: 4 + 2 padded
+    got = bits_per_dim(model, schedule, x, seed=5, class_labels=labels, batch_size=7, engine="graph")
+    for name in ("total_bpd", "vb", "mse", "xstart_mse"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="engine must be 'eager' or 'graph'"):
+        bits_per_dim(model, schedule, x, engine="cuda")
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_the_captured_bound_step_makes_no_host_read(learn_sigma):
+    """What a CUDA graph captures (GraphRows.step: noise, x_t, the fast-path forward, vb_terms) reads nothing
+    back to the host."""
+    from host_sync import no_host_sync
+
+    from ddpm_fast.likelihood import BoundRows, GraphRows
+
+    model = _bound_model(learn_sigma).to_fast(torch.float32)
+    schedule = NoiseSchedule.linear(10)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    rows = BoundRows(model, schedule, x, torch.arange(2), torch.tensor([1, 3]), 0, True,
+                     "learned_range" if learn_sigma else "fixed_large")
+    graph = GraphRows(rows, 4)
+    graph(torch.tensor([0, 1, 1]), torch.tensor([0, 4, 9]))  # loads the buffers (a host->device copy)
+    with no_host_sync():
+        graph.step()
+    assert bool(torch.isfinite(graph.out).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_engine_bound_on_gpu():
+    model = _bound_model(True).cuda().to_fast(torch.float16)
+    schedule = NoiseSchedule.linear(50)
+    x = (torch.randint(0, 256, (5, 3, 8, 8)).float() / 127.5 - 1).cuda()
+    want = bits_per_dim(model, schedule, x, seed=1, batch_size=32)
+    got = bits_per_dim(model, schedule, x, seed=1, batch_size=32, engine="graph")
+    torch.testing.assert_close(got.total_bpd, want.total_bpd, rtol=1e-4, atol=1e-4)
