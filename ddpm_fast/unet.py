@@ -55,7 +55,8 @@ def _sinusoid_freqs(half: int, freq_shift: float, max_period: float, device: tor
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1,
                        max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (N,) -> (N, dim), fp32, in the layout of the DDPM/diffusers code."""
+    """Sinusoidal embedding (N,) -> (N, dim), fp32, in the layout of the DDPM/diffusers code; t integer or float
+    (the embedding is defined between steps: fractional t as diffusers' schedulers evaluate it)."""
     half = dim // 2
     args = t.float()[:, None] * _sinusoid_freqs(half, freq_shift, max_period, t.device)[None, :]
     parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
@@ -209,8 +210,9 @@ def _paired_sums(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def check_x_and_t(model, name: str, x, t, weight: torch.Tensor, in_channels: int, levels: int):
-    """(N, t as int64 (N,) on x's device): x and t as a U-Net's forward takes them, each problem one error naming
-    ``name``. The reference computes in its weights' dtype, as asked; a fast form (compute_dtype) casts x."""
+    """(N, t (N,) on x's device, integer or float): x and t as a U-Net's forward takes them, each problem one
+    error naming ``name``. The reference computes in its weights' dtype, as asked; a fast form (compute_dtype)
+    casts x."""
     if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
         desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"{name}: x must be a floating (N, C, H, W) tensor, got {desc}")
@@ -226,13 +228,17 @@ def check_x_and_t(model, name: str, x, t, weight: torch.Tensor, in_channels: int
     if h % factor or w % factor:
         raise ValueError(f"{name}: H and W ({h}x{w}) must be divisible by {factor}")
     t = torch.as_tensor(t)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name}: t must be an integer tensor of diffusion steps, got {t.dtype}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name}: t must be a tensor of diffusion steps (integer, or float for steps between "
+                         f"them), got {t.dtype}")
     if t.dim() == 0:
         t = t.expand(n)
     if t.shape != (n,):
         raise ValueError(f"{name}: t must have shape ({n},) (or be a scalar), got {tuple(t.shape)}")
-    return n, t.to(x.device)
+    t = t.to(x.device)
+    if t.is_floating_point():  # the sinusoidal embedding is defined between steps (Heun evaluates there)
+        torch._assert_async(torch.isfinite(t).all(), f"{name}: t holds a non-finite step")  # no host read
+    return n, t
 
 
 class UNet(nn.Module):

@@ -234,3 +234,32 @@ def test_presets_have_the_published_sizes(preset, millions, steps, scale):
         model = ADMUNet(config)
     assert model.num_parameters() / 1e6 == pytest.approx(millions, abs=0.05)
     assert len(schedule) == steps and config.timestep_scale == scale and config.learn_sigma
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_float_timesteps(fast):
+    """openai's timestep_embedding is defined for fractional t: integer-valued floats give the int result exactly,
+    a fraction moves the output, and the embedding at fractional t is the float64 formula's."""
+    import math
+
+    from ddpm_fast.unet import timestep_embedding
+
+    cfg = ADMConfig(image_size=8, model_channels=32, channel_mult=(1, 2), attention_ds=(2,), num_classes=4,
+                    learn_sigma=True, use_scale_shift_norm=True)
+    model = ADMUNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    run = model.to_fast(torch.float32) if fast else model
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    with torch.no_grad():
+        whole = run(x, torch.tensor([7, 500]), labels)
+        torch.testing.assert_close(run(x, torch.tensor([7.0, 500.0]), labels), whole, atol=0, rtol=0)
+        assert not torch.allclose(run(x, torch.tensor([7.5, 500.25]), labels), whole)
+    t = torch.tensor([0.5, 417.25, 998.75], dtype=torch.float64)
+    half = 16
+    freqs = torch.tensor([math.exp(-math.log(10000.0) * i / half) for i in range(half)], dtype=torch.float64)
+    args = t[:, None] * freqs[None]
+    want = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # openai: [cos, sin]
+    torch.testing.assert_close(timestep_embedding(t, 32, flip_sin_to_cos=True, freq_shift=0).double(), want,
+                               atol=2e-4, rtol=0)

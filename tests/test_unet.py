@@ -97,6 +97,25 @@ def test_matches_diffusers_unet2dmodel(cfg):
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_float_timesteps_match_diffusers(fast):
+    """Fractional t (HeunDiscreteScheduler evaluates the model between steps): the sinusoidal embedding is
+    defined there; ours (fp32 reference and fast path) equals diffusers'; integer-valued floats equal ints."""
+    cfg = UNetConfig.from_name("digits")
+    model = randomize_(UNet(cfg).eval())
+    twin = _diffusers_twin(model)
+    x = torch.randn(3, 1, 16, 16)
+    t = torch.tensor([0.25, 417.5, 998.9], dtype=torch.float64)
+    labels = torch.tensor([1, 4, cfg.num_classes])
+    run = model.to_fast(torch.float32) if fast else model
+    with torch.no_grad():
+        ours = run(x, t, labels)
+        theirs = twin(x, t, class_labels=labels).sample
+        torch.testing.assert_close(run(x, t.round(), labels), run(x, t.round().long(), labels), atol=0, rtol=0)
+        assert not torch.allclose(ours, run(x, t.round(), labels)), "the fraction changes the output"
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
 def test_dropout_active_only_in_training():
     model = randomize_(UNet(UNetConfig.from_name("tiny", dropout=0.5)))
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
@@ -132,8 +151,10 @@ def test_bad_inputs_name_the_problem():
         model(torch.randn(2, 3, 7, 7), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
         model(x, torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="integer tensor"):
-        model(x, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="t must be a tensor of diffusion steps"):
+        model(x, torch.tensor([True, False]))
+    with pytest.raises(RuntimeError, match="t holds a non-finite step"):
+        model(x, torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="unconditional"):
         model(x, torch.tensor([1, 2]), torch.tensor([0, 1]))
     cond = UNet(UNetConfig.from_name("digits"))
