@@ -4,7 +4,8 @@ On a GPU, one ``plan.device_step()`` of a SamplingPlan (fast-path U-Net forward,
 in-kernel noise, step-counter advance) is captured once into a CUDA graph over the plan's buffers, and
 ddpm_fast._C replays it. The step reads its index from the plan's device counter (timestep, coefficient
 row and noise key follow from it on the device), so nothing in the graph changes between replays.
-Graphs are cached by (shape, dtype, model, sampler settings, guidance) and share one memory pool; a
+With feature caching (cache_interval) the whole and the shallow step are captured as two graphs, replayed
+in the plan's order. Graphs are cached by (shape, dtype, model, sampler settings, guidance) and share one memory pool; a
 second call with the same settings loads its draws into the captured plan (``plan.start``) and replays,
 unless a parameter of the model changed since the capture (storage or version counter: an optimizer
 step, load_state_dict), which re-captures, since the graph also reads weights the fast blocks derived.
@@ -44,20 +45,32 @@ class _Captured:
     def __init__(self, plan, pool):
         self.plan = plan
         device = plan.device
-        # Warm up on a side stream (Triton compiles, cuDNN picks algorithms), then capture one step.
+        # With feature caching, two kinds of step (whole, shallow), a graph each; they share the plan's buffers
+        # (the cached deep features among them), so replaying them in the plan's order is the eager loop.
+        kinds = (True, False) if plan.cache_interval else (True,)
+        # Warm up on a side stream (Triton compiles, cuDNN picks algorithms), then capture one step per kind.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                plan.device_step()
+                for whole in kinds:
+                    plan.device_step(whole)
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            plan.device_step()
+        self.graphs = {}
+        for whole in kinds:
+            self.graphs[whole] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graphs[whole], pool=pool):
+                plan.device_step(whole)
+        self.graph = self.graphs[True]
 
     def run(self) -> torch.Tensor:
         plan = self.plan
         steps = plan.num_steps - plan.done
+        if plan.cache_interval:  # the two graphs in the plan's order, from Python
+            for i in range(plan.done, plan.num_steps):
+                self.graphs[plan.whole_step(i)].replay()
+            plan.done += steps
+            return plan.x.clone()
         ext = ops.extension()
         if ext is not None and hasattr(ext, "replay_graph"):
             try:

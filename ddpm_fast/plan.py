@@ -27,6 +27,7 @@ INVARIANT_CHUNK = 16
 MAX_GUIDANCE_SCALE = 100.0
 # Cap on the invariant chunk: past it the padded forward costs more than any batch it makes invariant.
 MAX_INVARIANT_CHUNK = 1024
+MAX_CACHE_INTERVAL = 1000
 
 
 @runtime_checkable
@@ -51,6 +52,9 @@ class RunOptions:
     from (seed, k) alone. ``x_T`` replaces the drawn start. ``class_labels``: an int or one per image, for
     conditional models (None: the null label). ``guidance_scale``: classifier-free guidance weight w
     (eps = eps_u + w (eps_c - eps_u)). ``batch_invariant``/``invariant_chunk``: see SamplingPlan.
+    ``cache_interval`` N (DeepCache): the whole U-Net every N steps, only its shallow branch in between on
+    the deep features cached at the last whole step (1: every step whole, through the same split; None: no
+    split at all).
     """
 
     seed: int | None = None
@@ -61,6 +65,7 @@ class RunOptions:
     image_index: Any = 0
     batch_invariant: bool = False
     invariant_chunk: int = INVARIANT_CHUNK
+    cache_interval: int | None = None
 
     def __post_init__(self):
         if self.guidance_scale is not None:
@@ -72,6 +77,12 @@ class RunOptions:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_INVARIANT_CHUNK:
             raise ValueError(f"invariant_chunk must be a positive int, at most {MAX_INVARIANT_CHUNK}, got {chunk!r}")
         object.__setattr__(self, "batch_invariant", bool(self.batch_invariant))
+        n = self.cache_interval
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CACHE_INTERVAL):
+            raise ValueError(f"cache_interval must be an int in [1, {MAX_CACHE_INTERVAL}] or None, got {n!r}")
+        if n is not None and self.batch_invariant:
+            raise ValueError("cache_interval and batch_invariant cannot be combined yet (the cached features "
+                             "would have to follow each chunk)")
 
     @classmethod
     def of(cls, run: RunOptions | None = None, **options) -> RunOptions:
@@ -85,7 +96,7 @@ class RunOptions:
     @property
     def setting(self) -> tuple:
         """What a captured graph depends on (draws aside): the graph engine's cache key part."""
-        return (self.guidance_scale, self.invariant_chunk if self.batch_invariant else None)
+        return (self.guidance_scale, self.invariant_chunk if self.batch_invariant else None, self.cache_interval)
 
 
 class SamplingPlan:
@@ -142,6 +153,11 @@ class SamplingPlan:
         self.history = tuple(torch.zeros_like(self.x) for _ in range(sampler.history_depth))
         self.labels = self.null = None
         self.num_steps = sampler.num_steps
+        self.cache_interval = run.cache_interval
+        if self.cache_interval and not callable(getattr(model, "encode_shallow", None)):
+            raise ValueError(f"cache_interval: {type(model).__name__} has no shallow/deep boundary (encode_shallow, "
+                             "deep, decode_shallow); the DDPM UNet and its fast form have one")
+        self.deep_features = None  # what the last whole step's deep branch gave (feature caching)
         self.start(run)
         self.batch_invariant, self.chunk = run.batch_invariant, run.invariant_chunk
         if self.batch_invariant:
@@ -192,19 +208,27 @@ class SamplingPlan:
         return self
 
     def step(self) -> None:
-        """One reverse step, in place (``device_step``), counted on the host."""
-        self.device_step()
+        """One reverse step, in place (``device_step``), counted on the host; with feature caching, a whole
+        step every cache_interval steps (the first included), the shallow branch in between."""
+        self.device_step(whole=self.whole_step(self.done))
         self.done += 1
 
+    def whole_step(self, i: int) -> bool:
+        """Whether step i runs the whole U-Net (always, without feature caching)."""
+        return not self.cache_interval or i % self.cache_interval == 0
+
     @torch.no_grad()
-    def device_step(self) -> None:
+    def device_step(self, whole: bool = True) -> None:
         """One reverse step on the device alone: the step index comes from the device counter, nothing is
-        read back or kept on the host. What a CUDA graph captures and torch.compile compiles."""
+        read back or kept on the host. What a CUDA graph captures and torch.compile compiles (with feature
+        caching, one graph per kind: ``whole`` refreshes the cached deep features, else they are reused)."""
         i = self.counter[1:]
         t = self.steps_t[i].expand(self.n)
         row = self.steps_row[i].expand(self.n)
         if self.batch_invariant:
             eps_c, eps_u = self._eps_in_chunks(t[:1])
+        elif self.cache_interval:
+            eps_c, eps_u = self._eps_cached(t, whole)
         else:
             eps_c, eps_u = model_eps(self.model, self.model_input, t, self.labels, self.null)
         eps_c, var = self.sampler.split_output(eps_c, self.shape[1])
@@ -214,6 +238,24 @@ class SamplingPlan:
                          1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
                          half_out=self.x_half, history=self.history, model_var_values=var)
         self.counter[1:] += 1
+
+    def _eps_cached(self, t: torch.Tensor, whole: bool):
+        """model_eps through the U-Net's shallow/deep boundary: a whole step stores the deep branch's output
+        (in one buffer, so captured graphs share it); another step runs the shallow branch on it."""
+        model, x, labels = self.model, self.model_input, self.labels
+        if self.null is not None:  # both halves of guidance in one batch, as model_eps does
+            x, t, labels = torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, self.null])
+        h, temb = model.prepare(x, t, labels)
+        h, skips = model.encode_shallow(h, temb)
+        if whole or self.deep_features is None:
+            deep = model.deep(h, temb)
+            if self.deep_features is None:
+                self.deep_features = torch.empty_like(deep)
+            self.deep_features.copy_(deep)
+        else:
+            deep = self.deep_features
+        eps = model.decode_shallow(deep, skips, temb)
+        return (eps, None) if self.null is None else eps.chunk(2)
 
     def _eps_in_chunks(self, t1: torch.Tensor):
         """model_eps over fixed-size chunks of the batch (see batch_invariant), into buffers laid out as x."""

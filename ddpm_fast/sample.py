@@ -28,7 +28,7 @@ from ddpm_fast.fileio import RunFolder
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
-from ddpm_fast.plan import MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
+from ddpm_fast.plan import MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
 from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import compile_model
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-invariant", action="store_true",
                    help="byte-identical images whatever --batch-size, the torchrun process count and --engine: the "
                         "U-Net always runs on --invariant-chunk images (padded), on one core per process on a CPU")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="feature caching (DeepCache): the whole U-Net every N steps, only its shallow branch "
+                        "(first level down, last level up) in between, on the deep features of the last whole step")
     p.add_argument("--invariant-chunk", type=int, default=None,
                    help=f"images per U-Net call with --batch-invariant (default {INVARIANT_CHUNK}); the bits "
                         "depend on it, so compare runs made with the same value")
@@ -193,6 +196,8 @@ def _prepare_model(args, model, device, notes: list[str]):
             notes.append("--engine graph: no CUDA device; ran the C++ loop without CUDA graphs")
     if args.batch_invariant:
         ran += f", batch-invariant (chunks of {args.invariant_chunk or INVARIANT_CHUNK})"
+    if args.cache_interval:
+        ran += f", deep features cached (whole U-Net every {args.cache_interval} steps)"
     return model, ran
 
 
@@ -231,7 +236,7 @@ def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> t
     cfg = model.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     base = RunOptions(seed=args.seed, guidance_scale=args.guidance_scale, batch_invariant=args.batch_invariant,
-                      invariant_chunk=args.invariant_chunk or INVARIANT_CHUNK)
+                      invariant_chunk=args.invariant_chunk or INVARIANT_CHUNK, cache_interval=args.cache_interval)
     images = []
     bar = tqdm(total=len(mine) * sampler.num_steps, unit="img-step", unit_scale=True, desc="sample",
                disable=args.no_progress or not show_progress, dynamic_ncols=True)
@@ -339,6 +344,10 @@ def main(argv=None) -> int:
         parser.error(f"--guidance-scale must be finite, within +-{MAX_GUIDANCE_SCALE:g}")
     if args.invariant_chunk is not None and not args.batch_invariant:
         parser.error("--invariant-chunk applies with --batch-invariant only")
+    if args.cache_interval is not None and not 1 <= args.cache_interval <= MAX_CACHE_INTERVAL:
+        parser.error(f"--cache-interval must be in [1, {MAX_CACHE_INTERVAL}], got {args.cache_interval}")
+    if args.cache_interval is not None and args.batch_invariant:
+        parser.error("--cache-interval cannot be combined with --batch-invariant yet")
     if args.invariant_chunk is not None and not 1 <= args.invariant_chunk <= MAX_INVARIANT_CHUNK:
         parser.error(f"--invariant-chunk must be in [1, {MAX_INVARIANT_CHUNK}] (the U-Net always runs on that many "
                      f"images, padded), got {args.invariant_chunk}")

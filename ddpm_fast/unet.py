@@ -356,17 +356,42 @@ class UNet(nn.Module):
         return self.compute_dtype is not None
 
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        x, temb = self.prepare(x, t, class_labels)
+        return self._trunk(x, temb)
+
+    def prepare(self, x: torch.Tensor, t, class_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x as the trunk reads it, the time features): the checked inputs of ``_trunk`` (and of its three
+        parts, for feature caching)."""
         t, class_labels = self._check_inputs(x, t, class_labels)
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype).contiguous(memory_format=torch.channels_last)
-        return self._trunk(x, self.time_features(t, class_labels, self.conv_in.weight.dtype))
+        return x, self.time_features(t, class_labels, self.conv_in.weight.dtype)
 
     def _trunk(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """conv_in ... conv_out; every ResBlock is called as block(h, temb) with what time_features gave."""
+        """conv_in ... conv_out; every ResBlock is called as block(h, temb) with what time_features gave. Three
+        parts with one boundary: the shallow branch (encode_shallow, decode_shallow: the first level down and
+        the last level up) around the deep one (everything between), which feature caching skips."""
+        h, skips = self.encode_shallow(x, temb)
+        return self.decode_shallow(self.deep(h, temb), skips, temb)
+
+    def encode_shallow(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """conv_in and the first level's blocks: (its output, the skips the last up level reads)."""
         h = self.conv_in(x)
         skips = [h]
-        for lvl in self.down_blocks:
-            for j, res in enumerate(lvl.resnets):
+        lvl = self.down_blocks[0]
+        for j, res in enumerate(lvl.resnets):
+            h = res(h, temb)
+            if len(lvl.attentions):
+                h = lvl.attentions[j](h)
+            skips.append(h)
+        return h, skips
+
+    def deep(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The first level's downsampler, the deeper levels, the middle and every up level but the last: the
+        features the last up level reads (DeepCache's cached branch)."""
+        skips = []
+        for i, lvl in enumerate(self.down_blocks):
+            for j, res in enumerate(lvl.resnets if i else ()):
                 h = res(h, temb)
                 if len(lvl.attentions):
                     h = lvl.attentions[j](h)
@@ -377,15 +402,25 @@ class UNet(nn.Module):
         h = self.mid_block.resnets[0](h, temb)
         h = self.mid_block.attentions[0](h)
         h = self.mid_block.resnets[1](h, temb)
-        for lvl in self.up_blocks:
-            for j, res in enumerate(lvl.resnets):
-                h = res(torch.cat([h, skips.pop()], dim=1), temb)
-                if len(lvl.attentions):
-                    h = lvl.attentions[j](h)
-            for up in lvl.upsamplers:
-                h = up(h)
+        for lvl in self.up_blocks[:-1]:
+            h = self._up_level(lvl, h, skips, temb)
+        return h
+
+    def decode_shallow(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
+        """The last up level on the deep features and encode_shallow's skips, then the output head."""
+        h = self._up_level(self.up_blocks[-1], h, list(skips), temb)
         h = _norm(self.conv_norm_out, h, silu=True)
         return self.conv_out(h)
+
+    @staticmethod
+    def _up_level(lvl, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
+        for j, res in enumerate(lvl.resnets):
+            h = res(torch.cat([h, skips.pop()], dim=1), temb)
+            if len(lvl.attentions):
+                h = lvl.attentions[j](h)
+        for up in lvl.upsamplers:
+            h = up(h)
+        return h
 
     def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastUNet:
         """The fast path: a FastUNet built from a copy of this model (this one is left untouched).
