@@ -134,7 +134,7 @@ def test_bound_throughput_batched_vs_eager_loop(benchmark, embedded, which):
                 total = total + vb_terms_bpd(model, schedule, x0, x_t, ts, class_labels=labels)
         return total
 
-    batch = 1000 if which == "embedded" else 64
+    batch = 256 if which == "embedded" else 64  # nll's default; the small model peaks there on this CPU
 
     def batched():
         return bits_per_dim(model, schedule, x0, seed=0, batch_size=batch).total_bpd
