@@ -169,7 +169,12 @@ def test_estimate_with_every_timestep_is_the_full_bound_and_is_unbiased():
     full = bits_per_dim(model, schedule, x0, seed=1, batch_size=64)
     every = bits_per_dim(model, schedule, x0, seed=1, batch_size=64, estimate=16)  # strata of one step each
     torch.testing.assert_close(every.total_bpd, full.total_bpd, rtol=1e-5, atol=1e-6)
-    assert [len(s) for s in strata(16, 4)] == [1, 5, 5, 5] and strata(16, 4)[0] == range(0, 1)
+    assert [len(s) for s in strata(16, 4)] == [1, 2, 3, 10] and strata(16, 4)[0] == range(0, 1)  # geometric
+    for big_t, k in ((1000, 50), (1000, 200), (1000, 2), (10, 3), (4000, 4000)):
+        parts = strata(big_t, k)
+        assert len(parts) == k and parts[0] == range(0, 1) and parts[-1].stop == big_t
+        assert all(a.stop == b.start and len(a) >= 1 for a, b in zip(parts, parts[1:], strict=False))
+    assert [len(s) for s in strata(1000, 50)[:12]] == [1] * 12, "the small t, where the bits are, exactly"
     # Unbiased: over many seeds the estimates average to the bound of the (seed-independent) expectation; the
     # terms themselves depend on the noise, so compare with the mean of full bounds over the same seeds.
     est = torch.stack([bits_per_dim(model, schedule, x0, seed=s, estimate=4).total_bpd for s in range(40)])
@@ -216,3 +221,14 @@ def test_nll_cli_errors_are_one_line(tmp_path, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1
     with pytest.raises(SystemExit):
         nll_cli.main(["--data", "digits", "--estimate", "1"])
+
+
+def test_collapsed_strata_standard_error():
+    """Single-step strata are exact (no variance); the others pair up, a last odd one with the pair before."""
+    from ddpm_fast.likelihood import _collapsed_strata_stderr
+
+    vb = torch.tensor([[5.0, 2.0, 1.0, 0.5, 0.25]])
+    assert float(_collapsed_strata_stderr(vb, [1, 1, 1, 1, 1])) == 0.0
+    assert float(_collapsed_strata_stderr(vb, [1, 1, 3, 3, 1])) == pytest.approx(3 * 0.5)
+    want = ((4 + 9) / 2 * 1.0**2 + (9 + 16) / 2 * 0.5**2) ** 0.5  # pairs of sizes (2, 3) and (3, 4)
+    assert float(_collapsed_strata_stderr(vb, [1, 2, 3, 4, 1])) == pytest.approx(want)
