@@ -135,10 +135,12 @@ def _try_lock(lock_path: str, create: bool) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return fd  # a file system without locks (some network mounts): the folder goes unlocked
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 return None
-            raise
+            raise OSError(f"{lock_path}: cannot lock ({exc.strerror or exc})") from None
         try:  # the holder before us may have removed the file between our open and our lock: retry then
             same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
         except FileNotFoundError:

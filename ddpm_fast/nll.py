@@ -18,8 +18,8 @@ import sys
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.checkpoint import CheckpointError
-from ddpm_fast.data import MAX_IMAGE_PIXELS, DataError, load_data, to_model_range
+from ddpm_fast.cli import run_command
+from ddpm_fast.data import MAX_IMAGE_PIXELS, load_data, to_model_range
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import RunFolder, atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
@@ -216,15 +216,8 @@ def main(argv=None) -> int:
         parse_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("ddpm_fast.nll: interrupted (outputs are written only at the end, each atomically)", file=sys.stderr)
-        return 130
-    except (CheckpointError, DataError, ValueError, OSError) as exc:
-        print(f"ddpm_fast.nll: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("ddpm_fast.nll", run, args,
+                       interrupted="interrupted (outputs are written only at the end, each atomically)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from ddpm_fast import ops
 from ddpm_fast.adm import ADMConfig
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
+from ddpm_fast.cli import run_command
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import RunFolder
 from ddpm_fast.images import save_grid, save_npz
@@ -359,15 +360,8 @@ def main(argv=None) -> int:
         parse_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("ddpm_fast.sample: interrupted (outputs are written only at the end, each atomically)", file=sys.stderr)
-        return 130
-    except (CheckpointError, ValueError, OSError) as exc:
-        print(f"ddpm_fast.sample: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("ddpm_fast.sample", run, args,
+                       interrupted="interrupted (outputs are written only at the end, each atomically)")
 
 
 if __name__ == "__main__":

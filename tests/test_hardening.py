@@ -412,3 +412,19 @@ def test_model_budget_by_api_and_flags_and_timesteps(monkeypatch):
         with torch.device("meta"):
             real = sum(p.numel() for p in UNet(cfg).parameters())
         assert abs(est / real - 1) < 0.05 and cfg.budget_problem() is None
+
+
+def test_a_file_system_without_locks_leaves_the_folder_unlocked(tmp_path, monkeypatch):
+    """Some network mounts refuse flock (ENOLCK): the run goes on, unlocked, rather than failing."""
+    import errno
+    import fcntl
+
+    from ddpm_fast.fileio import RunFolder
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with RunFolder(tmp_path / "out") as folder:
+        assert (tmp_path / "out").is_dir() and folder.removed == 0
+    assert not (tmp_path / "out" / ".ddpm_fast.lock").exists()
