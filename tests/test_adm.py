@@ -176,8 +176,8 @@ def test_config_validation():
                               num_classes=10))
     with pytest.raises(ValueError, match="class-conditional; pass class_labels"):
         model(torch.randn(1, 3, 16, 16), torch.tensor([1]))
-    with pytest.raises(ValueError, match="t must be an integer tensor"):
-        model(torch.randn(1, 3, 16, 16), torch.tensor([1.5]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="t must be a tensor of diffusion steps"):
+        model(torch.randn(1, 3, 16, 16), torch.tensor([True]), torch.tensor([1]))
     with pytest.raises(ValueError, match="x has 1 channels"):
         model(torch.randn(1, 1, 16, 16), torch.tensor([1]), torch.tensor([1]))
 
