@@ -1,13 +1,27 @@
-"""What the sampling commands share: a failure is one line and an exit code.
+"""What the sampling commands (sample, nll) share: the --out folder they hold, and a failure as one line.
 
-``run_command`` runs a command's work: ValueError (CheckpointError and DataError among them) and OSError
-become ``PROG: error: ...`` and exit 2, Ctrl-C exit 130 with the command's own notice of what was kept.
-Imports nothing from the package.
+``in_out_folder`` runs a command's work with ``--out`` held as its run folder (rank 0 of a torchrun holds it;
+see fileio.RunFolder). ``run_command`` runs it: ValueError (CheckpointError and DataError among them) and
+OSError become ``PROG: error: ...`` and exit 2, Ctrl-C exit 130 with the command's own notice of what was kept.
 """
 
 from __future__ import annotations
 
 import sys
+
+from ddpm_fast.distributed import Dist
+from ddpm_fast.fileio import RunFolder
+
+
+def in_out_folder(args, work):
+    """``work(args, dist_ctx)`` with ``args.out`` made, proved writable and held before any work (a bad or busy
+    --out fails now) and until the results are written; returns what ``work`` returns."""
+    dist_ctx = Dist(args.device)
+    with RunFolder(args.out, "--out", active=dist_ctx.rank == 0) as folder:
+        if folder.removed:
+            print(f"removed {folder.removed} temporary file(s) an interrupted write left in {args.out}",
+                  file=sys.stderr)
+        return work(args, dist_ctx)
 
 
 def run_command(prog: str, work, *args, interrupted: str = "interrupted") -> int:

@@ -18,10 +18,10 @@ import sys
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.cli import run_command
+from ddpm_fast.cli import in_out_folder, run_command
 from ddpm_fast.data import MAX_IMAGE_PIXELS, load_data, to_model_range
-from ddpm_fast.distributed import Dist, parse_device
-from ddpm_fast.fileio import RunFolder, atomic_write, atomic_write_text
+from ddpm_fast.distributed import parse_device
+from ddpm_fast.fileio import atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
 from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS
@@ -85,12 +85,7 @@ def _labels(args, model, data, index: torch.Tensor):
 
 
 def run(args) -> dict | None:
-    dist_ctx = Dist(args.device)
-    with RunFolder(args.out, "--out", active=dist_ctx.rank == 0) as folder:
-        if folder.removed:
-            print(f"removed {folder.removed} temporary file(s) an interrupted write left in {args.out}",
-                  file=sys.stderr)
-        return _run(args, dist_ctx)
+    return in_out_folder(args, _run)
 
 
 def _run(args, dist_ctx) -> dict | None:

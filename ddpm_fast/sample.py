@@ -23,9 +23,8 @@ import torch
 from ddpm_fast import ops
 from ddpm_fast.adm import ADMConfig
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
-from ddpm_fast.cli import run_command
-from ddpm_fast.distributed import Dist, parse_device
-from ddpm_fast.fileio import RunFolder
+from ddpm_fast.cli import in_out_folder, run_command
+from ddpm_fast.distributed import parse_device
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
@@ -114,13 +113,7 @@ def _labels(args, num_classes):
 
 def run(args) -> str | None:
     """Load, prepare, sample, write; returns the .npz path on rank 0 (None on the others)."""
-    dist_ctx = Dist(args.device)
-    # Before any work: a bad or busy --out fails now; rank 0 holds it until the results are written.
-    with RunFolder(args.out, "--out", active=dist_ctx.rank == 0) as folder:
-        if folder.removed:
-            print(f"removed {folder.removed} temporary file(s) an interrupted write left in {args.out}",
-                  file=sys.stderr)
-        return _run(args, dist_ctx)
+    return in_out_folder(args, _run)
 
 
 def _run(args, dist_ctx) -> str | None:
