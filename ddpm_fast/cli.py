@@ -1,16 +1,34 @@
 """What the sampling commands (sample, nll) share: the --out folder they hold, and a failure as one line.
 
 ``in_out_folder`` runs a command's work with ``--out`` held as its run folder (rank 0 of a torchrun holds it;
-see fileio.RunFolder). ``run_command`` runs it: ValueError (CheckpointError and DataError among them) and
-OSError become ``PROG: error: ...`` and exit 2, Ctrl-C exit 130 with the command's own notice of what was kept.
+see fileio.RunFolder). ``run_main`` checks --seed and --device, then ``run_command`` runs the work:
+ValueError (CheckpointError and DataError among them) and OSError become ``PROG: error: ...`` and exit 2,
+Ctrl-C exit 130 with the command's own notice of what was kept.
 """
 
 from __future__ import annotations
 
 import sys
 
-from ddpm_fast.distributed import Dist
+from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import RunFolder
+from ddpm_fast.noise import check_seed
+
+INTERRUPTED = "interrupted (outputs are written only at the end, each atomically)"
+
+
+def run_main(prog: str, parser, args, work) -> int:
+    """A sampling command's last checks (--seed, --device: parser errors, before any work), then
+    ``run_command(prog, work, args)``."""
+    try:
+        check_seed(args.seed)
+    except ValueError as exc:
+        parser.error(f"--seed: {exc}")
+    try:
+        parse_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run_command(prog, work, args, interrupted=INTERRUPTED)
 
 
 def in_out_folder(args, work):

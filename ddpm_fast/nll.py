@@ -18,12 +18,10 @@ import sys
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.cli import in_out_folder, run_command
+from ddpm_fast.cli import in_out_folder, run_main
 from ddpm_fast.data import MAX_IMAGE_PIXELS, load_data, to_model_range
-from ddpm_fast.distributed import parse_device
 from ddpm_fast.fileio import atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
-from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS
 
 
@@ -206,13 +204,7 @@ def main(argv=None) -> int:
         parser.error("--estimate K needs K >= 2 (t = 0 and at least one stratum)")
     if args.openai_flags is not None and args.checkpoint is None:
         parser.error("--openai-flags describes an openai .pt: give it with --checkpoint")
-    try:
-        check_seed(args.seed)
-        parse_device(args.device)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return run_command("ddpm_fast.nll", run, args,
-                       interrupted="interrupted (outputs are written only at the end, each atomically)")
+    return run_main("ddpm_fast.nll", parser, args, run)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ import torch
 from ddpm_fast import ops
 from ddpm_fast.adm import ADMConfig
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
-from ddpm_fast.cli import in_out_folder, run_command
-from ddpm_fast.distributed import parse_device
+from ddpm_fast.cli import in_out_folder, run_main
 from ddpm_fast.images import save_grid, save_npz
-from ddpm_fast.noise import check_seed
 from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
 from ddpm_fast.plan import MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
 from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
@@ -345,16 +343,7 @@ def main(argv=None) -> int:
     if args.invariant_chunk is not None and not 1 <= args.invariant_chunk <= MAX_INVARIANT_CHUNK:
         parser.error(f"--invariant-chunk must be in [1, {MAX_INVARIANT_CHUNK}] (the U-Net always runs on that many "
                      f"images, padded), got {args.invariant_chunk}")
-    try:
-        check_seed(args.seed)
-    except ValueError as exc:
-        parser.error(f"--seed: {exc}")
-    try:
-        parse_device(args.device)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return run_command("ddpm_fast.sample", run, args,
-                       interrupted="interrupted (outputs are written only at the end, each atomically)")
+    return run_main("ddpm_fast.sample", parser, args, run)
 
 
 if __name__ == "__main__":
