@@ -69,8 +69,9 @@ def vb_terms_from_output(schedule: NoiseSchedule, model_output: torch.Tensor, x_
     if variance == "learned_range" and v is None:
         raise ValueError("variance 'learned_range' needs the model's v (its second output half)")
     table = vb_table(schedule, variance, x_t.device)
-    noise = torch.zeros_like(x_t, dtype=torch.float32)  # the mse columns are not asked for here
-    return vb_terms_ref(x_start.float(), x_t.float(), eps, noise, table, t, clip_denoised,
+    # Only the vb column is asked for: eps stands in for the noise (no tensor made per call; the training loss
+    # calls this every step).
+    return vb_terms_ref(x_start.float(), x_t.float(), eps, eps, table, t, clip_denoised,
                         v if variance == "learned_range" else None)[:, 0]
 
 
