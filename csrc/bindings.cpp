@@ -20,9 +20,9 @@ at::Tensor vb_terms_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 at::Tensor reverse_step(const at::Tensor& x, const at::Tensor& eps, const OptTensor& eps_uncond,
                         const at::Tensor& coefs, const at::Tensor& index, const OptTensor& noise,
                         double guidance_scale, bool clip, const OptTensor& noise_key, const OptTensor& images,
-                        const OptTensor& out, const OptTensor& half_out, const OptTensor& history1,
-                        const OptTensor& history2, const OptTensor& model_var_values) {
-  const StepIO io{noise, noise_key, images, out, half_out, history1, history2, model_var_values};
+                        const OptTensor& out, const OptTensor& half_out,
+                        const std::vector<at::Tensor>& history, const OptTensor& model_var_values) {
+  const StepIO io{noise, noise_key, images, out, half_out, history, model_var_values};
   if (x.is_cuda()) {
 #ifdef DDPM_FAST_WITH_CUDA
     return reverse_step_cuda(x, eps, eps_uncond, coefs, index, io, guidance_scale, clip);
@@ -37,13 +37,13 @@ at::Tensor reverse_step(const at::Tensor& x, const at::Tensor& eps, const OptTen
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ddpm_fast native kernels and the sampling loop";
   m.def("reverse_step", &ddpm_fast::reverse_step,
-        "DDPM/DDIM/DPM-Solver++ reverse-step update (CPU or CUDA); noise from a tensor or the Philox stream "
-        "keyed by noise_key = [seed, step] and images; history1/2: a multistep solver's previous x0_hat; "
+        "The sampler update of every solver (CPU or CUDA); noise from a tensor or the Philox stream "
+        "keyed by noise_key = [seed, step] and images; history: a multistep solver's ring slots (up to 3); "
         "model_var_values: a learned-variance model's v (sigma from the table's log-variance columns)",
         py::arg("x_t"), py::arg("model_output"), py::arg("model_output_uncond"), py::arg("coefs"),
         py::arg("index"), py::arg("noise"), py::arg("guidance_scale"), py::arg("clip_denoised"),
         py::arg("noise_key") = py::none(), py::arg("images") = py::none(), py::arg("out") = py::none(),
-        py::arg("half_out") = py::none(), py::arg("history1") = py::none(), py::arg("history2") = py::none(),
+        py::arg("half_out") = py::none(), py::arg("history") = std::vector<at::Tensor>(),
         py::arg("model_var_values") = py::none());
   m.def("group_norm_silu", &ddpm_fast::group_norm_silu_cpu,
         "SiLU(GroupNorm(x + add[:, :, None, None])) forward on the CPU (fp32 statistics; NCHW or channels_last)",

@@ -26,7 +26,8 @@ __global__ void reverse_step_kernel(const float* x, const scalar_t* __restrict__
                                     const int64_t* __restrict__ noise_key, const int64_t* __restrict__ images,
                                     const float* __restrict__ coefs, const int64_t* __restrict__ index,
                                     int64_t num_rows, float* out, half_t* __restrict__ half_out,
-                                    float* __restrict__ hist1, float* __restrict__ hist2, int64_t numel,
+                                    float* __restrict__ slot0, float* __restrict__ slot1,
+                                    float* __restrict__ slot2, int64_t numel,
                                     int64_t per_sample, int64_t channels, int64_t hw, bool channels_last, float w,
                                     bool clip) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -48,13 +49,15 @@ __global__ void reverse_step_kernel(const float* x, const scalar_t* __restrict__
                           static_cast<uint32_t>(images[n]), static_cast<uint32_t>(noise_key[1]), kStepStream);
       }
     }
-    const float h1 = hist1 ? hist1[i] : 0.f;
-    float x0;
+    const float h[kMaxHistory] = {slot0 ? slot0[i] : 0.f, slot1 ? slot1[i] : 0.f, slot2 ? slot2[i] : 0.f};
+    const int push = push_slot(row);
+    float* push_to = push == 0 ? slot0 : (push == 1 ? slot1 : (push == 2 ? slot2 : nullptr));
+    CUDA_KERNEL_ASSERT((push < 0 || push_to != nullptr) && "reverse_step: the row keeps its output in a missing slot");
+    float kept;
     const float sigma = var_values ? learned_sigma(row, static_cast<float>(var_values[i])) : row[kSigma];
-    const float v = reverse_step_element(row, x[i], e, z, clip, h1, hist2 ? hist2[i] : 0.f, sigma, &x0);
+    const float v = reverse_step_element(row, x[i], e, z, clip, h, sigma, &kept);
     out[i] = v;
-    if (hist2) hist2[i] = h1;
-    if (hist1) hist1[i] = x0;
+    if (push_to) push_to[i] = kept;
     if constexpr (HAS_HALF) half_out[i] = static_cast<half_t>(v);
   }
 }
@@ -83,15 +86,16 @@ at::Tensor reverse_step_cuda(const at::Tensor& x, const at::Tensor& eps, const O
     const float* zp = io.noise ? io.noise->data_ptr<float>() : nullptr;
     const int64_t* kp = io.noise_key ? io.noise_key->data_ptr<int64_t>() : nullptr;
     const int64_t* ip = io.images ? io.images->data_ptr<int64_t>() : nullptr;
-    float* h1p = io.hist1 ? io.hist1->data_ptr<float>() : nullptr;
-    float* h2p = io.hist2 ? io.hist2->data_ptr<float>() : nullptr;
+    float* slots[kMaxHistory] = {nullptr, nullptr, nullptr};
+    for (size_t k = 0; k < io.history.size(); ++k) slots[k] = io.history[k].data_ptr<float>();
     auto launch = [&](auto half_tag, auto has_uncond, auto noise_mode, auto has_half) {
       using half_t = typename decltype(half_tag)::type;
       half_t* hp = has_half ? io.half_out->data_ptr<half_t>() : nullptr;
       reverse_step_kernel<scalar_t, half_t, decltype(has_uncond)::value, decltype(noise_mode)::value,
                           decltype(has_half)::value><<<blocks, threads, 0, stream>>>(
           x.data_ptr<float>(), eps.data_ptr<scalar_t>(), up, vp, zp, kp, ip, coefs.data_ptr<float>(),
-          index.data_ptr<int64_t>(), coefs.size(0), out.data_ptr<float>(), hp, h1p, h2p, numel, per_sample, x.size(1),
+          index.data_ptr<int64_t>(), coefs.size(0), out.data_ptr<float>(), hp, slots[0], slots[1], slots[2], numel, per_sample,
+          x.size(1),
           x.size(2) * x.size(3), cl, w, clip);
     };
     using T = std::true_type;

@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <vector>
+
 #include "layout.h"
 #include "reverse_step.h"
 
@@ -21,8 +23,7 @@ struct StepIO {
   OptTensor images;     // int64 (N,): each sample's global image index (the Philox counter)
   OptTensor out;        // float32 laid out like x_t (may be x_t itself); else a new tensor
   OptTensor half_out;   // fp16/bf16 laid out like x_t: also receives x_prev
-  OptTensor hist1;      // float32 laid out like x_t: the previous x0_hat (multistep), read then replaced
-  OptTensor hist2;      // float32 laid out like x_t: the one before (needs hist1), read then replaced by hist1
+  std::vector<at::Tensor> history;  // up to kMaxHistory float32 ring slots laid out like x_t (multistep)
   OptTensor var_values; // model_output's dtype, laid out like x_t: learned-variance v in [-1, 1] (optional)
 };
 
@@ -83,11 +84,15 @@ inline void check_reverse_step_args(const at::Tensor& x, const at::Tensor& eps, 
     same_layout(*io.out, "out");
     TORCH_CHECK(io.out->scalar_type() == at::kFloat, "reverse_step: out must be float32");
   }
-  TORCH_CHECK(!io.hist2 || io.hist1, "reverse_step: history2 needs history1");
-  for (const OptTensor* h : {&io.hist1, &io.hist2}) {
-    if (*h) {
-      same_layout(**h, "history");
-      TORCH_CHECK((*h)->scalar_type() == at::kFloat, "reverse_step: history buffers must be float32");
+  TORCH_CHECK(io.history.size() <= static_cast<size_t>(kMaxHistory), "reverse_step: at most ", kMaxHistory,
+              " history slots, got ", io.history.size());
+  for (size_t k = 0; k < io.history.size(); ++k) {
+    const at::Tensor& h = io.history[k];
+    same_layout(h, "history");
+    TORCH_CHECK(h.scalar_type() == at::kFloat, "reverse_step: history buffers must be float32");
+    if (io.out) TORCH_CHECK(!h.is_same(*io.out), "reverse_step: out must not be a history slot");
+    for (size_t j = 0; j < k; ++j) {
+      TORCH_CHECK(!h.is_same(io.history[j]), "reverse_step: history slots ", j, " and ", k, " are one buffer");
     }
   }
   if (io.half_out) {

@@ -29,13 +29,15 @@ void reverse_step_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const Opt
   const float* cp = coefs.data_ptr<float>();
   const int64_t* idx = index.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  float* h1p = io.hist1 ? io.hist1->data_ptr<float>() : nullptr;
-  float* h2p = io.hist2 ? io.hist2->data_ptr<float>() : nullptr;
+  float* slots[kMaxHistory] = {nullptr, nullptr, nullptr};
+  for (size_t k = 0; k < io.history.size(); ++k) slots[k] = io.history[k].data_ptr<float>();
   // N is the outermost dimension in both NCHW and NHWC, so sample n owns one contiguous span.
   at::parallel_for(0, n_batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* row = cp + idx[n] * kNumCoefs;
       const bool noisy = row[kSigma] != 0.f;
+      const int push = push_slot(row);
+      float* push_to = push >= 0 ? slots[push] : nullptr;
       for (int64_t i = n * per_sample; i < (n + 1) * per_sample; ++i) {
         float e = static_cast<float>(ep[i]);
         if (up) {
@@ -48,13 +50,13 @@ void reverse_step_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const Opt
           z = philox_normal(static_cast<uint64_t>(key[0]), nchw_element(i, per_sample, channels, hw, cl),
                             static_cast<uint32_t>(images[n]), static_cast<uint32_t>(key[1]), kStepStream);
         }
-        const float h1 = h1p ? h1p[i] : 0.f;
-        float x0;
+        const float h[kMaxHistory] = {slots[0] ? slots[0][i] : 0.f, slots[1] ? slots[1][i] : 0.f,
+                                      slots[2] ? slots[2][i] : 0.f};
+        float kept;
         const float sigma = vp ? learned_sigma(row, static_cast<float>(vp[i])) : row[kSigma];
-        const float v = reverse_step_element(row, xp[i], e, z, clip, h1, h2p ? h2p[i] : 0.f, sigma, &x0);
+        const float v = reverse_step_element(row, xp[i], e, z, clip, h, sigma, &kept);
         op[i] = v;
-        if (h2p) h2p[i] = h1;
-        if (h1p) h1p[i] = x0;
+        if (push_to) push_to[i] = kept;
         if (hp) hp[i] = static_cast<half_t>(v);
       }
     }
@@ -73,6 +75,14 @@ at::Tensor reverse_step_cpu(const at::Tensor& x, const at::Tensor& eps, const Op
   for (int64_t n = 0; n < x.size(0); ++n) {
     TORCH_CHECK(idx[n] >= 0 && idx[n] < n_rows, "reverse_step: index[", n, "] = ", idx[n],
                 " is outside the coefficient table of ", n_rows, " rows");
+    const float* row = coefs.data_ptr<float>() + idx[n] * kNumCoefs;
+    const int push = push_slot(row);
+    TORCH_CHECK(push < static_cast<int>(io.history.size()), "reverse_step: table row ", idx[n],
+                " keeps its output in history slot ", push, ", but history holds ", io.history.size(), " slot(s)");
+    for (int k = static_cast<int>(io.history.size()); k < kMaxHistory; ++k) {
+      TORCH_CHECK(row[kCoefSlot0 + k] == 0.f, "reverse_step: table row ", idx[n], " weighs history slot ", k,
+                  " (coef_slot", k, "), but history holds ", io.history.size(), " slot(s); pass them");
+    }
   }
   at::Tensor out = io.out ? *io.out : at::empty_like(x);
   if (x.numel() == 0) return out;

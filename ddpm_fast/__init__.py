@@ -11,6 +11,7 @@ from ddpm_fast.losses import training_loss
 from ddpm_fast.openai import load_openai, openai_timesteps
 from ddpm_fast.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, SamplingPlan, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
+from ddpm_fast.solvers import DEISSampler, HeunSampler, IPNDMSampler, PLMSSampler, UniPCSampler
 from ddpm_fast.unet import FastUNet, UNet, compile_model
 
 __version__ = "0.1.0"
@@ -22,14 +23,19 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "DDIMSampler",
+    "DEISSampler",
     "DPMSolverSampler",
     "DDPMSampler",
     "FastUNet",
+    "HeunSampler",
+    "IPNDMSampler",
     "NoiseSchedule",
+    "PLMSSampler",
     "RunOptions",
     "SamplingPlan",
     "UNet",
     "UNetConfig",
+    "UniPCSampler",
     "compile_model",
     "engine",
     "load_openai",

@@ -143,9 +143,8 @@ class SamplingPlan:
         self.x = torch.empty(shape, device=self.device, dtype=torch.float32, memory_format=fmt)
         half = self.fast_dtype not in (None, torch.float32)
         self.x_half = torch.empty_like(self.x, dtype=self.fast_dtype) if half else None
-        self.coefs, lookup = sampler.device_tables(self.device)
-        self.steps_t = sampler.timesteps.to(self.device)  # model timestep of step i
-        self.steps_row = lookup[self.steps_t]  # coefficient row of step i
+        self.coefs, self.steps_row = sampler.device_tables(self.device)  # the table; the row of step i
+        self.steps_t = sampler.timesteps.to(self.device)  # model timestep of step i (float: between timesteps)
         self.counter = torch.zeros(2, dtype=torch.int64, device=self.device)  # [seed, step]
         self.images = torch.zeros(self.n, dtype=torch.int64, device=self.device)
         self.key = NoiseKey(self.counter, self.images) if bool((sampler.coefs[:, SIGMA] > 0).any()) else None

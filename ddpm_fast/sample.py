@@ -29,11 +29,19 @@ from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
 from ddpm_fast.plan import MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
 from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
 from ddpm_fast.schedule import NoiseSchedule
+from ddpm_fast.solvers import DEISSampler, HeunSampler, IPNDMSampler, PLMSSampler, UniPCSampler
 from ddpm_fast.unet import compile_model
 
 # A final sample this far outside [-1, 1] is a failure, like a non-finite one (unclipped solvers overshoot a
 # little; orders of magnitude mean a broken model or setting).
 MAX_SAMPLE_MAGNITUDE = 100.0
+# Default steps per sampler (ddpm: every timestep of the schedule), and the default sampler.
+DEFAULT_STEPS = {"ddpm": None, "ddim": 100, "dpm++": 20, "dpm++sde": 20, "unipc": 10, "deis": 10, "plms": 20,
+                 "heun": 10, "ipndm": 10}
+DEFAULT_SAMPLER = "ddim"
+COMPILED = {"unipc": UniPCSampler, "deis": DEISSampler, "plms": PLMSSampler, "heun": HeunSampler,
+            "ipndm": IPNDMSampler}
+ORDERS = {"dpm++": 3, "dpm++sde": 3, "unipc": 3, "deis": 3, "ipndm": 4}  # the highest --order of each
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
 
 
@@ -50,16 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which openai repository --openai-flags come from (their defaults differ)")
     p.add_argument("--timestep-respacing", default=None, metavar="SPEC",
                    help="openai's respacing string for ddim/ddpm: 'ddim25', '250' or '10,15,20' (instead of --steps)")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++", "dpm++sde"],
-                   help="ddpm: ancestral; ddim; dpm++: multistep DPM-Solver++ (ODE), dpm++sde: its SDE variant")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(DEFAULT_STEPS),
+                   help="ddpm: ancestral; ddim; dpm++: multistep DPM-Solver++ (ODE), dpm++sde: its SDE variant; "
+                        "unipc: UniPC (bh2); deis: DEIS log-rho; plms: PNDM's PLMS (steps + 1 model calls); heun: "
+                        "Heun (2 steps - 1 model calls); ipndm: variable-step iPNDM")
     p.add_argument("--steps", type=int, default=None,
-                   help="reverse steps (default: 100 for ddim, 20 for dpm++ / dpm++sde, every timestep for ddpm)")
-    p.add_argument("--order", type=int, default=None, choices=[1, 2, 3],
-                   help="DPM-Solver++ order (default 2: 2M; 3: 3M); dpm++ / dpm++sde only")
+                   help="reverse steps (default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_STEPS.items() if v)
+                        + ", every timestep for ddpm)")
+    p.add_argument("--order", type=int, default=None, choices=[1, 2, 3, 4],
+                   help="solver order: dpm++ / dpm++sde / unipc / deis 1-3 (default 2), ipndm 1-4 (default 4)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default 0: deterministic; 1: DDPM-like); ddim only")
     p.add_argument("--spacing", default=None, choices=["leading", "trailing", "linspace"],
-                   help="timestep spacing (default: leading for ddim/ddpm, linspace for dpm++, as diffusers)")
+                   help="timestep spacing (default: leading for ddim/ddpm/plms, linspace for the others, as "
+                        "diffusers)")
     p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned_range"],
                    help="DDPM sigma^2: posterior variance (fixed_small), beta (fixed_large) or the model's own "
                         "(learned_range); default: learned_range for a learned-sigma model, else what the "
@@ -203,10 +215,15 @@ def _build_sampler(args, schedule, config):
         steps = None if kept is not None else args.steps or min(100, schedule.num_timesteps)
         return DDIMSampler(schedule, steps, eta=args.eta or 0.0, spacing=args.spacing or "leading",
                            use_clipped_model_output=openai, timesteps=kept)
+    steps = args.steps or min(DEFAULT_STEPS[args.sampler] or 1, schedule.num_timesteps)
     if args.sampler in ("dpm++", "dpm++sde"):
-        return DPMSolverSampler(schedule, args.steps or min(20, schedule.num_timesteps), order=args.order or 2,
+        return DPMSolverSampler(schedule, steps, order=args.order or 2,
                                 algorithm="sde-dpmsolver++" if args.sampler == "dpm++sde" else "dpmsolver++",
                                 spacing=args.spacing or "linspace")
+    if args.sampler in COMPILED:
+        kw = {} if args.order is None else {"order": args.order}
+        return COMPILED[args.sampler](schedule, steps, spacing=args.spacing or (
+            "leading" if args.sampler == "plms" else "linspace"), **kw)
     if kept is not None:
         schedule = schedule.respace(kept)
     elif args.steps and args.steps != schedule.num_timesteps:
@@ -322,14 +339,16 @@ def main(argv=None) -> int:
         parser.error(f"--eta applies to --sampler ddim only (--sampler {args.sampler} ignores it)")
     if args.variance is not None and args.sampler != "ddpm":
         parser.error(f"--variance applies to --sampler ddpm only (--sampler {args.sampler} ignores it)")
-    if args.timestep_respacing is not None and (args.sampler.startswith("dpm++") or args.steps is not None
+    if args.timestep_respacing is not None and (args.sampler not in ("ddim", "ddpm") or args.steps is not None
                                                 or args.spacing is not None):
         parser.error("--timestep-respacing picks the steps of --sampler ddim / ddpm; it replaces --steps and "
                      "--spacing")
     if args.openai_flags is not None and args.checkpoint is None:
         parser.error("--openai-flags describes an openai .pt: give it with --checkpoint")
-    if args.order is not None and not args.sampler.startswith("dpm++"):
-        parser.error(f"--order applies to --sampler dpm++ / dpm++sde only (--sampler {args.sampler} ignores it)")
+    if args.order is not None and args.sampler not in ORDERS:
+        parser.error(f"--order applies to --sampler {' / '.join(ORDERS)} only (--sampler {args.sampler} has none)")
+    if args.order is not None and args.order > ORDERS[args.sampler]:
+        parser.error(f"--order of --sampler {args.sampler} is 1 to {ORDERS[args.sampler]}, got {args.order}")
     if args.eta is not None and not 0 <= args.eta <= 1:
         parser.error("--eta must lie in [0, 1]")
     if args.guidance_scale is not None and not abs(args.guidance_scale) <= MAX_GUIDANCE_SCALE:

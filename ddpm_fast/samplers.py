@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.ops.reverse_step import NUM_COEFS, SIGMA
+from ddpm_fast.ops.reverse_step import NUM_COEFS, PUSH_SLOT, PUSH_X0, SIGMA, SLOT0
 from ddpm_fast.plan import INVARIANT_CHUNK, RunOptions, SamplingPlan, model_eps
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
@@ -24,19 +24,28 @@ VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
 class _Sampler:
-    history_depth = 0  # how many earlier data predictions a step reads (multistep solvers: 1 or 2)
+    history_depth = 0  # ring slots of earlier model outputs a step reads (multistep solvers: 1 to 3)
     learned_variance = False  # whether a step reads the model's variance value v (learned_range)
 
-    def __init__(self, schedule: NoiseSchedule, coefs: torch.Tensor, clip_denoised: bool):
+    def __init__(self, schedule: NoiseSchedule, coefs: torch.Tensor, clip_denoised: bool, timesteps=None):
+        """``coefs``: one row per timestep of ``schedule`` (ascending), or, with ``timesteps`` (one per model
+        evaluation, in run order; float where the model is evaluated between training timesteps), one row per
+        evaluation in run order (ddpm_fast.solvers)."""
         self.schedule = schedule
         self.clip_denoised = bool(clip_denoised)
-        if coefs.shape[1] < NUM_COEFS:  # the columns a solver leaves out (history, log-variance) weigh 0
+        if coefs.shape[1] < NUM_COEFS:  # the columns a solver leaves out (history, log-variance, push) are 0
             coefs = torch.cat([coefs, coefs.new_zeros(coefs.shape[0], NUM_COEFS - coefs.shape[1])], dim=1)
         self.coefs = coefs  # float64 (S, len(COEF_COLUMNS)) on the host
-        self.timesteps = schedule.timestep_map.flip(0).clone()  # model timesteps, descending
-        lookup = torch.full((int(schedule.timestep_map.max()) + 1,), -1, dtype=torch.int64)
-        lookup[schedule.timestep_map] = torch.arange(len(schedule), dtype=torch.int64)
-        self._index_of = lookup
+        if timesteps is not None:
+            self.timesteps = timesteps
+            self._index_of = None
+            self._step_rows = torch.arange(len(timesteps), dtype=torch.int64)
+        else:
+            self.timesteps = schedule.timestep_map.flip(0).clone()  # model timesteps, descending
+            lookup = torch.full((int(schedule.timestep_map.max()) + 1,), -1, dtype=torch.int64)
+            lookup[schedule.timestep_map] = torch.arange(len(schedule), dtype=torch.int64)
+            self._index_of = lookup
+            self._step_rows = lookup[self.timesteps]
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -58,11 +67,11 @@ class _Sampler:
         return model_output, None
 
     def device_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fp32 coefficient table, timestep -> row lookup) on ``device``, made once per device."""
+        """(fp32 coefficient table, row of each step in run order) on ``device``, made once per device."""
         device = torch.device(device)
         if device not in self._device_cache:
             self._device_cache[device] = (self.coefs.to(device, torch.float32).contiguous(),
-                                          self._index_of.to(device))
+                                          self._step_rows.to(device))
         return self._device_cache[device]
 
     def index_for(self, t, n: int, device) -> torch.Tensor:
@@ -141,7 +150,7 @@ class DDPMSampler(_Sampler):
             log_var = [zeros, zeros]
         sigma[0] = 0.0  # no noise on the last step
         coefs = torch.stack([s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod, s.posterior_mean_coef1,
-                             s.posterior_mean_coef2, zeros, sigma, zeros, zeros, *log_var], dim=1)
+                             s.posterior_mean_coef2, zeros, sigma, zeros, zeros, zeros, *log_var], dim=1)
         self.variance = variance
         self.learned_variance = variance == "learned_range"
         super().__init__(schedule, coefs, clip_denoised)
@@ -236,8 +245,8 @@ class DPMSolverSampler(_Sampler):
         self.order, self.algorithm, self.solver_type = int(order), algorithm, solver_type
         self.lower_order_final, self.spacing = bool(lower_order_final), spacing
         self.step_orders = self._orders(len(ts))
-        rows = self._rows(schedule.alphas_cumprod, ts)
         self.history_depth = max(self.step_orders) - 1
+        rows = ring_rows(self._rows(schedule.alphas_cumprod, ts), self.history_depth, push=PUSH_X0)
         # _Sampler keeps rows in ascending timestep order (row j <-> timestep_map[j]): steps run descending.
         super().__init__(schedule.respace(ts), rows.flip(0), clip_denoised)
 
@@ -256,8 +265,8 @@ class DPMSolverSampler(_Sampler):
         return orders
 
     def _rows(self, alphas_cumprod: torch.Tensor, ts: list[int]) -> torch.Tensor:
-        """float64 (n, len(COEF_COLUMNS)) rows in step order: x0_hat = a x - b eps, then
-        x_next = c_xt x + c_x0 x0_hat + c_hist1 h1 + c_hist2 h2 + sigma z."""
+        """float64 (n, 8) rows in step order: x0_hat = a x - b eps, then x_next = c_xt x + c_x0 x0_hat + w_1 h1 +
+        w_2 h2 + sigma z, where h1, h2 are the data predictions of the previous two steps (lags; see ring_rows)."""
         acp = alphas_cumprod.double()[ts]
         # diffusers' variables: sigma = sqrt((1 - abar) / abar), alpha_t = 1/sqrt(1 + sigma^2) = sqrt(abar),
         # sigma_t = sqrt(1 - abar), lambda = log(alpha_t / sigma_t); the end point has sigma_t = 0.
@@ -305,6 +314,29 @@ class DPMSolverSampler(_Sampler):
     def step(self, *args, **kwargs):
         raise TypeError("DPMSolverSampler is a multistep solver: a step needs the previous steps' data predictions; "
                         "run it through plan() / sample()")
+
+
+def ring_rows(rows: torch.Tensor, depth: int, push: int) -> torch.Tensor:
+    """Rows in step order whose columns 6.. weigh earlier outputs by lag (6: the previous step's, 7: the one
+    before, ...) -> rows of the full table, whose coef_slot columns weigh ring slots: step i keeps its output
+    (``push``: the PUSH_X0 or PUSH_EPS column) in slot i mod depth, so its lag-l output is in slot (i - l) mod
+    depth. Lags beyond ``depth`` must weigh 0 (the ring holds ``depth`` outputs)."""
+    n, width = rows.shape
+    lags = rows[:, SLOT0:]
+    if lags.shape[1] > depth and bool((lags[:, depth:] != 0).any()):
+        raise ValueError(f"a row weighs an output older than the ring's {depth} slots")
+    out = torch.zeros(n, NUM_COEFS, dtype=rows.dtype)
+    out[:, :SLOT0] = rows[:, :SLOT0]
+    for i in range(n):
+        for lag in range(1, min(depth, lags.shape[1]) + 1):
+            if i - lag >= 0:
+                out[i, SLOT0 + (i - lag) % depth] += lags[i, lag - 1]
+            elif lags[i, lag - 1] != 0:
+                raise ValueError(f"step {i} weighs the output of step {i - lag}")
+        if depth:
+            out[i, push] = 1.0
+            out[i, PUSH_SLOT] = i % depth + 1
+    return out
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from conftest import randomize_
 
 from ddpm_fast import DDIMSampler, DPMSolverSampler, NoiseSchedule, UNet, UNetConfig, compile_model, engine, ops
+from ddpm_fast.ops.reverse_step import MAX_HISTORY, PUSH_SLOT, SLOT0
 
 
 def _model(preset="tiny", device="cpu"):
@@ -51,6 +52,10 @@ def test_registered_ops_have_fake_implementations():
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     w, b, add = torch.randn(8), torch.randn(8), torch.randn(2, 8)
     coefs = torch.rand(5, len(ops.COEF_COLUMNS))
+    coefs[:, SLOT0 + 1:SLOT0 + MAX_HISTORY] = 0  # one ring slot, which every row writes
+    coefs[:, PUSH_SLOT] = 1
+    no_history = coefs.clone()
+    no_history[:, SLOT0] = no_history[:, PUSH_SLOT] = 0
     index = torch.tensor([1, 3])
     out, h1 = torch.empty_like(x), torch.zeros_like(x)
     cases = [
@@ -60,7 +65,7 @@ def test_registered_ops_have_fake_implementations():
          (x, torch.randn_like(x), None, None, coefs, index, torch.randn_like(x), None, None, 1.0, True, out, None,
           [h1])),
         (torch.ops.ddpm_fast.reverse_step_.default,  # learned variance: v read, sigma per element
-         (x, torch.randn_like(x), None, torch.rand_like(x) * 2 - 1, coefs, index, torch.randn_like(x), None, None,
+         (x, torch.randn_like(x), None, torch.rand_like(x) * 2 - 1, no_history, index, torch.randn_like(x), None, None,
           1.0, True, out, None, [])),
         (torch.ops.ddpm_fast.group_norm_silu.default,  # a per-sample affine (scale-shift norm)
          (x, torch.randn(2, 8), torch.randn(2, 8), None, 4, 1e-5, True)),

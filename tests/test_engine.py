@@ -4,7 +4,18 @@ import pytest
 import torch
 from conftest import randomize_
 
-from ddpm_fast import DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, UNet, UNetConfig, engine, ops
+from ddpm_fast import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverSampler,
+    HeunSampler,
+    NoiseSchedule,
+    UNet,
+    UNetConfig,
+    UniPCSampler,
+    engine,
+    ops,
+)
 
 needs_ext = pytest.mark.skipif(ops.extension() is None, reason="ddpm_fast._C not built")
 
@@ -73,6 +84,9 @@ GRAPH_SAMPLERS = {
     # Multistep: the history buffers are captured state, zeroed by each restart.
     "dpm++3m": lambda: DPMSolverSampler(NoiseSchedule.linear(1000), 6, order=3),
     "dpm++sde": lambda: DPMSolverSampler(NoiseSchedule.cosine(1000), 6, algorithm="sde-dpmsolver++"),
+    # Compiled solvers: three ring slots (UniPC-3), float timesteps and a step that keeps nothing (Heun).
+    "unipc3": lambda: UniPCSampler(NoiseSchedule.linear(1000), 6, order=3),
+    "heun": lambda: HeunSampler(NoiseSchedule.linear(1000), 4),
 }
 
 

@@ -12,10 +12,15 @@ from host_sync import HostSyncError, no_host_sync
 from ddpm_fast import (
     DDIMSampler,
     DDPMSampler,
+    DEISSampler,
     DPMSolverSampler,
+    HeunSampler,
+    IPNDMSampler,
     NoiseSchedule,
+    PLMSSampler,
     UNet,
     UNetConfig,
+    UniPCSampler,
     engine,
     ops,
     training_loss,
@@ -29,6 +34,13 @@ SAMPLERS = {
     # Orders 1, 2, 3, 2, 1: both history buffers in play.
     "dpm++3m": lambda: DPMSolverSampler(NoiseSchedule.linear(100), 5, order=3),
     "dpm++sde": lambda: DPMSolverSampler(NoiseSchedule.cosine(100), 4, algorithm="sde-dpmsolver++", clip_denoised=True),
+    # The compiled solvers (ddpm_fast.solvers): all three ring slots (UniPC-3, PLMS), the eps form (DEIS, PLMS,
+    # iPNDM, Heun), a step that keeps nothing (PLMS, Heun), float timesteps (Heun), clipped x0 (UniPC).
+    "unipc3": lambda: UniPCSampler(NoiseSchedule.linear(100), 5, order=3, clip_denoised=True),
+    "deis3": lambda: DEISSampler(NoiseSchedule.cosine(100), 5, order=3),
+    "plms": lambda: PLMSSampler(NoiseSchedule.linear(100), 5),
+    "heun": lambda: HeunSampler(NoiseSchedule.linear(100), 3),
+    "ipndm": lambda: IPNDMSampler(NoiseSchedule.cosine(100), 5),
 }
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0])
 

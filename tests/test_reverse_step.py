@@ -10,7 +10,7 @@ from conftest import DEVICES
 from ddpm_fast import DDIMSampler, DDPMSampler, NoiseSchedule, ops
 from ddpm_fast.noise import NoiseKey, normal
 from ddpm_fast.ops import reverse_step, reverse_step_ref
-from ddpm_fast.ops.reverse_step import HIST1, NUM_COEFS
+from ddpm_fast.ops.reverse_step import LOG_VAR_MIN, MAX_HISTORY, NUM_COEFS, PUSH_SLOT, SLOT0
 
 # x_prev: every backend computes in fp32 from the same (exactly widened) half inputs, so the fp32 result
 # agrees to fp32 rounding whatever the model-output dtype. The half copy carries the dtype's own rounding.
@@ -29,9 +29,11 @@ def test_extension_is_built_when_required():
 
 
 def _table(rows, generator=None, history=0):
-    """A random coefficient table whose rows weigh ``history`` earlier predictions (the others' columns 0)."""
+    """A random coefficient table whose rows weigh ``history`` ring slots (the others' columns 0) and keep their
+    output (a random mix of x0_hat and eps) in a random one of them, or in none."""
     coefs = torch.rand(rows, NUM_COEFS, generator=generator)
-    coefs[:, HIST1 + history:HIST1 + 2] = 0
+    coefs[:, SLOT0 + history:SLOT0 + MAX_HISTORY] = 0
+    coefs[:, PUSH_SLOT] = torch.randint(0, history + 1, (rows,), generator=generator).float()
     return coefs
 
 
@@ -43,7 +45,9 @@ def _inputs(shape, dtype, channels_last, guided, with_noise, device, rows=7, his
         t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dt)
         return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
-    coefs = _table(rows, g, history).to(device) * 2
+    coefs = _table(rows, g, history)
+    coefs[:, :PUSH_SLOT] *= 2
+    coefs = coefs.to(device)
     index = torch.randint(0, rows, (shape[0],), generator=g).to(device)
     return dict(
         x_t=r(scale=2.0), model_output=r(dtype), coefs=coefs, index=index,
@@ -87,12 +91,13 @@ def test_kernel_matches_ref(backend, device, shape, dtype, channels_last, guided
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype, guided, clip, noisy", [(torch.float32, False, False, False),
                                                         (torch.bfloat16, True, True, True)])
 def test_history_matches_ref(backend, device, depth, channels_last, dtype, guided, clip, noisy):
-    """The multistep form: c_hist1 h1 + c_hist2 h2 added, then h2 <- h1, h1 <- x0_hat, in place."""
+    """The multistep form: sum_k coef_slot_k H_k added, then each sample's row writes one slot (or none), in
+    place; the samples of one call pick different rows, so different slots."""
     if not _native_available(device, backend):
         pytest.skip(f"{backend} backend not available here")
     kw = _inputs((3, 5, 6, 6), dtype, channels_last, guided, noisy, device, history=depth)
@@ -113,13 +118,18 @@ def test_history_matches_ref(backend, device, depth, channels_last, dtype, guide
 def test_ref_history_formula():
     x, eps = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25)
     h1, h2 = torch.full_like(x, 0.3), torch.full_like(x, -0.7)
-    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.0, 0.4, 0.6, 0.0, 0.0]])
+    # columns: a, b, c_x0, c_xt, c_eps, sigma, slot0, slot1, slot2, lv_min, lv_max, push_x0, push_eps, push_slot
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.0, 0.4, 0.6, 0.0, 0.0, 0.0, 0.5, 2.0, 2.0],
+                          [2.0, 1.0, 0.3, 0.2, 0.1, 0.0, 0.4, 0.6, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
     x0 = 2.0 * 0.5 - 0.25
     got = reverse_step_ref(x, eps, coefs, torch.tensor([0]), None, False, history=(h1, h2))
     assert got.item() == pytest.approx(0.3 * x0 + 0.2 * 0.5 + 0.1 * 0.25 + 0.4 * 0.3 + 0.6 * -0.7)
-    assert h1.item() == pytest.approx(x0) and h2.item() == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="history holds at most 2 buffers"):
-        reverse_step(x, eps, coefs, torch.tensor([0]), history=(h1, h2, h1))
+    # push_slot 2: slot 1 receives 0.5 x0 + 2 eps; slot 0 is untouched
+    assert h1.item() == pytest.approx(0.3) and h2.item() == pytest.approx(0.5 * x0 + 2.0 * 0.25)
+    reverse_step_ref(x, eps, coefs, torch.tensor([1]), None, False, history=(h1, h2))  # push_slot 0: keeps nothing
+    assert h1.item() == pytest.approx(0.3) and h2.item() == pytest.approx(0.5 * x0 + 2.0 * 0.25)
+    with pytest.raises(ValueError, match="history holds at most 3 ring slots"):
+        reverse_step(x, eps, coefs, torch.tensor([0]), history=(h1, h2, h1, h2))
     with pytest.raises(ValueError, match=r"history\[0\] must be a float32 tensor laid out like x_t"):
         reverse_step(x, eps, coefs, torch.tensor([0]), history=(h1.half(),))
 
@@ -137,9 +147,11 @@ def test_learned_variance_matches_ref(backend, device, dtype, channels_last, noi
     g = torch.Generator().manual_seed(5)
     v = (torch.rand(kw["x_t"].shape, generator=g) * 2 - 1).to(device=device, dtype=dtype)
     v = v.contiguous(memory_format=ops.memory_format(kw["x_t"]))
-    kw["coefs"][:, 8:] = -torch.rand(kw["coefs"].shape[0], 2, generator=g).to(device) * 6  # log variances < 0
+    log_vars = -torch.rand(kw["coefs"].shape[0], 2, generator=g).to(device) * 6  # log variances < 0
+    kw["coefs"][:, LOG_VAR_MIN:LOG_VAR_MIN + 2] = log_vars
     kw["coefs"][0, 5] = 0.0  # a row without noise (the last step)
     kw["index"][0] = 0
+    kw["index"][1:] = torch.tensor([3, 5], device=device)  # noisy rows
     if noise_kind == "key":
         kw["noise"] = NoiseKey(torch.tensor([7, 3], device=device), torch.tensor([0, 4, 9], device=device))
     want_kw = dict(kw)
@@ -158,7 +170,7 @@ def test_learned_variance_matches_ref(backend, device, dtype, channels_last, noi
 def test_ref_learned_variance_formula():
     x, eps, z = torch.full((1, 1, 1, 2), 0.5), torch.full((1, 1, 1, 2), 0.25), torch.full((1, 1, 1, 2), 2.0)
     v = torch.tensor([[[[1.0, -0.5]]]])
-    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 1.0, 0.0, 0.0, -4.0, -2.0]])
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 1.0, 0.0, 0.0, 0.0, -4.0, -2.0, 0.0, 0.0, 0.0]])
     got = reverse_step_ref(x, eps, coefs, torch.tensor([0]), z, False, model_var_values=v)
     mean = 0.3 * (2.0 * 0.5 - 0.25) + 0.2 * 0.5 + 0.1 * 0.25
     frac = torch.tensor([1.0, 0.25])
@@ -174,7 +186,7 @@ def test_ref_clips_x0_and_uses_all_coefficients():
     x = torch.tensor([[[[3.0]]]])
     eps = torch.tensor([[[[0.5]]]])
     z = torch.tensor([[[[2.0]]]])
-    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0]])
+    coefs = torch.tensor([[2.0, 1.0, 0.3, 0.2, 0.1, 0.05] + [0.0] * 8])
     idx = torch.zeros(1, dtype=torch.int64)
     # x0 = 2*3 - 0.5 = 5.5 -> clipped to 1
     want = 0.3 * 1.0 + 0.2 * 3.0 + 0.1 * 0.5 + 0.05 * 2.0
@@ -325,28 +337,35 @@ def test_python_entry_rejects_bad_input():
         reverse_step(x, x, coefs, idx, out=x.contiguous(memory_format=torch.channels_last))
     h1 = torch.zeros_like(x)
     with pytest.raises(ValueError, match="out must not be one of the history buffers"):
-        reverse_step(x, x, coefs, idx, out=h1, history=(h1,))
+        reverse_step(x, x, _table(5, history=1), idx, out=h1, history=(h1,))
     with pytest.raises(ValueError, match=r"history\[0\] and history\[1\] are one buffer"):
         reverse_step(x, x, _table(5, history=2), idx, history=(h1, h1.view_as(h1)))
 
 
 @pytest.mark.parametrize("backend", ["native", "triton", "torch"])
 def test_rows_that_weigh_history_need_its_buffers(backend):
-    """A multistep row (coef_hist1/2 != 0) without the buffers it weighs is an error on every backend, not a
-    silently dropped term; rows that weigh nothing earlier need none (and rows not picked are not looked at)."""
+    """A multistep row (coef_slot columns != 0) without the slots it weighs, or one that keeps its output in a
+    slot not given, is an error on every backend, not a silently dropped term or a stray write; rows that weigh
+    and keep nothing need no slots (and rows not picked are not looked at)."""
     if not _native_available("cpu", backend):
         pytest.skip(f"{backend} backend not available here")
     x = torch.randn(2, 3, 4, 4)
-    h1, h2 = torch.randn_like(x), torch.randn_like(x)
-    coefs = _table(4, history=2)
-    coefs[3, HIST1:HIST1 + 2] = 0  # a first step: nothing earlier yet
+    h0, h1 = torch.randn_like(x), torch.randn_like(x)
+    coefs = _table(5, history=2)
+    coefs[:3, PUSH_SLOT] = 0
+    coefs[3, SLOT0:SLOT0 + MAX_HISTORY] = 0  # a first step: nothing earlier yet, nothing kept
+    coefs[3, PUSH_SLOT] = 0
+    coefs[4] = coefs[3]
+    coefs[4, PUSH_SLOT] = 2  # keeps its output in slot 1
     with ops.use_backend(backend):
-        with pytest.raises(RuntimeError, match=r"weigh h1 and h2 .* history holds 0 buffer"):
+        with pytest.raises(RuntimeError, match=r"weighs? history slot.*pass them"):
             reverse_step(x, x, coefs, torch.tensor([3, 1]))
-        with pytest.raises(RuntimeError, match=r"weigh h2 .* history holds 1 buffer"):
-            reverse_step(x, x, coefs, torch.tensor([0, 3]), history=(h1,))
+        with pytest.raises(RuntimeError, match=r"weighs? history slot.*pass them"):
+            reverse_step(x, x, coefs, torch.tensor([0, 3]), history=(h0,))
+        with pytest.raises(RuntimeError, match=r"keeps? (its )?outputs? in history slot"):
+            reverse_step(x, x, coefs, torch.tensor([4, 3]), history=(h0,))
         reverse_step(x, x, coefs, torch.tensor([3, 3]))
-        reverse_step(x, x, coefs, torch.tensor([0, 1]), history=(h1, h2))
+        reverse_step(x, x, coefs, torch.tensor([0, 4]), history=(h0, h1))
 
 
 def test_backend_switch(monkeypatch):

@@ -186,7 +186,16 @@ def register(op: str, implemented: dict[str, tuple[str, ...]]) -> None:
     _registry.implemented[op] = implemented
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """What torch.compiler.assume_constant_result does (mark ``fn`` so that torch.compile takes its result as a
+    constant), without importing torch._dynamo when the package is imported: that import is about a second of
+    every CLI start. tests/test_compile.py compiles the fast U-Net with fullgraph=True, so a torch that reads
+    another mark fails there."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def backend_for(op: str, device: torch.device | str) -> str:
     """The backend ``op`` runs on tensors of ``device`` (chosen once per device type). torch.compile takes the
     answer as a constant of the graph it traces: a compiled model keeps the backends it was compiled with."""

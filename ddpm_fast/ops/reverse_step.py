@@ -1,17 +1,20 @@
-"""reverse_step: the whole sampler update (DDPM, DDIM, multistep DPM-Solver++) in one pass.
+"""reverse_step: the whole sampler update (DDPM, DDIM, and every multistep solver) in one pass.
 
     eps     = eps_u + w (eps_c - eps_u)                 (classifier-free guidance, optional)
     x0_hat  = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps    (clipped to [-1, 1] if clip_denoised)
-    x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + c_hist1 h1 + c_hist2 h2 + sigma z
-    (with history) h2 <- h1, h1 <- x0_hat
+    x_prev  = c_x0 x0_hat + c_xt x_t + c_eps eps + sum_k coef_slot_k H_k + sigma z
+    (push_slot = k + 1) H_k <- push_x0 x0_hat + push_eps eps
     learned variance: sigma = sigma_col * exp((frac log_var_max + (1 - frac) log_var_min) / 2), frac = (v + 1) / 2
 
-h1, h2 (``history``) are the previous steps' data predictions x0_hat, newest first: the memory of a
-multistep solver (DPM-Solver++ 2M/3M), updated in place by the same pass. DDPM and DDIM keep none.
+H_0..H_2 (``history``) are a multistep solver's ring buffers: earlier model outputs, in x0 or eps form as
+the table's push columns say, updated in place by the same pass. The table names slots, not lags: the row
+of step i weighs the slots that hold the outputs it needs and writes one (the oldest), so a step reads
+each slot once and writes one, with no shifting. DDPM and DDIM keep none. ddpm_fast.solvers compiles a
+solver written on symbols into such rows.
 ``model_var_values`` v (optional): a learned-variance model's second output half (Improved DDPM's
 learned_range); sigma is then per element, interpolated in log space between the table's two log-variance
 columns, and the table's sigma column is the mask (1 on noisy steps, 0 on the last).
-Coefficients are rows of a (S, 10) fp32 table (columns COEF_COLUMNS) that the samplers build in float64;
+Coefficients are rows of a (S, 14) fp32 table (columns COEF_COLUMNS) that the samplers build in float64;
 ``index`` (N,) picks a row per sample and lives on the device, so a CUDA graph can replay the step.
 The state x_t and the result are fp32; the model output may be fp32, fp16 or bf16. ``half_out``
 (optional) also receives x_prev in fp16/bf16: the copy the next fast-path U-Net call reads.
@@ -20,8 +23,8 @@ Noise z: a tensor, or a ``noise.NoiseKey`` (int64 device tensors [seed, step] an
 indices) from which every backend draws the project's Philox stream (ddpm_fast.noise) in the kernel:
 the same values on every backend, and nothing read back to the host, so a replayed graph draws fresh
 noise as the step counter advances. ``out`` may be x_t itself (each element is read before it is
-written); it may not be a history buffer. A row that weighs h1 or h2 without those buffers given is an
-error, not a dropped term. The row index is checked without a host read (an asynchronous assert on the device, an
+written); it may not be a history buffer. A row that weighs or writes a slot beyond the buffers given is
+an error, not a dropped term. The row index is checked without a host read (an asynchronous assert on the device, an
 immediate error on the CPU) and again inside the kernels. The kernel backends run as the registered torch
 op ddpm_fast::reverse_step_, which declares what it writes (out, half_out, history), so torch.compile
 orders it correctly and a CUDA graph captures it.
@@ -43,10 +46,14 @@ except ImportError:
 
 # Column names of the coefficient table (csrc/reverse_step.h keeps the same order).
 COEF_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "coef_x0", "coef_xt", "coef_eps",
-                "sigma", "coef_hist1", "coef_hist2", "log_var_min", "log_var_max")
+                "sigma", "coef_slot0", "coef_slot1", "coef_slot2", "log_var_min", "log_var_max", "push_x0", "push_eps",
+                "push_slot")
 SIGMA = COEF_COLUMNS.index("sigma")
-HIST1 = COEF_COLUMNS.index("coef_hist1")
+SLOT0 = COEF_COLUMNS.index("coef_slot0")
+LOG_VAR_MIN = COEF_COLUMNS.index("log_var_min")
+PUSH_X0, PUSH_EPS, PUSH_SLOT = (COEF_COLUMNS.index(c) for c in ("push_x0", "push_eps", "push_slot"))
 NUM_COEFS = len(COEF_COLUMNS)
+MAX_HISTORY = 3  # ring slots a table may name (csrc/reverse_step.h: kMaxHistory)
 registry.register("reverse_step", {"cuda": ("native", "triton", "torch"), "cpu": ("native", "triton", "torch")})
 
 if triton is not None:
@@ -54,13 +61,13 @@ if triton is not None:
     @triton.jit
     def _reverse_step_kernel(
         X_ptr, EPS_ptr, EPSU_ptr, VAR_ptr, NOISE_ptr, COEF_ptr, INDEX_ptr, KEY_ptr, IMG_ptr, OUT_ptr, HALF_ptr,
-        H1_ptr, H2_ptr,
+        H0_ptr, H1_ptr, H2_ptr,
         numel, per_sample, channels, hw, num_rows, guidance_scale,
         HAS_UNCOND: tl.constexpr, HAS_VAR: tl.constexpr, NOISE_MODE: tl.constexpr, CLIP: tl.constexpr,
         HAS_HALF: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, HISTORY: tl.constexpr, NUM_COEFS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
-        # HISTORY: how many previous data predictions (h1, h2) the step reads and shifts (0, 1 or 2).
+        # HISTORY: how many ring slots (H0..H2) the step has (0 to 3); the row says which it reads and writes.
         # NOISE_MODE: 0 none, 1 tensor, 2 Philox keyed by KEY_ptr = [seed, step] and the image index.
         offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < numel
@@ -76,8 +83,8 @@ if triton is not None:
         sigma = tl.load(row + 5, mask=mask, other=0.0)
         if HAS_VAR:
             frac = 0.5 * (tl.load(VAR_ptr + offs, mask=mask, other=0.0).to(tl.float32) + 1.0)
-            log_var = frac * tl.load(row + 9, mask=mask, other=0.0) + (1.0 - frac) * tl.load(row + 8, mask=mask,
-                                                                                           other=0.0)
+            log_var = frac * tl.load(row + 10, mask=mask, other=0.0) + (1.0 - frac) * tl.load(row + 9, mask=mask,
+                                                                                            other=0.0)
             sigma = sigma * tl.exp(0.5 * log_var)
         x = tl.load(X_ptr + offs, mask=mask, other=0.0)
         eps = tl.load(EPS_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -89,12 +96,19 @@ if triton is not None:
             x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
         out = c_x0 * x0 + c_xt * x + c_eps * eps
         if HISTORY >= 1:
-            h1 = tl.load(H1_ptr + offs, mask=mask, other=0.0)
-            out += tl.load(row + 6, mask=mask, other=0.0) * h1
-            if HISTORY == 2:
-                out += tl.load(row + 7, mask=mask, other=0.0) * tl.load(H2_ptr + offs, mask=mask, other=0.0)
-                tl.store(H2_ptr + offs, h1, mask=mask)
-            tl.store(H1_ptr + offs, x0, mask=mask)
+            slot = tl.load(row + 13, mask=mask, other=0.0).to(tl.int32) - 1  # -1: the row keeps nothing
+            tl.device_assert(slot < HISTORY, "reverse_step: the row keeps its output in a missing history slot")
+            kept = tl.load(row + 11, mask=mask, other=0.0) * x0 + tl.load(row + 12, mask=mask, other=0.0) * eps
+            out += tl.load(row + 6, mask=mask, other=0.0) * tl.load(H0_ptr + offs, mask=mask, other=0.0)
+            if HISTORY >= 2:
+                out += tl.load(row + 7, mask=mask, other=0.0) * tl.load(H1_ptr + offs, mask=mask, other=0.0)
+            if HISTORY == 3:
+                out += tl.load(row + 8, mask=mask, other=0.0) * tl.load(H2_ptr + offs, mask=mask, other=0.0)
+            tl.store(H0_ptr + offs, kept, mask=mask & (slot == 0))
+            if HISTORY >= 2:
+                tl.store(H1_ptr + offs, kept, mask=mask & (slot == 1))
+            if HISTORY == 3:
+                tl.store(H2_ptr + offs, kept, mask=mask & (slot == 2))
         if NOISE_MODE == 1:
             out += sigma * tl.load(NOISE_ptr + offs, mask=mask, other=0.0)
         if NOISE_MODE == 2:
@@ -126,10 +140,12 @@ def reverse_step_ref(
     history: tuple[torch.Tensor, ...] = (),
     model_var_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pure-torch definition of the update, computed in fp32. ``history`` (h1[, h2]) is updated in place."""
+    """Pure-torch definition of the update, computed in fp32. ``history`` (the ring slots) is updated in place:
+    sample n's row writes its kept value into slot push_slot - 1 (none at 0)."""
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     row = coefs.float()[index]
-    a, b, c_x0, c_xt, c_eps, sigma, c_h1, c_h2, lv_min, lv_max = (row[:, i].view(shape) for i in range(NUM_COEFS))
+    a, b, c_x0, c_xt, c_eps, sigma = (row[:, i].view(shape) for i in range(SIGMA + 1))
+    lv_min, lv_max, p_x0, p_eps = (row[:, i].view(shape) for i in range(SLOT0 + MAX_HISTORY, PUSH_SLOT))
     if model_var_values is not None:
         frac = (model_var_values.float() + 1.0) / 2.0
         sigma = sigma * torch.exp(0.5 * (frac * lv_max + (1.0 - frac) * lv_min))
@@ -142,13 +158,12 @@ def reverse_step_ref(
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
     out = c_x0 * x0 + c_xt * x + c_eps * eps
-    if len(history) >= 1:
-        out = out + c_h1 * history[0]
-    if len(history) == 2:
-        out = out + c_h2 * history[1]
-        history[1].copy_(history[0])
-    if history:
-        history[0].copy_(x0)
+    for k, h in enumerate(history):
+        out = out + row[:, SLOT0 + k].view(shape) * h
+    slot = row[:, PUSH_SLOT].long() - 1
+    kept = p_x0 * x0 + p_eps * eps
+    for k, h in enumerate(history):
+        h.copy_(torch.where((slot == k).view(shape), kept, h))
     if noise is not None:
         out = out + sigma * noise.float()
     return out
@@ -192,14 +207,14 @@ def reverse_step(
 ) -> torch.Tensor:
     """One reverse step on the backend the registry chose for x_t's device; returns x_prev (fp32, ``out`` if given).
 
-    ``history``: () or the fp32 buffers (h1,) / (h1, h2) laid out like x_t, holding the previous steps'
-    x0_hat (newest first); the step reads them and shifts this step's x0_hat in, in place.
+    ``history``: () or up to MAX_HISTORY fp32 ring slots laid out like x_t, holding earlier model outputs; the
+    step reads the slots its row weighs and writes the one its row names, in place.
     ``model_var_values``: a learned-variance model's v, shaped like x_t (see the module docstring).
     Reads no device value on the host: safe inside CUDA-graph capture.
     """
     history = tuple(history)
-    if len(history) > 2:
-        raise ValueError(f"reverse_step: history holds at most 2 buffers (h1, h2), got {len(history)}")
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"reverse_step: history holds at most {MAX_HISTORY} ring slots, got {len(history)}")
     key = noise if isinstance(noise, NoiseKey) else None
     _validate(x_t, model_output, coefs, index, None if key is not None else noise, model_output_uncond,
               model_var_values)
@@ -220,9 +235,11 @@ def reverse_step(
     if out is not None and any(h is out or (not torch.compiler.is_compiling() and h.data_ptr() == out.data_ptr())
                                for h in history):
         raise ValueError("reverse_step: out must not be one of the history buffers (the step shifts them)")
-    if len(history) == 2 and (history[0] is history[1] or (not torch.compiler.is_compiling()
-                                                             and history[0].data_ptr() == history[1].data_ptr())):
-        raise ValueError("reverse_step: history[0] and history[1] are one buffer (the step shifts h1 into h2)")
+    for j in range(len(history)):
+        for k in range(j):
+            if history[j] is history[k] or (not torch.compiler.is_compiling()
+                                            and history[j].data_ptr() == history[k].data_ptr()):
+                raise ValueError(f"reverse_step: history[{k}] and history[{j}] are one buffer (two ring slots)")
     torch._assert_async(((index >= 0) & (index < coefs.shape[0])).all(),
                         f"reverse_step: index outside the coefficient table of {coefs.shape[0]} rows")
     backend = registry.backend_for("reverse_step", x_t.device)
@@ -242,11 +259,14 @@ def reverse_step(
 
     coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
     index = index.contiguous()  # kernels read it densely (callers may pass an expand)
-    if len(history) < 2:  # rows that weigh earlier predictions need their buffers: never drop those terms
-        hist = coefs[:, HIST1 + len(history):HIST1 + 2]
-        torch._assert_async((hist.index_select(0, index.clamp(0, coefs.shape[0] - 1)) == 0).all(),
-                            f"reverse_step: the table's rows weigh {'h1 and h2' if not history else 'h2'} (coef_hist "
-                            f"columns), but history holds {len(history)} buffer(s); pass them")
+    if len(history) < MAX_HISTORY:  # rows that weigh or keep earlier outputs need their slots: never drop terms
+        rows = coefs.index_select(0, index.clamp(0, coefs.shape[0] - 1))
+        torch._assert_async((rows[:, SLOT0 + len(history):SLOT0 + MAX_HISTORY] == 0).all(),
+                            f"reverse_step: the table's rows weigh history slots beyond the {len(history)} given "
+                            "(coef_slot columns); pass them")
+        torch._assert_async((rows[:, PUSH_SLOT].long() <= len(history)).all(),
+                            f"reverse_step: the table's rows keep outputs in history slots beyond the {len(history)} "
+                            "given (push_slot column); pass them")
     z = None if key is not None else dense(noise, torch.float32)
     if backend == "torch":
         if key is not None:
@@ -272,13 +292,13 @@ def _reverse_step_kernels(x_t: torch.Tensor, model_output: torch.Tensor, model_o
                           noise_counter: torch.Tensor | None, noise_images: torch.Tensor | None, guidance_scale: float,
                           clip_denoised: bool, out: torch.Tensor, half_out: torch.Tensor | None,
                           history: list[torch.Tensor]) -> None:
-    """The kernel backends, writing ``out`` (which may be x_t), ``half_out`` and shifting ``history`` (after a
+    """The kernel backends, writing ``out`` (which may be x_t), ``half_out`` and a ``history`` slot (after a
     switch to the torch backend under a compiled graph, the reference does)."""
     backend = registry.backend_for("reverse_step", x_t.device)
     key = None if noise_counter is None else NoiseKey(noise_counter, noise_images)
     if backend == "native":
         registry.extension().reverse_step(x_t, model_output, model_output_uncond, coefs, index, noise, guidance_scale,
-                                          clip_denoised, noise_counter, noise_images, out, half_out, *history,
+                                          clip_denoised, noise_counter, noise_images, out, half_out, list(history),
                                           model_var_values=model_var_values)
     elif backend == "triton":
         _reverse_step_triton(x_t, model_output, model_output_uncond, coefs, index, noise, key, guidance_scale,
@@ -317,7 +337,7 @@ def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, 
         x, eps, eps_u if eps_u is not None else eps, var if var is not None else eps,
         noise if noise is not None else x, coefs, index,
         key.counter if key is not None else index, key.images if key is not None else index,
-        out, half_out if half_out is not None else out, *(tuple(history) + (out, out))[:2],
+        out, half_out if half_out is not None else out, *(tuple(history) + (out, out, out))[:MAX_HISTORY],
         numel, numel // n, c, h * w_, coefs.shape[0], w,
         HAS_UNCOND=eps_u is not None, HAS_VAR=var is not None, NOISE_MODE=noise_mode, CLIP=clip,
         HAS_HALF=half_out is not None,
