@@ -15,10 +15,12 @@ Per point:
 
 A point is on the front (``front``) when no other point is both faster and more accurate (rms). Today's
 default (DDIM, 100 steps, ``--sampler ddim``) is measured the same way, its fd over three seeds for the noise;
-``match`` marks points whose sample quality matches it: fd <= default fd + 2 sd. (rms is not a quality: it
-is how closely a sample follows the same x_T's exact ODE path, which DDIM itself only reaches at 100+ steps;
-it is reported for every point.) The cheapest matching point on the rms front is the proposed default
-(printed, and in extra_info).
+``match`` marks points whose sample quality matches it on one draw: fd <= default fd + 2 sd. (rms is not a
+quality: it is how closely a sample follows the same x_T's exact ODE path, which DDIM itself only reaches at
+100+ steps; it is reported for every point.) Then the matching points on the rms front, cheapest first, are
+confirmed on four draws (seeds 1-4, ``fd_mean``/``fd_sd``) against the default's four: the first whose mean fd
+is within two standard errors of the difference (or below) is the proposed default (printed, and in
+extra_info as ``pick``).
 
 DDPM_FAST_FRONT=full is the recorded run (about 10 minutes on 2 CPU cores; DDPM_FAST_FRONT_OUT=DIR also writes
 front.json, front.md and front.png there). By default (CI) a quick pass checks the harness on two solvers.
@@ -156,6 +158,20 @@ def _cifar10_costs():
     return times
 
 
+def _confirm(s, configs, points, base_fd):
+    """The cheapest matching front point whose fd over seeds 1-4 is within noise of the default's (see above)."""
+    by_point = {(c["solver"], c["evals"], c["cache"] or 1): c for c in configs}
+    for p in sorted((p for p in points if p["match"] and p["front"]), key=lambda p: p["seconds_per_image"]):
+        c = by_point[(p["solver"], p["evals"], p["cache_interval"])]
+        fds = [c["fd"]] + [_draw_fd(s, c["default"], c["cache"], seed=seed)[0] for seed in (2, 3, 4)]
+        p["fd_mean"], p["fd_sd"] = round(statistics.mean(fds), 3), round(statistics.stdev(fds), 3)
+        se = (statistics.variance(fds) / len(fds) + statistics.variance(base_fd) / len(base_fd)) ** 0.5
+        p["confirmed"] = statistics.mean(fds) <= statistics.mean(base_fd) + 2 * se
+        if p["confirmed"]:
+            return p
+    return None
+
+
 def _front(points):
     for p in points:
         p["front"] = not any(q is not p and q["seconds_per_image"] <= p["seconds_per_image"] and q["rms"] <= p["rms"]
@@ -183,7 +199,7 @@ def test_quality_vs_time_front(benchmark, setup):
     base_rms, base_se = _rms(s, DDIMSampler(schedule, BASE_STEPS, clip_denoised=False), None)
     # fd and time, interleaved rounds over every config (and the baseline)
     times = {id(c): [] for c in configs}
-    base_times, base_fd = [], []
+    base_times, base_fd = [], []  # the default's fd on seeds 1, 2, 3 (and 4 for the confirmation)
     for r in range(ROUNDS):
         for c in configs:
             fd, sec = _draw_fd(s, c["default"], c["cache"])
@@ -210,8 +226,9 @@ def test_quality_vs_time_front(benchmark, setup):
                 cifar10_ms_per_image=round(BASE_STEPS * costs["whole"], 1))
     for p in points:
         p["match"] = p["fd"] <= base["fd"] + 2 * fd_sd
-    matching = [p for p in points if p["match"] and p["front"]]
-    pick = min(matching, key=lambda p: p["seconds_per_image"]) if matching else None
+    base_fd4 = base_fd + [_draw_fd(s, baseline, None, seed=4)[0]]
+    base["fd_4_seeds"] = [round(f, 3) for f in base_fd4]
+    pick = _confirm(s, configs, points, base_fd4)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the timings are the interleaved rounds above
     record(benchmark, rounds=ROUNDS, images_rms=N_RMS, images_fd=N_FD, reference_steps=REF_STEPS,
            cifar10_forward_ms=costs, baseline=base, pick=pick, points=points)
@@ -239,31 +256,41 @@ def _write(out, points, base, pick, costs):
                 f"{base['cifar10_ms_per_image']:.0f} | | |")
     with open(os.path.join(out, "front.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
+    plot(points, base, pick, os.path.join(out, "front.png"))
+
+
+def plot(points, base, pick, path):
+    """The front as a figure: one color per solver, cached runs dotted; what lies above rms 1 is clipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name in sorted({p["solver"] for p in points}):
-        for cache, marker in ((1, "o"), (2, "x")):
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
+    colors = plt.get_cmap("tab10").colors
+    for k, name in enumerate(sorted({p["solver"] for p in points})):
+        for cache, marker, style in ((1, "o", "-"), (2, "x", ":")):
             pts = sorted((p for p in points if p["solver"] == name and p["cache_interval"] == cache),
                          key=lambda p: p["seconds_per_image"])
             if pts:
-                ax.plot([1000 * p["seconds_per_image"] for p in pts], [p["rms"] for p in pts], marker=marker,
-                        linestyle="-" if cache == 1 else ":", label=f"{name}{' cached/2' if cache == 2 else ''}")
+                ax.plot([1000 * p["seconds_per_image"] for p in pts], [min(p["rms"], 1.0) for p in pts],
+                        marker=marker, linestyle=style, color=colors[k % 10], markersize=4,
+                        label=f"{name}{' (cache 2)' if cache == 2 else ''}")
     front = sorted((p for p in points if p["front"]), key=lambda p: p["seconds_per_image"])
-    ax.plot([1000 * p["seconds_per_image"] for p in front], [p["rms"] for p in front], color="black", linewidth=2.5,
-            alpha=0.35, label="Pareto front")
-    ax.axhline(base["rms"], color="gray", linestyle="--", label="DDIM 100 steps (old default)")
+    ax.plot([1000 * p["seconds_per_image"] for p in front], [min(p["rms"], 1.0) for p in front], color="black",
+            linewidth=3, alpha=0.3, label="Pareto front")
+    ax.axhline(base["rms"], color="gray", linestyle="--", label=f"DDIM {base['evals']} steps (old default)")
+    ax.axvline(1000 * base["seconds_per_image"], color="gray", linestyle="--")
     if pick:
-        ax.scatter([1000 * pick["seconds_per_image"]], [pick["rms"]], s=200, facecolors="none", edgecolors="red",
-                   label=f"new default: {pick['solver']} {pick['evals']}")
+        ax.scatter([1000 * pick["seconds_per_image"]], [pick["rms"]], s=250, facecolors="none", edgecolors="red",
+                   linewidths=2, label=f"new default: {pick['solver']}, {pick['evals']} evaluations", zorder=5)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("wall ms per image (embedded digits model, fast path, 2-core CPU)")
-    ax.set_ylabel("RMS distance from the 1000-step ODE solution")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylim(top=1.05)
+    ax.set_xlabel("wall ms per image (embedded digits model, 100-image batch, fast path, 2-core CPU)")
+    ax.set_ylabel("RMS distance from the 1000-step ODE solution (clipped at 1)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "front.png"), dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -35,10 +35,14 @@ from ddpm_fast.unet import compile_model
 # A final sample this far outside [-1, 1] is a failure, like a non-finite one (unclipped solvers overshoot a
 # little; orders of magnitude mean a broken model or setting).
 MAX_SAMPLE_MAGNITUDE = 100.0
-# Default steps per sampler (ddpm: every timestep of the schedule), and the default sampler.
+# Default steps per sampler (ddpm: every timestep of the schedule), and the default sampler: the cheapest point
+# of the measured quality-vs-time front whose quality matches the old default, DDIM with 100 steps
+# (benchmarks/test_front_bench.py, RESULTS.md): UniPC-2, 5 steps on the embedded digits model; 10 on other
+# checkpoints, where published CIFAR-10 figures put UniPC at 10 evaluations past DDIM at 100.
 DEFAULT_STEPS = {"ddpm": None, "ddim": 100, "dpm++": 20, "dpm++sde": 20, "unipc": 10, "deis": 10, "plms": 20,
                  "heun": 10, "ipndm": 10}
-DEFAULT_SAMPLER = "ddim"
+DEFAULT_SAMPLER = "unipc"
+EMBEDDED_UNIPC_STEPS = 5
 COMPILED = {"unipc": UniPCSampler, "deis": DEISSampler, "plms": PLMSSampler, "heun": HeunSampler,
             "ipndm": IPNDMSampler}
 ORDERS = {"dpm++": 3, "dpm++sde": 3, "unipc": 3, "deis": 3, "ipndm": 4}  # the highest --order of each
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Heun (2 steps - 1 model calls); ipndm: variable-step iPNDM")
     p.add_argument("--steps", type=int, default=None,
                    help="reverse steps (default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_STEPS.items() if v)
-                        + ", every timestep for ddpm)")
+                        + f", every timestep for ddpm; unipc on the embedded model: {EMBEDDED_UNIPC_STEPS})")
     p.add_argument("--order", type=int, default=None, choices=[1, 2, 3, 4],
                    help="solver order: dpm++ / dpm++sde / unipc / deis 1-3 (default 2), ipndm 1-4 (default 4)")
     p.add_argument("--eta", type=float, default=None,
@@ -215,7 +219,9 @@ def _build_sampler(args, schedule, config):
         steps = None if kept is not None else args.steps or min(100, schedule.num_timesteps)
         return DDIMSampler(schedule, steps, eta=args.eta or 0.0, spacing=args.spacing or "leading",
                            use_clipped_model_output=openai, timesteps=kept)
-    steps = args.steps or min(DEFAULT_STEPS[args.sampler] or 1, schedule.num_timesteps)
+    embedded = args.sampler == "unipc" and args.checkpoint is None
+    default = EMBEDDED_UNIPC_STEPS if embedded else DEFAULT_STEPS[args.sampler]
+    steps = args.steps or min(default or 1, schedule.num_timesteps)
     if args.sampler in ("dpm++", "dpm++sde"):
         return DPMSolverSampler(schedule, steps, order=args.order or 2,
                                 algorithm="sde-dpmsolver++" if args.sampler == "dpm++sde" else "dpmsolver++",

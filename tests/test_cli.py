@@ -40,6 +40,25 @@ def test_sample_writes_grid_and_npz_and_is_deterministic(tmp_path, tiny_model):
     assert (out1 / "grid.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("sampler", ["unipc", "deis", "plms", "heun", "ipndm"])
+def test_every_compiled_solver_samples_from_the_cli(tmp_path, tiny_model, sampler, capsys):
+    """Each solver of the open set runs end to end (guided, the fast path) and names its evaluations."""
+    out = tmp_path / sampler
+    assert _sample(["--checkpoint", tiny_model, "--sampler", sampler, "--steps", "3", "--num-samples", "3",
+                    "--guidance-scale", "2", "--fp16", "--out", str(out)]) == 0
+    evals = {"plms": 4, "heun": 5}.get(sampler, 3)
+    assert f"{sampler} {evals} steps" in capsys.readouterr().out
+    assert _images(out / "samples_3x8x8x3.npz").shape == (3, 8, 8, 3)
+
+
+def test_default_sampler_is_the_fronts_pick(tmp_path, tiny_model, capsys):
+    """UniPC: 5 steps on the embedded model (its measured front), 10 on other checkpoints."""
+    assert _sample(["--num-samples", "2", "--out", str(tmp_path / "e")]) == 0
+    assert "unipc 5 steps" in capsys.readouterr().out
+    assert _sample(["--checkpoint", tiny_model, "--num-samples", "2", "--out", str(tmp_path / "t")]) == 0
+    assert "unipc 10 steps" in capsys.readouterr().out
+
+
 def _images(path):
     with np.load(path) as f:
         return f["arr_0"]
@@ -62,8 +81,9 @@ def test_sample_flags_change_what_they_should(tmp_path, tiny_model):
         return _images(out / "samples_4x8x8x3.npz")
 
     base = run()
-    for extra in (["--guidance-scale", "3.0"], ["--sampler", "ddpm"], ["--eta", "1.0"], ["--class-label", "1"],
-                  ["--sampler", "dpm++"], ["--sampler", "dpm++sde"]):
+    for extra in (["--guidance-scale", "3.0"], ["--sampler", "ddpm"], ["--sampler", "ddim"],
+                  ["--sampler", "ddim", "--eta", "1.0"], ["--class-label", "1"], ["--sampler", "dpm++"],
+                  ["--sampler", "dpm++sde"], ["--sampler", "unipc", "--order", "1"]):
         assert not np.array_equal(run(*extra), base), f"{extra} changed nothing"
     dpm = run("--sampler", "dpm++", "--steps", "6")  # under 4 steps, order 3 is order 2 (warm-up, lower_order_final)
     for extra in (["--order", "3"], ["--order", "1"]):
