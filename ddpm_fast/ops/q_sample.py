@@ -14,35 +14,7 @@ import torch
 from ddpm_fast.base import memory_format
 from ddpm_fast.ops import registry
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
 registry.register("q_sample", {"cuda": ("triton", "torch"), "cpu": ("triton", "torch")})
-
-if triton is not None:
-
-    @triton.jit
-    def _q_sample_kernel(
-        X0_ptr, T_ptr, A_ptr, S_ptr, NOISE_ptr, OUT_ptr,
-        numel, per_sample, seed,
-        GENERATE_NOISE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    ):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < numel
-        t = tl.load(T_ptr + offs // per_sample, mask=mask, other=0)
-        a = tl.load(A_ptr + t, mask=mask, other=0.0)
-        s = tl.load(S_ptr + t, mask=mask, other=0.0)
-        x0 = tl.load(X0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if GENERATE_NOISE:
-            eps = tl.randn(seed, offs.to(tl.int32))
-            tl.store(NOISE_ptr + offs, eps.to(NOISE_ptr.dtype.element_ty), mask=mask)
-        else:
-            eps = tl.load(NOISE_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT_ptr + offs, (a * x0 + s * eps).to(OUT_ptr.dtype.element_ty), mask=mask)
-
 
 def q_sample_ref(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
     """Pure-torch definition (fp32 arithmetic, result in x0's dtype)."""
@@ -68,6 +40,8 @@ def validate_q_sample_args(x0, t, sqrt_acp, sqrt_1m_acp, noise):
 
 
 def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
+    from ddpm_fast.ops.kernels.q_sample import _q_sample_kernel, triton
+
     fmt = memory_format(x0)
     x0 = x0.contiguous(memory_format=fmt)
     generate = noise is None

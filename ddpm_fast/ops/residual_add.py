@@ -17,35 +17,8 @@ import torch
 from ddpm_fast.base import memory_format
 from ddpm_fast.ops import registry
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
 # csrc/residual_add_cpu.cpp: the forward, y and skip of one dtype.
 registry.register("residual_add", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")})
-
-if triton is not None:
-
-    @triton.jit
-    def _residual_add_kernel(
-        Y_ptr, SKIP_ptr, BIAS_ptr, OUT_ptr,
-        numel, num_channels, hw,
-        HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    ):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < numel
-        out = tl.load(Y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        out += tl.load(SKIP_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            if CHANNELS_LAST:
-                c = offs % num_channels
-            else:
-                c = (offs // hw) % num_channels
-            out += tl.load(BIAS_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT_ptr + offs, out.to(OUT_ptr.dtype.element_ty), mask=mask)
-
 
 def residual_add_ref(y, skip, bias=None):
     """Pure-torch definition: fp32 sum, stored in the promoted dtype of y and skip, y's memory format."""
@@ -73,6 +46,8 @@ def _validate(y, skip, bias):
 
 
 def _residual_add_triton(y, skip, bias):
+    from ddpm_fast.ops.kernels.residual_add import _residual_add_kernel, triton
+
     fmt = memory_format(y)
     y = y.contiguous(memory_format=fmt)
     skip = skip.contiguous(memory_format=fmt)
