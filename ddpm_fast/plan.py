@@ -105,7 +105,7 @@ class SamplingPlan:
     Holds the run's draws (x_T, labels and null labels, the noise key [seed, step] and each image's global
     index), the per-step device tables (model timestep and coefficient row of step i), the state buffers
     (``x``: fp32 x_t; for a fast fp16/bf16 model also the half copy the U-Net reads; for a multistep solver
-    the ``history`` of previous data predictions) and the step counter.
+    the ``history``: ring slots of earlier model outputs) and the step counter.
     ``step()`` reads the step index from the device counter and updates the buffers in place: it makes no
     host read, so a CUDA graph can capture it once and replay it. ``start()`` loads new draws into the same
     buffers (the graph engine reuses a captured plan that way).

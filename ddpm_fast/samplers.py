@@ -225,7 +225,7 @@ class DPMSolverSampler(_Sampler):
     (its default): the first steps warm up at lower order, the last step is first order (it lands on the
     data prediction), and with ``lower_order_final`` runs under 15 steps also take their second-to-last
     step at order <= 2. Every step is one ``ops.reverse_step`` whose table row weighs x_t, this step's data
-    prediction and the previous one or two (the plan's history buffers): the update is the one fused
+    prediction and the previous one or two (the plan's ring slots): the update is the one fused
     kernel, and the graph engine captures it like any other step. ``clip_denoised`` clamps each data
     prediction to [-1, 1] (off by default, as in diffusers).
     """
@@ -316,26 +316,31 @@ class DPMSolverSampler(_Sampler):
                         "run it through plan() / sample()")
 
 
-def ring_rows(rows: torch.Tensor, depth: int, push: int) -> torch.Tensor:
-    """Rows in step order whose columns 6.. weigh earlier outputs by lag (6: the previous step's, 7: the one
-    before, ...) -> rows of the full table, whose coef_slot columns weigh ring slots: step i keeps its output
-    (``push``: the PUSH_X0 or PUSH_EPS column) in slot i mod depth, so its lag-l output is in slot (i - l) mod
-    depth. Lags beyond ``depth`` must weigh 0 (the ring holds ``depth`` outputs)."""
-    n, width = rows.shape
+def ring_rows(rows: torch.Tensor, depth: int, push: int, kept=None) -> torch.Tensor:
+    """Rows in step order whose columns 6.. weigh earlier kept outputs by lag (6: the newest kept before this
+    step, 7: the one before, ...) -> rows of the full table, whose coef_slot columns weigh ring slots. Each kept
+    output (``kept[i]``, default every step; ``push``: the PUSH_X0 or PUSH_EPS column) goes into the next slot
+    in turn, i.e. the oldest one. Lags beyond ``depth`` must weigh 0 (the ring holds ``depth`` outputs). The one
+    place that lays out the ring: DPM-Solver++'s rows and every compiled solver's (solvers.compile_rows)."""
+    n = rows.shape[0]
+    kept = [True] * n if kept is None else list(kept)
     lags = rows[:, SLOT0:]
     if lags.shape[1] > depth and bool((lags[:, depth:] != 0).any()):
         raise ValueError(f"a row weighs an output older than the ring's {depth} slots")
     out = torch.zeros(n, NUM_COEFS, dtype=rows.dtype)
     out[:, :SLOT0] = rows[:, :SLOT0]
+    slots: list[int] = []  # the slot of each output kept so far, oldest first
     for i in range(n):
         for lag in range(1, min(depth, lags.shape[1]) + 1):
-            if i - lag >= 0:
-                out[i, SLOT0 + (i - lag) % depth] += lags[i, lag - 1]
+            if lag <= len(slots):
+                out[i, SLOT0 + slots[-lag]] += lags[i, lag - 1]
             elif lags[i, lag - 1] != 0:
-                raise ValueError(f"step {i} weighs the output of step {i - lag}")
-        if depth:
+                raise ValueError(f"step {i} weighs the output kept {lag} back, but only {len(slots)} are kept")
+        if depth and kept[i]:
+            slot = len(slots) % depth
             out[i, push] = 1.0
-            out[i, PUSH_SLOT] = i % depth + 1
+            out[i, PUSH_SLOT] = slot + 1
+            slots.append(slot)
     return out
 
 

@@ -20,8 +20,8 @@ import math
 import numpy as np
 import torch
 
-from ddpm_fast.ops.reverse_step import COEF_COLUMNS, MAX_HISTORY, NUM_COEFS, PUSH_EPS, PUSH_SLOT, PUSH_X0, SLOT0
-from ddpm_fast.samplers import _Sampler, dpm_timesteps
+from ddpm_fast.ops.reverse_step import COEF_COLUMNS, MAX_HISTORY, PUSH_EPS, PUSH_X0, SLOT0
+from ddpm_fast.samplers import _Sampler, dpm_timesteps, ring_rows
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
 __all__ = ["DEISSampler", "HeunSampler", "IPNDMSampler", "PLMSSampler", "Trace", "UniPCSampler", "compile_rows"]
@@ -74,21 +74,19 @@ class Trace:
 
 def compile_rows(trace: Trace, depth: int) -> torch.Tensor:
     """One float64 row of ops.COEF_COLUMNS per evaluation: the next input (or the result) as c_xt x_t +
-    c_out out_j + sum_k coef_slot_k H_k, with out_j pushed into the oldest of ``depth`` ring slots when kept."""
+    c_out out_j + sum_k coef_slot_k H_k, with out_j pushed into the oldest of ``depth`` ring slots when kept
+    (samplers.ring_rows lays out the ring)."""
     n = len(trace.inputs)
     if n != trace.evals or trace.final is None:
         raise RuntimeError(f"the solver made {n} of its {trace.evals} evaluations or did not finish")
     if not 0 <= depth <= MAX_HISTORY:
         raise ValueError(f"a step reads at most {MAX_HISTORY} earlier outputs, the solver asks for {depth}")
     out_col = COL["coef_x0"] if trace.form == "x0" else COL["coef_eps"]
-    push_col = PUSH_X0 if trace.form == "x0" else PUSH_EPS
-    ring: list[int | None] = [None] * depth  # which evaluation's output each slot holds
-    pushes = 0
-    rows = torch.zeros(n, NUM_COEFS, dtype=torch.float64)
+    rows = torch.zeros(n, SLOT0 + MAX_HISTORY, dtype=torch.float64)  # earlier outputs weighed by lag
     for j in range(n):
         x, target = trace.inputs[j], trace.inputs[j + 1] if j + 1 < n else trace.final
-        held = [(slot, k) for slot, k in enumerate(ring) if k is not None]
-        basis = np.stack([x, trace.symbol(j + 1)] + [trace.symbol(k + 1) for _, k in held], axis=1)
+        held = [k for k in range(j) if trace.kept[k]][::-1][:depth]  # what the ring holds, newest first
+        basis = np.stack([x, trace.symbol(j + 1)] + [trace.symbol(k + 1) for k in held], axis=1)
         coef, *_ = np.linalg.lstsq(basis, target, rcond=None)
         miss = np.abs(basis @ coef - target).max()
         if not miss <= 1e-9 * max(1.0, np.abs(target).max()):
@@ -99,15 +97,8 @@ def compile_rows(trace: Trace, depth: int) -> torch.Tensor:
         rows[j, COL["sqrt_recipm1_alphas_cumprod"]] = sigma / alpha
         rows[j, COL["coef_xt"]] = coef[0]
         rows[j, out_col] = coef[1]
-        for (slot, _), c in zip(held, coef[2:], strict=True):
-            rows[j, SLOT0 + slot] = c
-        if trace.kept[j] and depth:
-            slot = pushes % depth  # the oldest slot (read above before this step writes it)
-            ring[slot] = j
-            pushes += 1
-            rows[j, push_col] = 1.0
-            rows[j, PUSH_SLOT] = slot + 1
-    return rows
+        rows[j, SLOT0:SLOT0 + len(held)] = torch.from_numpy(coef[2:])
+    return ring_rows(rows, depth, PUSH_X0 if trace.form == "x0" else PUSH_EPS, trace.kept)
 
 
 class _CompiledSampler(_Sampler):
