@@ -119,13 +119,19 @@ void affine_rows_bf16(const uint16_t* __restrict__ x, uint16_t* __restrict__ y, 
   }
 }
 
-// y = x * scale + shift (per element of the row), then SiLU if asked, in place.
+// y[r, c] = x[r, c] * scale[c] + shift[c], then SiLU if asked, over a rows x cols block in one call (a call
+// per row cost more than the row's arithmetic at C = 32). x may be y (in place).
 DDPM_FAST_CPU_CLONES
-void affine_silu_row(float* x, const float* scale, const float* shift, int64_t n, bool silu) {
-  if (silu) {
-    for (int64_t i = 0; i < n; ++i) x[i] = cpu::silu(x[i] * scale[i] + shift[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] * scale[i] + shift[i];
+void affine_silu_rows(const float* x, float* y, int64_t rows, int64_t cols, const float* __restrict__ scale,
+                      const float* __restrict__ shift, bool silu) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    float* yr = y + r * cols;
+    if (silu) {
+      for (int64_t c = 0; c < cols; ++c) yr[c] = cpu::silu(xr[c] * scale[c] + shift[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] * scale[c] + shift[c];
+    }
   }
 }
 
@@ -178,66 +184,107 @@ void group_norm_nchw(const scalar_t* x, scalar_t* y, const Params& p) {
   });
 }
 
+// The three stages of channels_last, each over one (sample, block) or one (sample, group); every way of
+// running them below does the same arithmetic in the same order, so the way never changes a bit.
+template <typename scalar_t>
+struct ChannelsLast {
+  const scalar_t* x;
+  scalar_t* y;
+  const Params& p;
+  int64_t rows, blocks;
+
+  ChannelsLast(const scalar_t* x_, scalar_t* y_, const Params& p_)
+      : x(x_), y(y_), p(p_), rows(block_positions(p_.hw, p_.c)), blocks((p_.hw + rows - 1) / rows) {}
+
+  int64_t rows_of(int64_t b) const { return std::min(rows, p.hw - b * rows); }
+
+  // Per channel mean and M2 of block b of sample n, into mean/m2 (C each).
+  void moments(int64_t n, int64_t b, float* mean, float* m2, std::vector<float>& buf) const {
+    const scalar_t* src = x + (n * p.hw + b * rows) * p.c;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bf16: converted in registers, no fp32 copy
+      column_mean_m2_bf16(reinterpret_cast<const uint16_t*>(src), rows_of(b), p.c, mean, m2);
+    } else {
+      buf.resize(std::is_same_v<scalar_t, float> ? 0 : rows * p.c);
+      column_mean_m2(cpu::floats(src, buf.data(), rows_of(b) * p.c), rows_of(b), p.c, mean, m2);
+    }
+  }
+
+  // Group g of sample n: its blocks' partials (``part``: blocks x C means, then blocks x C M2s) merged in block
+  // order into each of its channels' scale and shift.
+  void scale_shift(int64_t n, int64_t g, const float* part_mean, const float* part_m2, float* scale,
+                   float* shift) const {
+    Moments group;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const double count = static_cast<double>(rows_of(b));
+      for (int64_t c = g * p.cg; c < (g + 1) * p.cg; ++c)
+        group.merge(count, part_mean[b * p.c + c] + add_at(p, n, c), part_m2[b * p.c + c]);
+    }
+    const float mean = static_cast<float>(group.mean);
+    const float rstd = static_cast<float>(1.0 / std::sqrt(group.m2 / group.count + p.eps));
+    for (int64_t c = g * p.cg; c < (g + 1) * p.cg; ++c) {
+      scale[c] = rstd * weight_at(p, n, c);
+      shift[c] = (add_at(p, n, c) - mean) * scale[c] + bias_at(p, n, c);
+    }
+  }
+
+  // Block b of sample n normalized with its channels' scale and shift.
+  void normalize(int64_t n, int64_t b, const float* scale, const float* shift, std::vector<float>& buf) const {
+    const int64_t r = rows_of(b);
+    const int64_t offset = (n * p.hw + b * rows) * p.c;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      affine_silu_rows(x + offset, y + offset, r, p.c, scale, shift, p.silu);
+      return;
+    }
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (!p.silu) {
+        affine_rows_bf16(reinterpret_cast<const uint16_t*>(x + offset), reinterpret_cast<uint16_t*>(y + offset), r,
+                         p.c, scale, shift);
+        return;
+      }
+    }
+    buf.resize(rows * p.c);
+    load_row(x + offset, buf.data(), r * p.c);
+    affine_silu_rows(buf.data(), buf.data(), r, p.c, scale, shift, p.silu);
+    cpu::store_row(buf.data(), y + offset, r * p.c);
+  }
+};
+
 template <typename scalar_t>
 void group_norm_channels_last(const scalar_t* x, scalar_t* y, const Params& p) {
-  const int64_t rows = block_positions(p.hw, p.c);
-  const int64_t blocks = (p.hw + rows - 1) / rows;
-  // Pass 1: per (sample, block, channel) mean and M2 of the block's positions.
-  std::vector<float> part_mean(p.n * blocks * p.c), part_m2(p.n * blocks * p.c);
-  at::parallel_for(0, p.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(std::is_same_v<scalar_t, at::BFloat16> ? 0 : rows * p.c);  // bf16: no fp32 copy
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks, b = task % blocks;
-      const int64_t r = std::min(rows, p.hw - b * rows);
-      const scalar_t* src = x + (n * p.hw + b * rows) * p.c;
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        column_mean_m2_bf16(reinterpret_cast<const uint16_t*>(src), r, p.c, part_mean.data() + task * p.c,
-                            part_m2.data() + task * p.c);
-      } else {
-        const float* v = cpu::floats(src, buf.data(), r * p.c);
-        column_mean_m2(v, r, p.c, part_mean.data() + task * p.c, part_m2.data() + task * p.c);
+  const ChannelsLast<scalar_t> k(x, y, p);
+  const int64_t blocks = k.blocks, c = p.c;
+  if (p.n >= at::get_num_threads()) {
+    // Enough samples for every thread: one task per sample runs the three stages while its values are in cache.
+    at::parallel_for(0, p.n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> part_mean(blocks * c), part_m2(blocks * c), scale(c), shift(c), buf;
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t b = 0; b < blocks; ++b) k.moments(n, b, part_mean.data() + b * c, part_m2.data() + b * c, buf);
+        for (int64_t g = 0; g < p.groups; ++g)
+          k.scale_shift(n, g, part_mean.data(), part_m2.data(), scale.data(), shift.data());
+        for (int64_t b = 0; b < blocks; ++b) k.normalize(n, b, scale.data(), shift.data(), buf);
       }
-    }
+    });
+    return;
+  }
+  // Few samples: each stage is parallel over its own tasks, (sample, block) or (sample, group).
+  std::vector<float> part_mean(p.n * blocks * c), part_m2(p.n * blocks * c), scale(p.n * c), shift(p.n * c);
+  at::parallel_for(0, p.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t task = begin; task < end; ++task)
+      k.moments(task / blocks, task % blocks, part_mean.data() + task * c, part_m2.data() + task * c, buf);
   });
-  // Merge per (sample, group), in a fixed order, into each channel's scale and shift.
-  std::vector<float> scale(p.n * p.c), shift(p.n * p.c);
   at::parallel_for(0, p.n * p.groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / p.groups, g = task % p.groups;
-      Moments group;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const double count = static_cast<double>(std::min(rows, p.hw - b * rows));
-        const int64_t base = (n * blocks + b) * p.c;
-        for (int64_t c = g * p.cg; c < (g + 1) * p.cg; ++c)
-          group.merge(count, part_mean[base + c] + add_at(p, n, c), part_m2[base + c]);
-      }
-      const float mean = static_cast<float>(group.mean);
-      const float rstd = static_cast<float>(1.0 / std::sqrt(group.m2 / group.count + p.eps));
-      for (int64_t c = g * p.cg; c < (g + 1) * p.cg; ++c) {
-        scale[n * p.c + c] = rstd * weight_at(p, n, c);
-        shift[n * p.c + c] = (add_at(p, n, c) - mean) * scale[n * p.c + c] + bias_at(p, n, c);
-      }
+      const int64_t n = task / p.groups;
+      k.scale_shift(n, task % p.groups, part_mean.data() + n * blocks * c, part_m2.data() + n * blocks * c,
+                    scale.data() + n * c, shift.data() + n * c);
     }
   });
-  // Pass 2: normalize each block, row by row.
   at::parallel_for(0, p.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(std::is_same_v<scalar_t, at::BFloat16> && !p.silu ? 0 : rows * p.c);
+    std::vector<float> buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks, b = task % blocks;
-      const int64_t r = std::min(rows, p.hw - b * rows);
-      const int64_t offset = (n * p.hw + b * rows) * p.c;
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        if (!p.silu) {
-          affine_rows_bf16(reinterpret_cast<const uint16_t*>(x + offset), reinterpret_cast<uint16_t*>(y + offset), r,
-                           p.c, scale.data() + n * p.c, shift.data() + n * p.c);
-          continue;
-        }
-      }
-      float* v = cpu::work_row(y + offset, buf.data());
-      load_row(x + offset, v, r * p.c);
-      for (int64_t i = 0; i < r; ++i)
-        affine_silu_row(v + i * p.c, scale.data() + n * p.c, shift.data() + n * p.c, p.c, p.silu);
-      cpu::finish_row(v, y + offset, r * p.c);
+      const int64_t n = task / blocks;
+      k.normalize(n, task % blocks, scale.data() + n * c, shift.data() + n * c, buf);
     }
   });
 }
