@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
-from ddpm_fast.unet import FAST_DTYPES, _cat, _folded, _Folding, check_x_and_t, timestep_embedding
+from ddpm_fast.unet import FAST_DTYPES, _cat, _folded, _Folding, check_x_and_t, timestep_embedding, upsampled_conv
 
 ADM_GROUPS = 32  # openai's normalization(): GroupNorm32(32, channels), eps 1e-5, computed in fp32
 ADM_EPS = 1e-5
@@ -422,7 +422,8 @@ class ADMUNet(nn.Module):
 class FastADMResBlock(_Folding, ADMResBlock):
     """An ADMResBlock's fast form (same parameters): called with the FastADMUNet's one time GEMM output, of
     which ``time_slice`` are this block's columns (its emb_layers projection, + conv1's bias without
-    scale-shift); None: called with SiLU(emb) and projects it itself."""
+    scale-shift); None: called with SiLU(emb) and projects it itself. An upsampling block's upsampling and
+    conv1 are one transposed convolution over the low-resolution input (``upsampled_conv``)."""
 
     def __init__(self, block: ADMResBlock, time_slice: tuple[int, int] | None = None):
         nn.Module.__init__(self)
@@ -441,15 +442,18 @@ class FastADMResBlock(_Folding, ADMResBlock):
             bias = _folded(self, "time_bias", _sum, *self.time_bias())
             mod = F.linear(temb, self.emb_layers[1].weight, bias)
         h = _norm(self.in_layers[0], x, silu=True)
-        if self.resample is not None:
-            h, x = self._resampled(h), self._resampled(x)
         conv1, norm = self.in_layers[2], self.out_layers[0]
+        bias = conv1.bias if self.scale_shift else None  # else it rides in the time add of norm
+        if self.resample == "up":  # upsampling and conv1 as one transposed convolution
+            h, x = upsampled_conv(self, h, conv1, bias), self._resampled(x)
+        else:
+            if self.resample is not None:
+                h, x = self._resampled(h), self._resampled(x)
+            h = F.conv2d(h, conv1.weight, bias, padding=1)
         if self.scale_shift:
-            h = F.conv2d(h, conv1.weight, conv1.bias, padding=1)
             scale, shift = mod.to(h.dtype).chunk(2, dim=1)
             h = ops.group_norm_scale_shift_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
         else:
-            h = F.conv2d(h, conv1.weight, None, padding=1)
             h = ops.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=mod, silu=True)
         conv2 = self.out_layers[3]
         h = F.conv2d(self.out_layers[2](h), conv2.weight, None, padding=1)
@@ -517,10 +521,22 @@ class FastADMAttention(ADMAttention):
         return x + out.transpose(1, 2).reshape(n, c, hgt, wid)
 
 
+class FastADMUpsample(_Folding, _Resample):
+    """An upsampling _Resample with a conv, fast: the upsampling and the conv as one transposed convolution."""
+
+    def __init__(self, block: _Resample):
+        nn.Module.__init__(self)
+        self.up, self.conv = True, block.conv
+
+    def forward(self, x):
+        return upsampled_conv(self, x, self.conv, self.conv.bias)
+
+
 class FastADMUNet(_Folding, ADMUNet):
     """The fast path of an ADMUNet: built from a reference model whose modules it takes over (ADMUNet.to_fast
     passes a copy), cast to ``dtype`` channels_last, attention through SDPA; with ``fold``, FastADMResBlocks
-    given their column slices of one time GEMM (assigned here, by block: no call order is assumed)."""
+    given their column slices of one time GEMM (assigned here, by block: no call order is assumed), and
+    FastADMUpsamples (upsampling + conv as one transposed convolution)."""
 
     def __init__(self, model: ADMUNet, dtype: torch.dtype, fold: bool = True):
         if dtype not in FAST_DTYPES:
@@ -537,6 +553,8 @@ class FastADMUNet(_Folding, ADMUNet):
             for name, child in parent.named_children():
                 if type(child) is ADMAttention:
                     setattr(parent, name, FastADMAttention(child))
+                elif type(child) is _Resample and child.up and hasattr(child, "conv") and fold:
+                    setattr(parent, name, FastADMUpsample(child))
                 elif type(child) is ADMResBlock and fold:
                     width = child.emb_layers[1].out_features
                     child = FastADMResBlock(child, (start, start + width))

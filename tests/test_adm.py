@@ -209,9 +209,10 @@ def test_fast_matches_reference_by_relative_rule(name, backend):
     _relative_rule(model, x, t, y, torch.bfloat16, backend)
 
 
-def test_fast_float32_equals_reference_and_keeps_the_layout():
+@pytest.mark.parametrize("updown", ["False", "True"])  # upsampling: a conv resampler, or the ResBlock's own
+def test_fast_float32_equals_reference_and_keeps_the_layout(updown):
     model, _ = _small("--image_size 32 --num_channels 64 --num_res_blocks 1 --channel_mult 1,2 "
-                      "--attention_resolutions 16 --num_heads 2 --learn_sigma True")
+                      f"--attention_resolutions 16 --num_heads 2 --learn_sigma True --resblock_updown {updown}")
     fast = model.to_fast(torch.float32)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
     with torch.no_grad():

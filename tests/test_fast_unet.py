@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_
 
 from ddpm_fast import (
@@ -22,7 +23,15 @@ from ddpm_fast import (
     ops,
     save_pretrained,
 )
-from ddpm_fast.unet import AttentionBlock, FastAttentionBlock, FastResnetBlock, ResnetBlock
+from ddpm_fast.unet import (
+    AttentionBlock,
+    FastAttentionBlock,
+    FastResnetBlock,
+    FastUpsample,
+    ResnetBlock,
+    Upsample,
+    upsampled_conv,
+)
 
 needs_triton = pytest.mark.skipif(
     ops.backend_unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -166,17 +175,21 @@ def test_training_gradients_through_fused_ops_match_reference():
 
 @needs_triton
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("block", ["resnet", "resnet_shortcut", "attention", "attention_2_heads"])
+@pytest.mark.parametrize("block", ["resnet", "resnet_shortcut", "attention", "attention_2_heads", "upsample"])
 def test_fused_blocks_compute_the_plain_blocks(backend, block):
-    """Folded biases, the one-pass residual and the single q/k/v GEMM change no value and no gradient."""
+    """Folded biases, the one-pass residual, the single q/k/v GEMM and the upsampling folded into its conv
+    (one transposed convolution) change no value and no gradient."""
     cin = 16 if block == "resnet_shortcut" else 32
+    takes_temb = block.startswith("resnet")
     if block.startswith("attention"):
-        plain = AttentionBlock(32, 8, 1e-6, head_dim=16 if block.endswith("heads") else None)
+        plain, fast_block = AttentionBlock(32, 8, 1e-6, head_dim=16 if block.endswith("heads") else None), \
+            FastAttentionBlock
+    elif block == "upsample":
+        plain, fast_block = Upsample(32), FastUpsample
     else:
-        plain = ResnetBlock(cin, 32, 24, 8, 1e-6, 0.0)
+        plain, fast_block = ResnetBlock(cin, 32, 24, 8, 1e-6, 0.0), FastResnetBlock
     randomize_(plain, 0.1)
     plain = plain.to(memory_format=torch.channels_last)
-    fast_block = FastAttentionBlock if block.startswith("attention") else FastResnetBlock
     fused = fast_block(copy.deepcopy(plain))
     x = torch.randn(2, cin, 6, 5).contiguous(memory_format=torch.channels_last)
     temb = torch.randn(2, 24)
@@ -185,7 +198,7 @@ def test_fused_blocks_compute_the_plain_blocks(backend, block):
         m.zero_grad()
         xi, ti = x.clone().requires_grad_(), temb.clone().requires_grad_()
         with ops.use_backend(backend):
-            out = m(xi) if block.startswith("attention") else m(xi, ti)
+            out = m(xi, ti) if takes_temb else m(xi)
         (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
         grads = {k: p.grad for k, p in m.named_parameters()}
         return out, xi.grad, (ti.grad if ti.grad is not None else torch.zeros(())), grads
@@ -193,12 +206,26 @@ def test_fused_blocks_compute_the_plain_blocks(backend, block):
     out_p, dx_p, dt_p, g_p = run(plain)
     out_f, dx_f, dt_f, g_f = run(fused)
     assert out_f.is_contiguous(memory_format=torch.channels_last)
-    print("max |fused - plain|:", (out_f - out_p).abs().max().item())
     torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx_f, dx_p, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(dt_f, dt_p, atol=1e-5, rtol=1e-4)
     for k in g_p:
         torch.testing.assert_close(g_f[k], g_p[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (8, 8)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_upsampled_conv_is_upsample_then_conv(size, with_bias):
+    """The transposed convolution FastUpsample (and ADM's upsampling blocks) run is the nearest 2x upsampling
+    followed by the 3x3 convolution, to float64 round-off, borders included."""
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(2, 4, *size, dtype=torch.float64)
+    bias = conv.bias if with_bias else None
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, bias, padding=1)
+    with torch.no_grad():
+        got = upsampled_conv(torch.nn.Module(), x, conv, bias)
+    assert got.shape == want.shape == (2, 6, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
 def test_folded_parameters_follow_weight_updates():
