@@ -1,6 +1,7 @@
 // The one extension module, ddpm_fast._C.
 #include <torch/extension.h>
 
+#include "cpu_kernels.h"
 #include "reverse_step_common.h"
 
 namespace ddpm_fast {
@@ -57,6 +58,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the eps MSE and the x_0 MSE, as (N, 3) float32 (CPU)",
         py::arg("x_start"), py::arg("x_t"), py::arg("eps"), py::arg("noise"), py::arg("table"), py::arg("t"),
         py::arg("clip_denoised"), py::arg("v") = py::none());
+  m.def("cpu_avx512", [](c10::optional<bool> enable) {
+    if (enable) ddpm_fast::cpu::set_avx512(*enable);
+    return ddpm_fast::cpu::avx512_enabled();
+  }, "whether the C++ CPU kernels run their AVX-512 loops (on where the CPU has AVX-512F); pass False to run "
+     "the portable loops instead, True to turn them back on", py::arg("enable") = py::none());
   m.def("with_cuda", []() {
 #ifdef DDPM_FAST_WITH_CUDA
     return true;

@@ -18,8 +18,11 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define DDPM_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define DDPM_FAST_X86_SIMD 1
+#include <immintrin.h>
 #else
 #define DDPM_FAST_CPU_CLONES
+#define DDPM_FAST_X86_SIMD 0
 #endif
 
 // Helpers the cloned loops call must be inlined into every clone to vectorize there.
@@ -31,6 +34,13 @@
 
 namespace ddpm_fast {
 namespace cpu {
+
+// Whether loops written with AVX-512 intrinsics run (where a loop needs an instruction the compiler would not
+// pick, e.g. vrcp14ps for SiLU's reciprocal): on when the CPU has AVX-512F; set_avx512 turns them off (tests
+// hold both forms to the reference) or back on. Defined in group_norm_silu_cpu.cpp.
+bool avx512_enabled();
+bool avx512_supported();
+void set_avx512(bool enabled);
 
 // exp(x) for x in float range, branch-free so it vectorizes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2],
 // p the Cephes expf polynomial (relative error ~2e-7). Inputs are clamped to [-87.3, 88.3] (finite

@@ -11,12 +11,38 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "cpu_kernels.h"
 
 namespace ddpm_fast {
+
+namespace cpu {
+bool avx512_supported() {
+#if DDPM_FAST_X86_SIMD
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::atomic<bool>& avx512_flag() {
+  static std::atomic<bool> flag{avx512_supported()};
+  return flag;
+}
+}  // namespace
+
+bool avx512_enabled() { return avx512_flag().load(std::memory_order_relaxed); }
+
+void set_avx512(bool enabled) {
+  TORCH_CHECK(!enabled || avx512_supported(), "set_avx512: this CPU has no AVX-512F");
+  avx512_flag().store(enabled, std::memory_order_relaxed);
+}
+}  // namespace cpu
 
 namespace {
 
@@ -119,11 +145,57 @@ void affine_rows_bf16(const uint16_t* __restrict__ x, uint16_t* __restrict__ y, 
   }
 }
 
+#if DDPM_FAST_X86_SIMD
+// SiLU of 16 lanes with AVX-512 instructions that portable code cannot name: exp(-|v|) on the Cephes polynomial
+// scaled by vscalefps, then sigmoid = 1 / (1 + e) (times e below zero) from vrcp14ps and one Newton step, in
+// place of a division (16 cycles a vector on AVX-512; the whole SiLU was bound by it). Relative error <= 1.3e-6
+// against float64 over [-100, 100]; NaN propagates (the final product with v), +-inf map to +-inf.
+__attribute__((target("avx512f"))) inline __m512 silu16(__m512 v) {
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), v)), _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512 e = _mm512_scalef_ps(p, n);  // exp(-|v|) in (0, 1]
+  const __m512 d = _mm512_add_ps(e, _mm512_set1_ps(1.f));
+  __m512 q = _mm512_rcp14_ps(d);
+  q = _mm512_mul_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(2.f)));
+  const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mul_ps(v, _mm512_mask_mul_ps(q, negative, e, q));
+}
+
+__attribute__((target("avx512f"))) void affine_silu_rows_avx512(const float* x, float* y, int64_t rows, int64_t cols,
+                                                                const float* scale, const float* shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    float* yr = y + r * cols;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+      const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(xr + c), _mm512_loadu_ps(scale + c), _mm512_loadu_ps(shift + c));
+      _mm512_storeu_ps(yr + c, silu16(v));
+    }
+    if (c < cols) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (cols - c)) - 1u);
+      const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xr + c), _mm512_maskz_loadu_ps(m, scale + c),
+                                       _mm512_maskz_loadu_ps(m, shift + c));
+      _mm512_mask_storeu_ps(yr + c, m, silu16(v));
+    }
+  }
+}
+#endif
+
 // y[r, c] = x[r, c] * scale[c] + shift[c], then SiLU if asked, over a rows x cols block in one call (a call
 // per row cost more than the row's arithmetic at C = 32). x may be y (in place).
 DDPM_FAST_CPU_CLONES
-void affine_silu_rows(const float* x, float* y, int64_t rows, int64_t cols, const float* __restrict__ scale,
-                      const float* __restrict__ shift, bool silu) {
+void affine_silu_rows_portable(const float* x, float* y, int64_t rows, int64_t cols, const float* __restrict__ scale,
+                               const float* __restrict__ shift, bool silu) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * cols;
     float* yr = y + r * cols;
@@ -133,6 +205,14 @@ void affine_silu_rows(const float* x, float* y, int64_t rows, int64_t cols, cons
       for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] * scale[c] + shift[c];
     }
   }
+}
+
+void affine_silu_rows(const float* x, float* y, int64_t rows, int64_t cols, const float* scale, const float* shift,
+                      bool silu) {
+#if DDPM_FAST_X86_SIMD
+  if (silu && cpu::avx512_enabled()) return affine_silu_rows_avx512(x, y, rows, cols, scale, shift);
+#endif
+  affine_silu_rows_portable(x, y, rows, cols, scale, shift, silu);
 }
 
 DDPM_FAST_CPU_CLONES

@@ -20,6 +20,20 @@ TOLS = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-3), torch.bfloat16
 DTYPES = list(TOLS)
 
 
+LOOPS = ["avx512", "portable"]  # the C++ kernels' two forms of SiLU's loop (AVX-512 intrinsics, or plain C++)
+
+
+@pytest.fixture(params=LOOPS)
+def cpu_loops(request):
+    """Run a test with the AVX-512 loops (skipped on a CPU without AVX-512F) or with the portable ones."""
+    before = _C.cpu_avx512()
+    if request.param == "avx512" and not before:
+        pytest.skip("this CPU has no AVX-512F (or its loops were turned off)")
+    _C.cpu_avx512(request.param == "avx512")
+    yield request.param
+    _C.cpu_avx512(before)
+
+
 def _fmt(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -49,7 +63,7 @@ GN_SHAPES = [((1, 32, 8, 8), 8), ((3, 384, 17, 17), 32), ((2, 12, 17, 17), 4), (
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_add, silu", [(True, True), (False, True), (True, False)])
-def test_group_norm_silu_matches_ref(shape, groups, dtype, channels_last, with_add, silu):
+def test_group_norm_silu_matches_ref(shape, groups, dtype, channels_last, with_add, silu, cpu_loops):
     x, weight, bias, add = _gn_inputs(shape, dtype, channels_last, with_add)
     got = _C.group_norm_silu(x, weight, bias, add, groups, 1e-6, silu)
     _assert_close(got, group_norm_silu_ref(x, weight, bias, groups, 1e-6, add, silu), dtype)
@@ -68,7 +82,7 @@ def test_group_norm_without_affine_and_with_offset_data(channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_silu_range_and_non_finite_input(channels_last):
+def test_silu_range_and_non_finite_input(channels_last, cpu_loops):
     """Large pre-activations (|y| up to ~400) use the exp's clamped ends; a NaN or inf poisons its group only,
     as in the reference (never a finite value made up for it)."""
     x, weight, bias, add = _gn_inputs((2, 8, 6, 6), torch.float32, channels_last, True)
@@ -84,7 +98,22 @@ def test_silu_range_and_non_finite_input(channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_is_invariant_to_threads_and_batch(channels_last):
+def test_silu_is_accurate_over_its_whole_range(channels_last, cpu_loops):
+    """SiLU's exp and reciprocal (a polynomial, and on AVX-512 vrcp14ps + a Newton step instead of a division)
+    against float64 on pre-activations from -100 to 100, both signs, tiny ones, channel counts that are and are
+    not a multiple of the 16-lane vectors."""
+    for c in (16, 24, 3):
+        x = torch.randn(2, c, 40, 50, dtype=torch.float64)
+        weight, bias = torch.full((c,), 30.0, dtype=torch.float64), torch.linspace(-5, 5, c, dtype=torch.float64)
+        x32 = x.float().contiguous(memory_format=_fmt(channels_last))
+        got = _C.group_norm_silu(x32, weight.float(), bias.float(), None, 1, 1e-6, True)
+        want = group_norm_silu_ref(x32.double(), weight, bias, 1, 1e-6, None, True)
+        assert want.abs().max() > 90 and (want < -1e-8).any()
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_is_invariant_to_threads_and_batch(channels_last, cpu_loops):
     """Blocking depends on the shape only: the same bits with 1 or 2 threads, and for a sample alone or in a batch."""
     x, weight, bias, add = _gn_inputs((5, 16, 40, 40), torch.float32, channels_last, True)
     threads = torch.get_num_threads()
@@ -133,7 +162,7 @@ def test_residual_add_matches_ref(shape, dtype, channels_last, with_bias):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bf16_kernels_are_the_fp32_kernels_rounded(channels_last):
+def test_bf16_kernels_are_the_fp32_kernels_rounded(channels_last, cpu_loops):
     """bf16 blocks are converted in registers (no fp32 copy), with the fp32 path's arithmetic per value: the bf16
     kernels' output must be the fp32 kernels' output on the same values, rounded to bf16, bit for bit. Catches
     any indexing or conversion slip the 2e-2 tolerance against the reference would let through."""
