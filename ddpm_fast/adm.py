@@ -20,7 +20,6 @@ scale-shift norm nothing is added before the norm, so conv1's bias has no add to
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -30,7 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
-from ddpm_fast.unet import FAST_DTYPES, _cat, _folded, _Folding, check_x_and_t, timestep_embedding, upsampled_conv
+from ddpm_fast.unet import (
+    FAST_DTYPES,
+    _cat,
+    _folded,
+    _Folding,
+    check_x_and_t,
+    fast_form,
+    timestep_embedding,
+    upsampled_conv,
+)
 
 ADM_GROUPS = 32  # openai's normalization(): GroupNorm32(32, channels), eps 1e-5, computed in fp32
 ADM_EPS = 1e-5
@@ -406,11 +414,10 @@ class ADMUNet(nn.Module):
             h = stage(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out[2](_norm(self.out[0], h, silu=True))
 
-    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastADMUNet:
-        """The fast path: a FastADMUNet built from a copy of this model (this one is left untouched)."""
-        if dtype not in FAST_DTYPES:
-            raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
-        return FastADMUNet(copy.deepcopy(self), dtype, fold=fold)
+    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True, copy: bool = True) -> FastADMUNet:
+        """The fast path: a FastADMUNet built from a copy of this model (this one is left untouched); ``copy=False``
+        builds it from this model's own modules, as UNet.to_fast does."""
+        return fast_form(self, FastADMUNet, dtype, fold, copy)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -294,9 +294,21 @@ def _read_json(path: str) -> dict:
     return d
 
 
-def load_state_dict_strict(model: UNet | ADMUNet, sd: dict, source: str) -> None:
+def build_loaded(config: UNetConfig | ADMConfig, sd: dict, source: str) -> UNet | ADMUNet:
+    """A model of ``config`` (in eval mode) holding the state dict ``sd``: built on the meta device and given the
+    checkpoint's tensors by assignment, so no weight is first initialized at random and then overwritten (for
+    a 550M-parameter ADM model that initialization alone takes seconds), and no second copy is made."""
+    with torch.device("meta"):
+        model = build_model(config)
+    load_state_dict_strict(model, sd, source, assign=True)
+    return model.eval()
+
+
+def load_state_dict_strict(model: UNet | ADMUNet, sd: dict, source: str, assign: bool = False) -> None:
     """Load strictly; a mismatch is one line naming the first missing key, extra key and wrong shape (with how
-    many more there are). 1x1-conv attention weights are squeezed to 2-D."""
+    many more there are). 1x1-conv attention weights are squeezed to 2-D. ``assign``: the model's parameters
+    become the (dense) checkpoint tensors, as ``load_state_dict(assign=True)`` does (a model built on the meta
+    device gets its storage this way)."""
     own = model.state_dict()
     fixed = {}
     for k, v in sd.items():
@@ -314,7 +326,8 @@ def load_state_dict_strict(model: UNet | ADMUNet, sd: dict, source: str) -> None
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source}: does not match the model config; " + "; ".join(problems))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in fixed.items()}, strict=True)
+    model.load_state_dict({k: v.to(own[k].dtype).contiguous() if assign else v.to(own[k].dtype)
+                           for k, v in fixed.items()}, strict=True, assign=assign)
 
 
 RUN_MODEL_FOLDER = "model"  # where ddpm_fast.train exports the EMA model inside its --out folder
@@ -376,9 +389,7 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
                 cfg = config or config_from_dict(obj["unet_config"])
             except (ValueError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"{path}: bad unet_config ({exc})") from None
-            model = build_model(cfg)
-            load_state_dict_strict(model, obj["ema"], f"{path} (ema)")
-            model.eval()
+            model = build_loaded(cfg, obj["ema"], f"{path} (ema)")
             return model if device is None else model.to(device)
         sd = _read_torch(path, obj)
         if "temb.dense.0.weight" in sd:
@@ -389,9 +400,7 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
             sd = _from_diffusers_keys(sd)
         else:
             raise CheckpointError(f"{path}: not a pytorch_diffusion checkpoint and no config given")
-    model = UNet(cfg)
-    load_state_dict_strict(model, sd, source)
-    model.eval()
+    model = build_loaded(cfg, sd, source)
     return model if device is None else model.to(device)
 
 
@@ -406,9 +415,7 @@ def _load_adm_folder(path: str, raw: dict, cfg_path: str, config, device) -> ADM
     st = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(st):
         raise CheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
-    model = ADMUNet(config)
-    load_state_dict_strict(model, _read_safetensors(st), st)
-    model.eval()
+    model = build_loaded(config, _read_safetensors(st), st)
     return model if device is None else model.to(device)
 
 

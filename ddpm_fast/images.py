@@ -36,7 +36,9 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: i
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    # zlib level 1: half the encoding time of the default 6 for a few percent more bytes (a 1456x1456 grid
+    # of the digits: ~11 ms instead of ~23 ms on one CPU core)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", compress_level=1))
 
 
 def save_npz(images: torch.Tensor, path: str, labels: torch.Tensor | None = None) -> None:

@@ -263,7 +263,7 @@ def load_openai(path, flags, repo: str = "guided-diffusion", device=None) -> tup
     """(model, schedule) from an openai .pt state dict and the flags it was trained with (see the module
     docstring). A state dict that does not fit the flags raises CheckpointError naming the first missing or
     extra key or the first wrong shape."""
-    from ddpm_fast.checkpoint import CheckpointError, load_state_dict_strict, read_torch_file
+    from ddpm_fast.checkpoint import CheckpointError, build_loaded, read_torch_file
 
     flags, repo = resolve_preset(flags, repo)
     try:
@@ -274,7 +274,5 @@ def load_openai(path, flags, repo: str = "guided-diffusion", device=None) -> tup
     obj = read_torch_file(path)
     if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
         raise CheckpointError(f"{path}: expected openai's state dict (a dict of tensors)")
-    model = ADMUNet(config)
-    load_state_dict_strict(model, obj, f"{path} (with {repo} flags)")
-    model.eval()
+    model = build_loaded(config, obj, f"{path} (with {repo} flags)")
     return (model if device is None else model.to(device)), schedule

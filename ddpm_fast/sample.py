@@ -188,7 +188,7 @@ def _prepare_model(args, model, device, notes: list[str]):
     if dtype is not None and device.type == "cpu":
         dtype = _cpu_fast_dtype(args, notes)
     if dtype is not None:
-        model = model.to_fast(dtype)
+        model = model.to_fast(dtype, copy=False)  # the reference is not needed again: no second copy
     ran = "fast path " + str(dtype).replace("torch.", "") if dtype is not None else "fp32"
     if args.compile:
         model = compile_model(model)

@@ -230,6 +230,25 @@ class _Level(nn.Module):
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def fast_form(model: nn.Module, fast_class, dtype: torch.dtype, fold: bool, copy_model: bool) -> nn.Module:
+    """``fast_class(model or a copy of it, dtype, fold)``: what a reference model's ``to_fast`` returns. Without
+    a copy the fast model takes the reference's modules over (cast and regrouped in place), so the reference
+    is marked used up: calling it raises instead of running a half-converted model."""
+    if dtype not in FAST_DTYPES:
+        raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
+    if copy_model:
+        return fast_class(copy.deepcopy(model), dtype, fold=fold)
+    fast = fast_class(model, dtype, fold=fold)
+    name = type(model).__name__
+
+    def used_up(*args, **kwargs):
+        raise RuntimeError(f"this {name} was converted by to_fast(copy=False): its modules now belong to the fast "
+                           "model; run that one (or call to_fast with copy=True to keep the reference)")
+
+    model.forward = used_up
+    return fast
+
+
 def _paired_sums(*tensors: torch.Tensor) -> torch.Tensor:
     """cat(a0 + b0, a1 + b1, ...) of tensors given as a0, b0, a1, b1, ..."""
     return torch.cat([a + b for a, b in zip(tensors[::2], tensors[1::2], strict=True)])
@@ -448,17 +467,17 @@ class UNet(nn.Module):
             h = up(h)
         return h
 
-    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastUNet:
+    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True, copy: bool = True) -> FastUNet:
         """The fast path: a FastUNet built from a copy of this model (this one is left untouched).
 
         Its forward takes x in any float dtype and layout and returns eps in ``dtype``, channels_last.
         ``to_fast(torch.float32)`` is the training form: fp32 master weights, fp16/bf16 compute under
         torch.autocast, the same folded blocks (their gradients flow to the original parameters).
         ``fold=False`` keeps the blocks' plain torch structure (the fp16 eager / torch.compile baselines).
+        ``copy=False`` builds it from this model's own modules (no second copy of the weights); this model is
+        used up and refuses to run afterwards.
         """
-        if dtype not in FAST_DTYPES:
-            raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
-        return FastUNet(copy.deepcopy(self), dtype, fold=fold)
+        return fast_form(self, FastUNet, dtype, fold, copy)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

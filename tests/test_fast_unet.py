@@ -99,6 +99,20 @@ def test_to_fast_casts_once_and_leaves_the_reference_alone():
 
 
 @needs_triton
+def test_to_fast_without_a_copy_uses_the_reference_up():
+    """copy=False builds the fast model from the reference's own modules (the CLIs' way: no second copy of the
+    weights): the same outputs as with a copy, and the used-up reference refuses to run."""
+    model = randomize_(UNet(UNetConfig.from_name("tiny")).eval(), 0.05)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        want = model.to_fast(torch.float32)(x, t)
+        fast = model.to_fast(torch.float32, copy=False)
+        assert {id(p) for p in fast.parameters()} == {id(p) for p in model.parameters()}
+        torch.testing.assert_close(fast(x, t), want, atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match=r"converted by to_fast\(copy=False\)"):
+            model(x, t)
+
+
 def test_activations_stay_channels_last():
     cfg = UNetConfig.from_name("tiny")
     fast = randomize_(UNet(cfg)).to_fast(torch.float16)
