@@ -134,3 +134,19 @@ def test_every_module_imports_alone():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"imported alone: {len(names)} of {len(names)}" in res.stdout
+
+
+def test_loading_and_sampling_the_embedded_model_imports_no_compiler():
+    """The default command's path (import, load, fast form, a sampling step, the PNG and .npz) stays clear of
+    torch._dynamo and sympy: importing them is over a second of every CLI start on a small CPU. (Building a
+    model on the meta device, for one, imports both the first time an nn.Embedding draws its weights.)"""
+    code = (
+        "import sys, torch, tempfile\n"
+        "from ddpm_fast import sample\n"
+        "sample.main(['--fp16', '--num-samples', '2', '--steps', '2', '--no-progress', '--out', tempfile.mkdtemp()])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'sympy' or m.startswith('torch._dynamo'))\n"
+        "print('heavy:', heavy[:5])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "heavy: []" in res.stdout, res.stdout
