@@ -5,6 +5,8 @@
 // them) and compiled for several instruction sets at once with target_clones: the loader picks the
 // AVX-512, AVX2+FMA or baseline clone for the CPU it runs on. ATen's at::vec would only give its generic
 // (scalar-math) form without per-ISA builds of this file; its exp would be a scalar std::exp per element.
+// Where a loop needs an instruction no compiler picks from plain code (SiLU's reciprocal: vrcp14ps and a
+// Newton step instead of a division), it has an AVX-512 intrinsics form chosen at run time (avx512_enabled).
 // Arithmetic is fp32: fp16 rows are converted to fp32 scratch (load_row/store_row); bf16 rows are
 // converted in registers by the bf16 loops (bf16_value/bf16_bits), which read and write bf16 directly.
 #pragma once
