@@ -32,6 +32,7 @@ from torch import nn
 from ddpm_fast import ops
 from ddpm_fast.unet import (
     FAST_DTYPES,
+    FastUpsample,
     _cat,
     _folded,
     _Folding,
@@ -529,22 +530,11 @@ class FastADMAttention(ADMAttention):
         return x + out.transpose(1, 2).reshape(n, c, hgt, wid)
 
 
-class FastADMUpsample(_Folding, _Resample):
-    """An upsampling _Resample with a conv, fast: the upsampling and the conv as one transposed convolution."""
-
-    def __init__(self, block: _Resample):
-        nn.Module.__init__(self)
-        self.up, self.conv = True, block.conv
-
-    def forward(self, x):
-        return upsampled_conv(self, x, self.conv, self.conv.bias)
-
-
 class FastADMUNet(_Folding, ADMUNet):
     """The fast path of an ADMUNet: built from a reference model whose modules it takes over (ADMUNet.to_fast
     passes a copy), cast to ``dtype`` channels_last, attention through SDPA; with ``fold``, FastADMResBlocks
     given their column slices of one time GEMM (assigned here, by block: no call order is assumed), and
-    FastADMUpsamples (upsampling + conv as one transposed convolution)."""
+    upsamplers with a conv as unet.FastUpsample (upsampling + conv as one transposed convolution)."""
 
     def __init__(self, model: ADMUNet, dtype: torch.dtype, fold: bool = True):
         if dtype not in FAST_DTYPES:
@@ -562,7 +552,7 @@ class FastADMUNet(_Folding, ADMUNet):
                 if type(child) is ADMAttention:
                     setattr(parent, name, FastADMAttention(child))
                 elif type(child) is _Resample and child.up and hasattr(child, "conv") and fold:
-                    setattr(parent, name, FastADMUpsample(child))
+                    setattr(parent, name, FastUpsample(child))
                 elif type(child) is ADMResBlock and fold:
                     width = child.emb_layers[1].out_features
                     child = FastADMResBlock(child, (start, start + width))

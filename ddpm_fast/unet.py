@@ -545,9 +545,10 @@ class FastAttentionBlock(_Folding, AttentionBlock):
 
 class FastUpsample(_Folding, Upsample):
     """An Upsample's fast form (the same conv): the nearest upsampling and the 3x3 convolution as one
-    transposed convolution over the low-resolution input (``upsampled_conv``)."""
+    transposed convolution over the low-resolution input (``upsampled_conv``). ADM's upsampler with a conv
+    (adm._Resample) takes the same form."""
 
-    def __init__(self, block: Upsample):
+    def __init__(self, block: nn.Module):
         nn.Module.__init__(self)
         self.conv = block.conv
 

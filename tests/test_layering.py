@@ -83,6 +83,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def _python(code: str) -> str:
+    """The stdout of ``code`` run by a fresh interpreter, which must succeed."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
@@ -131,9 +138,7 @@ def test_every_module_imports_alone():
         "print('imported alone:', len(names) - len(failed), 'of', len(names))\n"
         "sys.exit(1 if failed else 0)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"imported alone: {len(names)} of {len(names)}" in res.stdout
+    assert f"imported alone: {len(names)} of {len(names)}" in _python(code)
 
 
 def test_loading_and_sampling_the_embedded_model_imports_no_compiler():
@@ -147,6 +152,5 @@ def test_loading_and_sampling_the_embedded_model_imports_no_compiler():
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'sympy' or m.startswith('torch._dynamo'))\n"
         "print('heavy:', heavy[:5])\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "heavy: []" in res.stdout, res.stdout
+    out = _python(code)
+    assert "heavy: []" in out, out
