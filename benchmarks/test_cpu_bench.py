@@ -264,6 +264,42 @@ def test_cpu_unet_forward_cifar10(benchmark, peaks):
     _forward_table(benchmark, peaks, model, NoiseSchedule.linear(1000), CIFAR_BATCH, "cifar10")
 
 
+# The digits model's 3x3 convolutions at batch 64 (full runs), one of them at batch 4 (quick).
+CONV_SHAPES = ([((64, 32, 16, 16), 32), ((64, 64, 8, 8), 64), ((64, 128, 4, 4), 64), ((64, 96, 16, 16), 32)]
+               if FULL else [((4, 32, 16, 16), 32)])
+
+
+@pytest.mark.parametrize("shape, c_out", CONV_SHAPES, ids=[f"{'x'.join(map(str, s))}-{o}" for s, o in CONV_SHAPES])
+def test_cpu_conv3x3(benchmark, peaks, shape, c_out):
+    """One 3x3 convolution, interleaved: oneDNN's direct form (F.conv2d, channels_last, what the fast blocks ran
+    before) against ops.conv3x3's Winograd kernel. GFLOP/s counts the direct form's multiply-adds for both (the
+    Winograd kernel does 4x fewer), so its rate is an effective one and may pass the peak."""
+    if ops.extension() is None:
+        pytest.skip("the extension is not built")
+    n, c, h, w = shape
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c_out, c, 3, 3) / (9 * c) ** 0.5, torch.randn(c_out)
+    units = {"onednn_direct": lambda: F.conv2d(x, weight, bias, padding=1),
+             "winograd": lambda: ops.conv3x3(x, weight, bias)}
+    times = _interleaved(units, 30 if FULL else 3)
+    flop = 2 * n * h * w * c * c_out * 9
+    base = min(times["onednn_direct"])
+    rows, lines = [], [f"\nconv3x3 {shape} -> {c_out} (CPU, {torch.get_num_threads()} threads)",
+                       "| provider | ms (best) | median | spread | effective GFLOP/s | % of fp32 peak | vs oneDNN |",
+                       "|---|---|---|---|---|---|---|"]
+    for name, ts in times.items():
+        best = min(ts)
+        gflops = flop / best / 1e9
+        rows.append(dict(provider=name, ms=round(best * 1e3, 4), median_ms=round(statistics.median(ts) * 1e3, 4),
+                         spread=round(max(ts) / best, 2), gflops=round(gflops, 1), speedup=round(base / best, 2)))
+        lines.append(f"| {name} | {best * 1e3:.3f} | {statistics.median(ts) * 1e3:.3f} | {max(ts) / best:.2f} | "
+                     f"{gflops:.1f} | {100 * gflops / peaks[torch.float32]:.0f}% | {base / best:.2f}x |")
+    print("\n".join(lines))
+    with torch.no_grad():
+        benchmark.pedantic(units["winograd"], rounds=3 if FULL else 1, iterations=1, warmup_rounds=0)
+    record(benchmark, kind="conv3x3", shape=list(shape), c_out=c_out, rows=rows)
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 def test_cpu_sampling_run(benchmark, digits, peaks, batch):
     model, schedule = digits

@@ -458,14 +458,14 @@ class FastADMResBlock(_Folding, ADMResBlock):
         else:
             if self.resample is not None:
                 h, x = self._resampled(h), self._resampled(x)
-            h = F.conv2d(h, conv1.weight, bias, padding=1)
+            h = ops.conv3x3(h, conv1.weight, bias)
         if self.scale_shift:
             scale, shift = mod.to(h.dtype).chunk(2, dim=1)
             h = ops.group_norm_scale_shift_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
         else:
             h = ops.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=mod, silu=True)
         conv2 = self.out_layers[3]
-        h = F.conv2d(self.out_layers[2](h), conv2.weight, None, padding=1)
+        h = ops.conv3x3(self.out_layers[2](h), conv2.weight)
         if isinstance(self.skip_connection, nn.Identity):
             return ops.residual_add(h, x, conv2.bias)
         skip = F.conv2d(x, self.skip_connection.weight, None)

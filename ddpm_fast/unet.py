@@ -509,9 +509,9 @@ class FastResnetBlock(_Folding, ResnetBlock):
         else:
             temb_bias = _folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
             temb_add = F.linear(temb, self.time_emb_proj.weight, temb_bias)
-        h = F.conv2d(_norm(self.norm1, x, silu=True), self.conv1.weight, None, padding=1)
+        h = ops.conv3x3(_norm(self.norm1, x, silu=True), self.conv1.weight)
         h = _norm(self.norm2, h, silu=True, add=temb_add)
-        h = F.conv2d(self.dropout(h), self.conv2.weight, None, padding=1)
+        h = ops.conv3x3(self.dropout(h), self.conv2.weight)
         if self.conv_shortcut is None:
             return ops.residual_add(h, x, self.conv2.bias)
         skip = F.conv2d(x, self.conv_shortcut.weight, None)

@@ -4,6 +4,7 @@ See registry.py for the backends and how the choice is made.
 """
 
 from ddpm_fast.base import memory_format
+from ddpm_fast.ops.conv3x3 import conv3x3, conv3x3_ref, transformed_weight, uses_winograd, winograd_weight
 from ddpm_fast.ops.group_norm_silu import (
     group_norm_scale_shift_silu,
     group_norm_scale_shift_silu_ref,
@@ -37,6 +38,8 @@ __all__ = [
     "VB_COLUMNS",
     "backend_for",
     "backend_unavailable_reason",
+    "conv3x3",
+    "conv3x3_ref",
     "cpu_has_native_bf16",
     "extension",
     "group_norm_scale_shift_silu",
@@ -54,9 +57,12 @@ __all__ = [
     "reverse_step",
     "reverse_step_ref",
     "set_backend",
+    "transformed_weight",
     "triton_available",
     "triton_interpreting",
     "use_backend",
+    "uses_winograd",
     "vb_terms",
     "vb_terms_ref",
+    "winograd_weight",
 ]

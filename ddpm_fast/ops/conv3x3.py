@@ -1,0 +1,119 @@
+"""conv3x3: the fast U-Nets' 3x3, stride-1, padding-1 convolutions, by Winograd's F(4x4, 3x3) on a CPU.
+
+Each 4x4 block of outputs is A^T [(G g G^T) (.) (B^T d B)] A (Lavin & Gray 2016): summed over the input channels,
+36 GEMMs over transformed tiles, 36 multiply-adds per channel pair and 4x4 block instead of 144. The direct
+convolution (oneDNN) runs near the CPU's GEMM peak, so the fewer products are the gain: 1.3-2.3x per layer on
+the embedded model's shapes (benchmarks/test_ops_bench.py). csrc/conv3x3_cpu.cpp holds the kernel; the weight's
+transform U = G g G^T (``winograd_weight``, float64 then rounded once) is made once per weight and version and
+cached beside it (``transformed_weight``).
+
+Where it runs: the extension's kernel (backend ``native``, the CPU default) for float32 CPU inputs with at least
+``MIN_CHANNELS`` input and output channels, in calls autograd does not record. Everything else takes the
+reference, F.conv2d: a GPU (cuDNN chooses among its own algorithms, Winograd included), half precision (oneDNN's
+bf16 kernels on CPUs that have them), training, and the thin first and last convolutions of a U-Net, whose
+transforms would outweigh the saving. The kernel runs as the registered torch op ddpm_fast::conv3x3_winograd.
+
+Precision: fp32 arithmetic; the transforms' coefficients (up to 8) give ~10x the direct convolution's rounding
+error, ~5e-6 relative to the output's scale, inside the fast path's contract (tests/test_conv3x3.py holds the
+kernel to the float64 convolution).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast.ops import registry
+
+registry.register("conv3x3", {"cpu": ("native", "torch")})
+
+MIN_CHANNELS = 8  # fewer input or output channels: the direct convolution (U-Nets' conv_in and conv_out)
+
+# F(4x4, 3x3)'s kernel transform G (6x3), interpolation points 0, 1, -1, 2, -2 and infinity; B^T and A^T are in
+# csrc/conv3x3_cpu.cpp.
+_G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+      (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C, 3, 3) -> U (36, C, C_out) float32: U[6 i + j, c, o] = (G weight[o, c] G^T)[i, j], in float64."""
+    if not torch.is_tensor(weight) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        desc = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
+        raise ValueError(f"winograd_weight: weight must be (C_out, C, 3, 3), got {desc}")
+    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ij,ocjk,lk->ilco", g, weight.detach().double(), g)
+    return u.reshape(36, weight.shape[1], weight.shape[0]).float().contiguous()
+
+
+def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition: F.conv2d with stride 1 and padding 1."""
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+def _validate(x, weight, bias):
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+        desc = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"conv3x3: x must be a floating (N, C, H, W) tensor, got {desc}")
+    if (not torch.is_tensor(weight) or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3)
+            or weight.device != x.device):
+        desc = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
+        raise ValueError(f"conv3x3: weight must be (C_out, {x.shape[1]}, 3, 3) on {x.device} for x "
+                         f"{tuple(x.shape)}, got {desc}")
+    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (weight.shape[0],)):
+        desc = tuple(bias.shape) if torch.is_tensor(bias) else type(bias).__name__
+        raise ValueError(f"conv3x3: bias must be ({weight.shape[0]},), got {desc}")
+
+
+def uses_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether conv3x3(x, weight) runs the Winograd kernel (see the module docstring)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS and not registry.needs_grad(x, weight)
+            and registry.backend_for("conv3x3", x.device) == "native")
+
+
+# id(weight) -> (weakref to weight, (data_ptr, version, shape), U). An entry lives as long as its weight (a
+# finalizer drops it) and is remade when the weight changes: an in-place update (optimizer step, load_state_dict,
+# .data replaced by .to()) moves its version or its storage.
+_transforms: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``winograd_weight(weight)``, made once per weight and its version (see _transforms)."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    hit = _transforms.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():
+        u = winograd_weight(weight)
+    if hit is None or hit[0]() is not weight:
+        weakref.finalize(weight, _transforms.pop, id(weight), None)
+    _transforms[id(weight)] = (weakref.ref(weight), key, u)
+    return u
+
+
+def _conv3x3_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return registry.extension().conv3x3(x.contiguous(memory_format=torch.channels_last), transformed_weight(weight),
+                                        bias)
+
+
+# The op takes the weight, not its transform: the cache lookup runs inside it, so a compiled graph (which cannot
+# hold the cache) neither recomputes the transform per call nor keeps a stale one.
+_conv3x3_op = torch.library.custom_op("ddpm_fast::conv3x3_winograd", _conv3x3_kernels, mutates_args=())
+
+
+@_conv3x3_op.register_fake
+def _(x, weight, bias):
+    n, _, h, w = x.shape
+    return x.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1), by the Winograd kernel where it runs (``uses_winograd``; its output
+    is then channels_last). The weight's transform is cached (``transformed_weight``): about 4x the weight's
+    memory, per weight the kernel has run with."""
+    _validate(x, weight, bias)
+    if not uses_winograd(x, weight):
+        return conv3x3_ref(x, weight, bias)
+    return registry.call(_conv3x3_op, _conv3x3_kernels, x, weight, bias)

@@ -1,0 +1,134 @@
+"""ops.conv3x3 (Winograd F(4x4, 3x3), the extension's CPU kernel) vs the float64 convolution: outputs, borders,
+the weight transform, where it runs, bad input."""
+
+import gc
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast import ops
+from ddpm_fast.ops import conv3x3, conv3x3_ref, uses_winograd, winograd_weight
+
+_CONV3X3_MODULE = importlib.import_module("ddpm_fast.ops.conv3x3")  # ops.conv3x3 is the function
+pytestmark = pytest.mark.skipif(ops.extension() is None, reason="the extension is not built")
+
+
+def _inputs(shape, c_out, channels_last=True, scale=1.0):
+    x = torch.randn(shape) * scale
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, shape[1], 3, 3) * (2.0 / (9 * shape[1])) ** 0.5
+    return x, w, torch.randn(c_out)
+
+
+def _exact(x, w, b):
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+
+
+def _check(got, want):
+    """fp32 reductions: within 1e-4 of the output's scale (the direct fp32 convolution is ~1e-6 here)."""
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    print(f"max |winograd - float64| = {err:.3g} at output scale {scale:.3g}")
+    assert err <= 1e-4 * max(scale, 1.0), (err, scale)
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 16, 16), (1, 8, 1, 1), (3, 12, 17, 17), (2, 16, 5, 9), (1, 64, 4, 4),
+                                   (2, 384, 8, 8)])
+@pytest.mark.parametrize("c_out", [8, 33])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_float64_convolution(shape, c_out, with_bias):
+    x, w, b = _inputs(shape, c_out)
+    b = b if with_bias else None
+    assert uses_winograd(x, w)
+    got = conv3x3(x, w, b)
+    assert got.shape == (shape[0], c_out, *shape[2:]) and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    _check(got, _exact(x, w, b))
+
+
+def test_nchw_input_and_large_values():
+    x, w, b = _inputs((2, 24, 11, 6), 16, channels_last=False, scale=1e3)
+    _check(conv3x3(x, w, b), _exact(x, w, b))
+
+
+def test_many_tiles_across_chunks_and_threads():
+    # 64 images of 16x16: 1024 tiles, several chunks per thread; the kernel's chunk boundaries cut through images.
+    x, w, b = _inputs((64, 32, 16, 16), 32)
+    got = conv3x3(x, w, b)
+    _check(got, _exact(x, w, b))
+    torch.testing.assert_close(got[17:18], conv3x3(x[17:18].contiguous(memory_format=torch.channels_last), w, b),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_weight_transform_is_g_g_gt():
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    u = winograd_weight(w)
+    assert u.shape == (36, 3, 5) and u.dtype == torch.float32 and u.is_contiguous()
+    # Lavin & Gray's G for F(4x4, 3x3): the kernel's Lagrange interpolation at 0, 1, -1, 2, -2, and its top
+    # coefficient (infinity).
+    g = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                      [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+    for o, c in [(0, 0), (4, 2), (2, 1)]:
+        want = g @ w[o, c] @ g.T
+        torch.testing.assert_close(u[:, c, o].double().view(6, 6), want, atol=1e-6, rtol=1e-6)
+
+
+def test_where_it_runs():
+    x, w, _ = _inputs((1, 8, 4, 4), 8)
+    assert uses_winograd(x, w)
+    assert not uses_winograd(x[:, :4].contiguous(), w[:, :4])  # too few channels: the direct convolution
+    assert not uses_winograd(x.bfloat16(), w.bfloat16())
+    with ops.use_backend("torch"):
+        assert not uses_winograd(x, w)
+        torch.testing.assert_close(conv3x3(x, w), conv3x3_ref(x, w), atol=0, rtol=0)
+    with torch.enable_grad():
+        wg = w.clone().requires_grad_(True)
+        assert not uses_winograd(x, wg)
+        conv3x3(x, wg).sum().backward()  # the reference runs, so gradients reach the weight
+    torch.testing.assert_close(wg.grad, torch.autograd.grad(conv3x3_ref(x, w.requires_grad_()).sum(), w)[0])
+
+
+def test_transform_is_cached_per_weight_and_version():
+    x, w, b = _inputs((2, 16, 8, 8), 16)
+    u = ops.transformed_weight(w)
+    assert ops.transformed_weight(w) is u
+    torch.testing.assert_close(u, winograd_weight(w), atol=0, rtol=0)
+    with torch.no_grad():
+        w.mul_(-0.5)  # an in-place update (an optimizer step): the next call sees the new weight
+    assert ops.transformed_weight(w) is not u
+    _check(conv3x3(x, w, b), _exact(x, w, b))
+    other = w.clone()  # same values, another tensor: its own entry
+    assert ops.transformed_weight(other) is not ops.transformed_weight(w)
+    cached = len(_CONV3X3_MODULE._transforms)
+    del other
+    gc.collect()
+    assert len(_CONV3X3_MODULE._transforms) == cached - 1  # an entry goes with its weight
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x, w, b: (x[0], w, b), "x must be a floating"),
+    (lambda x, w, b: (x, w[:, :3], b), r"weight must be \(C_out, 8, 3, 3\)"),
+    (lambda x, w, b: (x, w[..., :2], b), "weight must be"),
+    (lambda x, w, b: (x, w, b[:3]), r"bias must be \(8,\)"),
+])
+def test_bad_input_is_named(bad, match):
+    x, w, b = _inputs((1, 8, 4, 4), 8)
+    with pytest.raises(ValueError, match=match):
+        conv3x3(*bad(x, w, b))
+
+
+def test_kernel_checks_its_arguments():
+    x, w, b = _inputs((1, 8, 4, 4), 8)
+    u = winograd_weight(w)
+    native = ops.extension()
+    with pytest.raises(RuntimeError, match="transformed weight"):
+        native.conv3x3(x, u[:, :4].contiguous(), b)
+    with pytest.raises(RuntimeError, match="float32"):
+        native.conv3x3(x.double(), u, b)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        native.conv3x3(x.contiguous(), u, b)
+    with pytest.raises(RuntimeError, match="bias"):
+        native.conv3x3(x, u, b[:2])
