@@ -1,4 +1,4 @@
-// Shared pieces of the C++ CPU kernels (group_norm_silu_cpu.cpp, residual_add_cpu.cpp).
+// Shared pieces of the C++ CPU kernels (group_norm_silu_cpu.cpp, residual_add_cpu.cpp, conv3x3_cpu.cpp, ...).
 //
 // The extension is built once, with the compiler's baseline flags, and must run on any x86-64 CPU. The
 // hot loops are therefore written as plain float loops over contiguous rows (the compiler vectorizes

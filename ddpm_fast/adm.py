@@ -15,8 +15,9 @@ fused pass), so one module runs the reference ops or the kernels. ADMUNet is the
 order permuted once, at build time, into the new one) whose ResBlocks keep the folds that stay valid in
 this family: every block's time projection in one GEMM, conv2's and the shortcut's biases with the residual
 add in one ops.residual_add, (without scale-shift norm only) conv1's bias in the time add, and every nearest
-2x upsampling with the 3x3 convolution after it as one transposed convolution (unet.upsampled_conv). Under
-scale-shift norm nothing is added before the norm, so conv1's bias has no add to ride in.
+2x upsampling with the 3x3 convolution after it as one transposed convolution (unet.upsampled_conv), and the
+other 3x3 convolutions as ops.conv3x3 (Winograd on a CPU in fp32). Under scale-shift norm nothing is added
+before the norm, so conv1's bias has no add to ride in.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one registry that picks each fused op's implementation, and the launcher every Triton kernel goes through.
 
-Each op (group_norm_silu, residual_add, q_sample, reverse_step, vb_terms; one file each) has up to four
+Each op (group_norm_silu, residual_add, q_sample, reverse_step, vb_terms, conv3x3; one file each) has up to four
 implementations, named by backend:
 - torch: the pure-PyTorch ``<op>_ref`` in the op's file; the definition of correct, runs anywhere.
 - triton: the op's Triton kernel; on a CUDA device, or on the CPU under TRITON_INTERPRET=1.
