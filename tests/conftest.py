@@ -58,6 +58,23 @@ def diffusers_peer(module: str = "diffusers"):
     return pytest.importorskip(module)
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def cpu_loops(request):
+    """Run a test with the C++ kernels' AVX-512 intrinsics loops (SiLU's, the Winograd GEMM; skipped on a CPU
+    without AVX-512F) or with their portable forms (plain C++, at::bmm)."""
+    from ddpm_fast import ops
+
+    native = ops.extension()
+    if native is None:
+        pytest.skip("the extension ddpm_fast._C is not built")
+    before = native.cpu_avx512()
+    if request.param == "avx512" and not before:
+        pytest.skip("this CPU has no AVX-512F (or its loops were turned off)")
+    native.cpu_avx512(request.param == "avx512")
+    yield request.param
+    native.cpu_avx512(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """24 random 8x8 RGB uint8 images in an .npz: training data for the tiny preset."""

@@ -20,18 +20,6 @@ TOLS = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-3), torch.bfloat16
 DTYPES = list(TOLS)
 
 
-LOOPS = ["avx512", "portable"]  # the C++ kernels' two forms of SiLU's loop (AVX-512 intrinsics, or plain C++)
-
-
-@pytest.fixture(params=LOOPS)
-def cpu_loops(request):
-    """Run a test with the AVX-512 loops (skipped on a CPU without AVX-512F) or with the portable ones."""
-    before = _C.cpu_avx512()
-    if request.param == "avx512" and not before:
-        pytest.skip("this CPU has no AVX-512F (or its loops were turned off)")
-    _C.cpu_avx512(request.param == "avx512")
-    yield request.param
-    _C.cpu_avx512(before)
 
 
 def _fmt(channels_last):
