@@ -15,7 +15,7 @@ void register_sampling_loop(pybind11::module_& m);
 at::Tensor group_norm_silu_cpu(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
                                double, bool);
 at::Tensor residual_add_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&);
-at::Tensor conv3x3_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&);
+at::Tensor conv3x3_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&, bool);
 at::Tensor vb_terms_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, bool, const OptTensor&);
 
@@ -56,8 +56,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("skip"), py::arg("bias"));
   m.def("conv3x3", &ddpm_fast::conv3x3_cpu,
         "3x3 stride-1 padding-1 convolution by Winograd F(4x4, 3x3) on the CPU (float32, channels_last, "
-        "inference); u: the transformed weight (36, C, C_out) (ddpm_fast.ops.winograd_weight)",
-        py::arg("x"), py::arg("u"), py::arg("bias"));
+        "inference) of x, or with upsample of x's 2x nearest upsampling (read in place); u: the transformed weight "
+        "(36, C, C_out) (ddpm_fast.ops.winograd_weight)",
+        py::arg("x"), py::arg("u"), py::arg("bias"), py::arg("upsample") = false);
   m.def("vb_terms", &ddpm_fast::vb_terms_cpu,
         "per (image, t) row: the variational bound's term in bits/dim (KL, or the discretized decoder NLL at t = 0), "
         "the eps MSE and the x_0 MSE, as (N, 3) float32 (CPU)",

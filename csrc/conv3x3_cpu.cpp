@@ -1,5 +1,6 @@
 // conv3x3 on the CPU: a 3x3, stride-1, padding-1 convolution by Winograd's minimal filtering F(4x4, 3x3)
-// (Lavin & Gray 2016), fp32, channels_last, inference.
+// (Lavin & Gray 2016), fp32, channels_last, inference; of the input or of its 2x nearest upsampling (read in
+// place: the U-Nets' upsamplers).
 //
 // Each 4x4 block of outputs (a tile) is Y = A^T [ (G g G^T) (.) (B^T d B) ] A, with d the tile's 6x6 input
 // patch and g the 3x3 kernel, per (input, output) channel pair. Summed over the input channels, the
@@ -67,8 +68,10 @@ DDPM_FAST_INLINE void output_rows(const float* const* in, float* const* out, con
   }
 }
 
+// The output is h x w; the input h x w too, or (upsample) h/2 x w/2, read as its 2x nearest upsampling: pixel
+// (hh, ww) of the upsampled image is input pixel (hh >> 1, ww >> 1), and no upsampled copy is made.
 struct Geometry {
-  int64_t n, c, h, w, co, tiles_h, tiles_w;
+  int64_t n, c, h, w, co, tiles_h, tiles_w, shift;
   int64_t tiles() const { return n * tiles_h * tiles_w; }
 };
 
@@ -98,7 +101,8 @@ void transform_inputs(const float* x, const Geometry& g, int64_t t0, int64_t cou
       for (int64_t j = 0; j < kPatch; ++j) {
         const int64_t ww = tx * kTile - 1 + j;
         const bool inside = hh >= 0 && hh < g.h && ww >= 0 && ww < g.w;
-        in[j] = inside ? x + ((img * g.h + hh) * g.w + ww) * c : zeros;
+        in[j] = inside ? x + ((img * (g.h >> g.shift) + (hh >> g.shift)) * (g.w >> g.shift) + (ww >> g.shift)) * c
+                       : zeros;
         out[j] = z + (i * kPatch + j) * c;
       }
       input_rows(in, out, c);
@@ -201,13 +205,15 @@ void gemm_avx512(const float* a, const float* b, float* c, int64_t m, int64_t n,
 
 }  // namespace
 
-at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias) {
+at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
+                       bool upsample) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               "conv3x3: x must be a float32 (N, C, H, W) CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ",
               x.device());
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "conv3x3: x must be channels_last contiguous");
-  const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), u.dim() == 3 ? u.size(2) : -1,
-                   (x.size(2) + kTile - 1) / kTile, (x.size(3) + kTile - 1) / kTile};
+  const int64_t shift = upsample ? 1 : 0, h = x.size(2) << shift, w = x.size(3) << shift;
+  const Geometry g{x.size(0), x.size(1), h, w, u.dim() == 3 ? u.size(2) : -1, (h + kTile - 1) / kTile,
+                   (w + kTile - 1) / kTile, shift};
   TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.dim() == 3 && u.size(0) == kPoints &&
                   u.size(1) == g.c && u.is_contiguous(),
               "conv3x3: the transformed weight must be a contiguous float32 (36, ", g.c, ", C_out) CPU tensor, got ",

@@ -49,6 +49,18 @@ def test_matches_float64_convolution(shape, c_out, with_bias, cpu_loops):
     _check(got, _exact(x, w, b))
 
 
+@pytest.mark.parametrize("shape", [(2, 32, 8, 8), (1, 8, 1, 1), (3, 12, 5, 7), (2, 64, 4, 4)])
+@pytest.mark.parametrize("c_out", [16, 24])
+def test_upsampled_input_matches_float64(shape, c_out, cpu_loops):
+    """upsample=True: the convolution of x's 2x nearest upsampling, read in place (the U-Nets' upsamplers)."""
+    x, w, b = _inputs(shape, c_out)
+    got = conv3x3(x, w, b, upsample=True)
+    assert got.shape == (shape[0], c_out, 2 * shape[2], 2 * shape[3])
+    _check(got, _exact(F.interpolate(x, scale_factor=2, mode="nearest"), w, b))
+    torch.testing.assert_close(conv3x3_ref(x, w, b, upsample=True),
+                               _exact(F.interpolate(x, scale_factor=2, mode="nearest"), w, b).float())
+
+
 def test_nchw_input_and_large_values():
     x, w, b = _inputs((2, 24, 11, 6), 16, channels_last=False, scale=1e3)
     _check(conv3x3(x, w, b), _exact(x, w, b))

@@ -47,8 +47,11 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(36, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
-def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The definition: F.conv2d with stride 1 and padding 1."""
+def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                upsample: bool = False) -> torch.Tensor:
+    """The definition: F.conv2d with stride 1 and padding 1, of x or (``upsample``) of its 2x nearest upsampling."""
+    if upsample:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
     return F.conv2d(x, weight, bias, padding=1)
 
 
@@ -93,9 +96,9 @@ def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def _conv3x3_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _conv3x3_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upsample: bool) -> torch.Tensor:
     return registry.extension().conv3x3(x.contiguous(memory_format=torch.channels_last), transformed_weight(weight),
-                                        bias)
+                                        bias, upsample)
 
 
 # The op takes the weight, not its transform: the cache lookup runs inside it, so a compiled graph (which cannot
@@ -104,16 +107,19 @@ _conv3x3_op = torch.library.custom_op("ddpm_fast::conv3x3_winograd", _conv3x3_ke
 
 
 @_conv3x3_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, upsample):
     n, _, h, w = x.shape
-    return x.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+    scale = 2 if upsample else 1
+    return x.new_empty((n, weight.shape[0], h * scale, w * scale)).contiguous(memory_format=torch.channels_last)
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1), by the Winograd kernel where it runs (``uses_winograd``; its output
-    is then channels_last). The weight's transform is cached (``transformed_weight``): about 4x the weight's
-    memory, per weight the kernel has run with."""
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            upsample: bool = False) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1), of x or (``upsample``) of x's 2x nearest upsampling, by the Winograd
+    kernel where it runs (``uses_winograd``; its output is then channels_last; the upsampled image is read in place,
+    never made). The weight's transform is cached (``transformed_weight``): about 4x the weight's memory, per weight
+    the kernel has run with."""
     _validate(x, weight, bias)
     if not uses_winograd(x, weight):
-        return conv3x3_ref(x, weight, bias)
-    return registry.call(_conv3x3_op, _conv3x3_kernels, x, weight, bias)
+        return conv3x3_ref(x, weight, bias, upsample)
+    return registry.call(_conv3x3_op, _conv3x3_kernels, x, weight, bias, bool(upsample))
