@@ -85,10 +85,13 @@ def _folded(module: nn.Module, name: str, fn, *sources: torch.Tensor) -> torch.T
     Under autograd it is recomputed each call so gradients reach the sources. Otherwise it is cached on
     the module, keyed by each source's storage and version counter (in-place updates: optimizer steps,
     load_state_dict, bump it); the cache holds the sources' storage, so an address is never reused under
-    it. During CUDA-graph capture a stale entry is recomputed inside the graph and not stored.
+    it. During CUDA-graph capture a stale entry is recomputed inside the graph and not stored. Sources made under
+    torch.inference_mode have no version counter to key by: recomputed on every call.
     """
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
         return fn(*sources)  # compiled: part of the graph (Inductor fuses it); autograd: gradients reach sources
+    if any(s.is_inference() for s in sources):
+        return fn(*sources)
     key = tuple((s.data_ptr(), s._version, s.dtype, s.shape) for s in sources)
     cache = module.__dict__.setdefault("_folded_cache", {})
     hit = cache.get(name)

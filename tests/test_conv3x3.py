@@ -121,6 +121,16 @@ def test_transform_is_cached_per_weight_and_version():
     assert key not in _CONV3X3_MODULE._transforms  # an entry goes with its weight
 
 
+def test_weight_made_under_inference_mode():
+    """An inference tensor has no version counter: its transform is remade each call, so an in-place update
+    (possible only inside inference mode) is seen."""
+    with torch.inference_mode():
+        x, w, b = _inputs((1, 16, 8, 8), 16)
+        _check(conv3x3(x, w, b), _exact(x, w, b))
+        w.mul_(2.0)
+        _check(conv3x3(x, w, b), _exact(x, w, b))
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda x, w, b: (x[0], w, b), "x must be a floating"),
     (lambda x, w, b: (x, w[:, :3], b), r"weight must be \(C_out, 8, 3, 3\)"),

@@ -242,6 +242,19 @@ def test_upsampled_conv_is_upsample_then_conv(size, with_bias):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+def test_fast_model_built_under_inference_mode():
+    """Parameters made under torch.inference_mode have no version counter: the folds are remade per call, and
+    the outputs equal those of the same model built normally."""
+    model = randomize_(UNet(UNetConfig.from_name("tiny")).eval(), 0.05)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 700])
+    with torch.no_grad():
+        want = model.to_fast(torch.float32)(x, t)
+    with torch.inference_mode():
+        fast = copy.deepcopy(model).to_fast(torch.float32)
+        assert all(p.is_inference() for p in fast.parameters())
+        torch.testing.assert_close(fast(x, t), want, atol=1e-5, rtol=1e-5)
+
+
 def test_folded_parameters_follow_weight_updates():
     """The cached folds (summed biases, stacked q/k/v) are rebuilt when a source parameter changes."""
     model = randomize_(UNet(UNetConfig.from_name("tiny")).eval(), 0.05)

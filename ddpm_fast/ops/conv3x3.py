@@ -2,10 +2,12 @@
 
 Each 4x4 block of outputs is A^T [(G g G^T) (.) (B^T d B)] A (Lavin & Gray 2016): summed over the input channels,
 36 GEMMs over transformed tiles, 36 multiply-adds per channel pair and 4x4 block instead of 144. The direct
-convolution (oneDNN) runs near the CPU's GEMM peak, so the fewer products are the gain: 1.3-2.3x per layer on
-the embedded model's shapes (benchmarks/test_ops_bench.py). csrc/conv3x3_cpu.cpp holds the kernel; the weight's
-transform U = G g G^T (``winograd_weight``, float64 then rounded once) is made once per weight and version and
-cached beside it (``transformed_weight``).
+convolution (oneDNN) runs near the CPU's GEMM peak, so the fewer products are the gain: 1.2-1.9x per layer on
+the embedded model's shapes, 1.9-3.3x on the cifar10 preset's (benchmarks/test_cpu_bench.py -k conv3x3,
+RESULTS.md). With ``upsample`` it convolves x's 2x nearest upsampling, read in place (the U-Nets' upsamplers on a
+CPU: 1.3-1.6x the folded transposed convolution of unet.upsampled_conv). csrc/conv3x3_cpu.cpp holds the kernel;
+the weight's transform U = G g G^T (``winograd_weight``, float64 then rounded once) is made once per weight and
+version and cached beside it (``transformed_weight``).
 
 Where it runs: the extension's kernel (backend ``native``, the CPU default) for float32 CPU inputs with at least
 ``MIN_CHANNELS`` input and output channels, in calls autograd does not record. Everything else takes the
@@ -13,7 +15,7 @@ reference, F.conv2d: a GPU (cuDNN chooses among its own algorithms, Winograd inc
 bf16 kernels on CPUs that have them), training, and the thin first and last convolutions of a U-Net, whose
 transforms would outweigh the saving. The kernel runs as the registered torch op ddpm_fast::conv3x3_winograd.
 
-Precision: fp32 arithmetic; the transforms' coefficients (up to 8) give ~10x the direct convolution's rounding
+Precision: fp32 arithmetic; the transforms' coefficients (up to 8) give 10-20x the direct convolution's rounding
 error, ~5e-6 relative to the output's scale, inside the fast path's contract (tests/test_conv3x3.py holds the
 kernel to the float64 convolution).
 """
@@ -83,7 +85,11 @@ _transforms: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 
 def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``winograd_weight(weight)``, made once per weight and its version (see _transforms)."""
+    """``winograd_weight(weight)``, made once per weight and its version (see _transforms). An inference tensor
+    (made under torch.inference_mode) has no version to tell an in-place update by: its transform is made on
+    every call."""
+    if weight.is_inference():
+        return winograd_weight(weight)
     key = (weight.data_ptr(), weight._version, tuple(weight.shape))
     hit = _transforms.get(id(weight))
     if hit is not None and hit[0]() is weight and hit[1] == key:
