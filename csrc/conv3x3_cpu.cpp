@@ -75,6 +75,13 @@ struct Geometry {
   int64_t tiles() const { return n * tiles_h * tiles_w; }
 };
 
+// Where tile number t (images in order, rows of tiles within an image) sits: its image, tile row and column.
+struct TileAt {
+  int64_t img, ty, tx;
+  TileAt(const Geometry& g, int64_t t)
+      : img(t / (g.tiles_h * g.tiles_w)), ty(t % (g.tiles_h * g.tiles_w) / g.tiles_w), tx(t % g.tiles_w) {}
+};
+
 // Tiles per chunk: a chunk's V (36 x tiles x C) and M (36 x tiles x Co) in about 4 MB (L2 and a share of L3),
 // 32 to 256 tiles (fewer make GEMMs too small for their per-call cost: measured on the U-Nets' shapes), and no
 // more than an even share of the work when there are few tiles.
@@ -92,16 +99,15 @@ void transform_inputs(const float* x, const Geometry& g, int64_t t0, int64_t cou
                       const float* zeros) {
   const int64_t c = g.c;
   for (int64_t tt = 0; tt < count; ++tt) {
-    const int64_t tile = t0 + tt, per_image = g.tiles_h * g.tiles_w;
-    const int64_t img = tile / per_image, ty = (tile % per_image) / g.tiles_w, tx = tile % g.tiles_w;
+    const TileAt at(g, t0 + tt);
     const float* in[kPatch];
     float* out[kPatch];
     for (int64_t i = 0; i < kPatch; ++i) {
-      const int64_t hh = ty * kTile - 1 + i;
+      const int64_t hh = at.ty * kTile - 1 + i;
       for (int64_t j = 0; j < kPatch; ++j) {
-        const int64_t ww = tx * kTile - 1 + j;
+        const int64_t ww = at.tx * kTile - 1 + j;
         const bool inside = hh >= 0 && hh < g.h && ww >= 0 && ww < g.w;
-        in[j] = inside ? x + ((img * (g.h >> g.shift) + (hh >> g.shift)) * (g.w >> g.shift) + (ww >> g.shift)) * c
+        in[j] = inside ? x + ((at.img * (g.h >> g.shift) + (hh >> g.shift)) * (g.w >> g.shift) + (ww >> g.shift)) * c
                        : zeros;
         out[j] = z + (i * kPatch + j) * c;
       }
@@ -124,8 +130,7 @@ void transform_outputs(const float* m, const float* bias, const Geometry& g, int
                        float* w, float* scratch) {
   const int64_t co = g.co;
   for (int64_t tt = 0; tt < count; ++tt) {
-    const int64_t tile = t0 + tt, per_image = g.tiles_h * g.tiles_w;
-    const int64_t img = tile / per_image, ty = (tile % per_image) / g.tiles_w, tx = tile % g.tiles_w;
+    const TileAt at(g, t0 + tt);
     const float* in[kPatch];
     float* out[kTile];
     for (int64_t k = 0; k < kPatch; ++k) {
@@ -135,10 +140,10 @@ void transform_outputs(const float* m, const float* bias, const Geometry& g, int
     }
     for (int64_t q = 0; q < kTile; ++q) {
       for (int64_t k = 0; k < kPatch; ++k) in[k] = w + (k * kTile + q) * co;
-      const int64_t ww = tx * kTile + q;
+      const int64_t ww = at.tx * kTile + q;
       for (int64_t p = 0; p < kTile; ++p) {
-        const int64_t hh = ty * kTile + p;
-        out[p] = hh < g.h && ww < g.w ? y + ((img * g.h + hh) * g.w + ww) * co : scratch + p * co;
+        const int64_t hh = at.ty * kTile + p;
+        out[p] = hh < g.h && ww < g.w ? y + ((at.img * g.h + hh) * g.w + ww) * co : scratch + p * co;
       }
       output_rows(in, out, bias, co);
     }
