@@ -22,7 +22,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <memory>
+#include <vector>
 
 #include "cpu_kernels.h"
 
@@ -82,14 +82,18 @@ struct TileAt {
       : img(t / (g.tiles_h * g.tiles_w)), ty(t % (g.tiles_h * g.tiles_w) / g.tiles_w), tx(t % g.tiles_w) {}
 };
 
-// Tiles per chunk: a chunk's V (36 x tiles x C) and M (36 x tiles x Co) in about 4 MB (L2 and a share of L3),
-// 32 to 256 tiles (fewer make GEMMs too small for their per-call cost: measured on the U-Nets' shapes), and no
-// more than an even share of the work when there are few tiles.
+// Tiles per chunk: a chunk's V (36 x tiles x C) and M (36 x tiles x Co) in about 768 KB, so they stay in the
+// core's L2 between the transforms and the GEMMs, with at least 32 tiles (fewer and each chunk rereads all of U,
+// 36 x C x Co, for too little arithmetic: measured on the cifar10 preset's shapes) and at most 256; and the
+// chunks a multiple of the threads, so no thread idles while another runs a last chunk (5 chunks on 2 threads
+// cost the embedded model's 16x16 layers ~20%).
 int64_t chunk_tiles(const Geometry& g) {
   const int64_t bytes_per_tile = kPoints * (g.c + g.co) * static_cast<int64_t>(sizeof(float));
-  int64_t chunk = std::clamp<int64_t>((4 << 20) / bytes_per_tile, 32, 256);
-  const int64_t share = (g.tiles() + at::get_num_threads() - 1) / at::get_num_threads();
-  return std::max<int64_t>(1, std::min(chunk, share));
+  const int64_t most = std::clamp<int64_t>((768 << 10) / bytes_per_tile, 32, 256);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t chunks = (g.tiles() + most - 1) / most;
+  chunks = (chunks + threads - 1) / threads * threads;
+  return std::max<int64_t>(1, (g.tiles() + chunks - 1) / chunks);
 }
 
 // V[k][t][:] for the tiles [t0, t0 + count) of the chunk: rows of the 6x6 patch first (Z = d B), then columns.
@@ -243,13 +247,15 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const c10::opti
   const int64_t chunk = chunk_tiles(g), chunks = (g.tiles() + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
-    // Scratch, uninitialized but for the zero row the padding reads: every other value is written before it is read.
+    // Scratch, stale but for the zero row the padding reads: every other value is written before it is read.
     const int64_t sizes[] = {kPoints * chunk * g.c, kPoints * chunk * g.co, kPoints * g.c, kPatch * kTile * g.co,
                              kTile * g.co};
     int64_t total = g.c;
     for (const int64_t n : sizes) total += n;
-    std::unique_ptr<float[]> buffer(new float[total]);
-    float* const zeros = buffer.get();
+    // Kept per thread between calls, not allocated (and, when large, page-faulted in) on every call.
+    thread_local std::vector<float> buffer;
+    if (static_cast<int64_t>(buffer.size()) < total) buffer.resize(total);
+    float* const zeros = buffer.data();
     std::fill(zeros, zeros + g.c, 0.f);
     float* const v = zeros + g.c;
     float* const m = v + sizes[0];

@@ -31,7 +31,6 @@ def _check(got, want):
     """fp32 reductions: within 1e-4 of the output's scale (the direct fp32 convolution is ~1e-6 here)."""
     err = (got.double() - want).abs().max().item()
     scale = want.abs().max().item()
-    print(f"max |winograd - float64| = {err:.3g} at output scale {scale:.3g}")
     assert err <= 1e-4 * max(scale, 1.0), (err, scale)
 
 
@@ -47,6 +46,24 @@ def test_matches_float64_convolution(shape, c_out, with_bias, cpu_loops):
     assert got.shape == (shape[0], c_out, *shape[2:]) and got.dtype == torch.float32
     assert got.is_contiguous(memory_format=torch.channels_last)
     _check(got, _exact(x, w, b))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_chunks_on_any_thread_count(threads):
+    """Enough tiles for several chunks, rounded to a multiple of the threads with a short last one, each thread's
+    scratch kept from a larger call before (stale values must never be read)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        big_x, big_w, _ = _inputs((2, 96, 24, 24), 48)
+        _check(conv3x3(big_x, big_w), _exact(big_x, big_w, None))
+        for shape, c_out in (((5, 16, 40, 36), 16), ((3, 24, 37, 29), 32), ((1, 16, 4, 4), 16)):
+            x, w, b = _inputs(shape, c_out)
+            _check(conv3x3(x, w, b), _exact(x, w, b))
+            _check(conv3x3(x[:, :, ::2, ::2].contiguous(memory_format=torch.channels_last), w, b, upsample=True),
+                   _exact(F.interpolate(x[:, :, ::2, ::2], scale_factor=2, mode="nearest"), w, b))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 8, 8), (1, 8, 1, 1), (3, 12, 5, 7), (2, 64, 4, 4)])
