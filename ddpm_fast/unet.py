@@ -11,19 +11,19 @@ FastUNet, a separate module built from a copy of it: weights cast once to fp16 (
 activations channels_last end to end, attention through scaled_dot_product_attention (flash/memory-efficient
 kernels on a GPU). The original model is left untouched, and the state dict keeps its names.
 
-The fast blocks (FastResnetBlock, FastAttentionBlock) are explicit modules built from the reference blocks,
-each with its own folds of work that eager torch spends extra passes over memory or extra launches on
-(cuDNN adds a convolution's bias in a pass of its own; at batch 1 a step costs what its launches cost):
-conv1's bias rides in the time-embedding add of norm2, conv2's and the 1x1 shortcut's biases and the
-residual add are one ops.residual_add, q/k/v are one GEMM, and an Upsample's nearest 2x upsampling and 3x3
-convolution are one stride-2 transposed convolution over the low-resolution input (FastUpsample: 2x2 taps per
-output pixel instead of 3x3, and no upsampled copy). A ResBlock's two 3x3 convolutions are ops.conv3x3: on a
-CPU in fp32, Winograd's F(4x4, 3x3) with 4x fewer multiply-adds, which also takes the upsamplers there (reading
-the upsampled image in place). FastUNet makes every ResBlock's time
-projection in one GEMM; each block is given its column slice of it when the FastUNet is built. The folded
-parameters (summed biases, stacked weights) are derived from the same parameters, cached while no gradient
-is recorded and rebuilt when a source changes (see ``_folded``). ``to_fast(fold=False)`` keeps the
-reference blocks' plain structure (SDPA attention only).
+The fast blocks (FastResnetBlock, FastAttentionBlock) are explicit modules built from the reference blocks, each
+with its own folds of work that eager torch spends extra passes over memory or extra launches on (cuDNN adds a
+convolution's bias in a pass of its own; at batch 1 a step costs what its launches cost): conv1's bias rides in the
+time-embedding add of norm2, conv2's and the 1x1 shortcut's biases and the residual add are one ops.residual_add,
+q/k/v are one GEMM (with one head, the attention's output projection folded into v), and an Upsample's nearest 2x
+upsampling and 3x3 convolution are one stride-2 transposed convolution over the low-resolution input (FastUpsample:
+2x2 taps per output pixel instead of 3x3, and no upsampled copy). A ResBlock's two 3x3 convolutions are
+ops.conv3x3: on a CPU in fp32, Winograd's F(4x4, 3x3) with 4x fewer multiply-adds, which also takes the upsamplers
+there (reading the upsampled image in place). FastUNet makes every ResBlock's time projection in one GEMM; each
+block is given its column slice of it when the FastUNet is built. The folded parameters (summed biases, stacked
+weights) are derived from the same parameters, cached while no gradient is recorded and rebuilt when a source
+changes (see ``_folded``). ``to_fast(fold=False)`` keeps the reference blocks' plain structure (SDPA attention
+only).
 """
 
 from __future__ import annotations
@@ -528,9 +528,20 @@ class FastResnetBlock(_Folding, ResnetBlock):
         return ops.residual_add(h, skip, bias)
 
 
+def _qkv_out_weight(wq, wk, wv, wo):
+    """[W_q; W_k; W_o W_v] (the product in float64, rounded once): see FastAttentionBlock."""
+    return torch.cat((wq, wk, (wo.double() @ wv.double()).to(wv.dtype)))
+
+
+def _qkv_out_bias(bq, bk, bv, wo, bo):
+    return torch.cat((bq, bk, (wo.double() @ bv.double() + bo.double()).to(bv.dtype)))
+
+
 class FastAttentionBlock(_Folding, AttentionBlock):
     """An AttentionBlock's fast form: SDPA (flash/memory-efficient kernels on a GPU); with ``fold``, q/k/v
-    from one GEMM over stacked weights."""
+    from one GEMM over stacked weights, and with one head the output projection folded into v: each row of
+    softmax(q k^T) sums to 1, so softmax(q k^T) (v W_o^T + b_o) = (softmax(q k^T) v) W_o^T + b_o, and
+    v' = h (W_o W_v)^T + (W_o b_v + b_o) comes from the same GEMM as q and k. One GEMM per block, not two."""
 
     def __init__(self, block: AttentionBlock, fold: bool = True):
         nn.Module.__init__(self)
@@ -546,6 +557,15 @@ class FastAttentionBlock(_Folding, AttentionBlock):
         if not self.fold:
             return super().forward(x)
         h = self._tokens(x)
+        out = self.to_out[0]
+        if self.heads == 1:
+            w = _folded(self, "qkv_weight", _qkv_out_weight, self.to_q.weight, self.to_k.weight, self.to_v.weight,
+                        out.weight)
+            b = _folded(self, "qkv_bias", _qkv_out_bias, self.to_q.bias, self.to_k.bias, self.to_v.bias,
+                        out.weight, out.bias)
+            q, k, v = (t.unsqueeze(1) for t in F.linear(h, w, b).split(x.shape[1], dim=-1))
+            n, c, hgt, wid = x.shape
+            return x + self._attend(q, k, v).squeeze(1).transpose(1, 2).reshape(n, c, hgt, wid)
         w = _folded(self, "qkv_weight", _cat, self.to_q.weight, self.to_k.weight, self.to_v.weight)
         b = _folded(self, "qkv_bias", _cat, self.to_q.bias, self.to_k.bias, self.to_v.bias)
         q, k, v = (self._heads(t) for t in F.linear(h, w, b).split(x.shape[1], dim=-1))
