@@ -463,7 +463,10 @@ class UNet(nn.Module):
     def decode_shallow(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         """The last up level on the deep features and encode_shallow's skips, then the output head."""
         h = self._up_level(self.up_blocks[-1], h, list(skips), temb)
-        h = _norm(self.conv_norm_out, h, silu=True)
+        return self._head(_norm(self.conv_norm_out, h, silu=True))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """conv_out."""
         return self.conv_out(h)
 
     @staticmethod
@@ -636,6 +639,12 @@ class FastUNet(_Folding, UNet):
         pairs = [p for b in blocks for p in (b.time_emb_proj.bias, b.conv1.bias)]
         bias = _folded(self, "time_proj_bias", _paired_sums, *pairs)
         return F.linear(temb, weight, bias)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """conv_out by ops.conv3x3: on a CPU in fp32 its few output channels take one GEMM over all nine taps."""
+        if not self.fold:
+            return self.conv_out(h)
+        return ops.conv3x3(h, self.conv_out.weight, self.conv_out.bias)
 
     def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastUNet:
         raise TypeError("to_fast: this model is already a FastUNet; call to_fast on the reference UNet")

@@ -172,3 +172,24 @@ def test_kernel_checks_its_arguments():
         native.conv3x3(x.contiguous(), u, b)
     with pytest.raises(RuntimeError, match="bias"):
         native.conv3x3(x, u, b[:2])
+
+
+@pytest.mark.parametrize("shape, c_out", [((3, 32, 16, 16), 1), ((2, 128, 9, 7), 3), ((1, 8, 1, 1), 7),
+                                          ((2, 16, 2, 5), 4)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_few_output_channels_by_one_gemm_over_the_taps(shape, c_out, with_bias):
+    """A conv_out (fewer than MIN_CHANNELS outputs) on a CPU in fp32: the nine taps' partial sums from one GEMM,
+    shifted and added, equal the float64 convolution; channels_last out; the torch backend and autograd keep
+    F.conv2d."""
+    x, w, b = _inputs(shape, c_out)
+    b = b if with_bias else None
+    assert not uses_winograd(x, w) and _CONV3X3_MODULE.uses_taps_gemm(x, w)
+    got = conv3x3(x, w, b)
+    assert got.shape == (shape[0], c_out, *shape[2:]) and got.is_contiguous(memory_format=torch.channels_last)
+    _check(got, _exact(x, w, b))
+    _check(conv3x3(x.contiguous(), w, b), _exact(x, w, b))  # an NCHW input too
+    with ops.use_backend("torch"):
+        assert not _CONV3X3_MODULE.uses_taps_gemm(x, w)
+    with torch.enable_grad():
+        assert not _CONV3X3_MODULE.uses_taps_gemm(x, w.clone().requires_grad_(True))
+    assert not _CONV3X3_MODULE.uses_taps_gemm(x, w, upsample=True)

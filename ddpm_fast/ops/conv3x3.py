@@ -2,7 +2,7 @@
 
 Each 4x4 block of outputs is A^T [(G g G^T) (.) (B^T d B)] A (Lavin & Gray 2016): summed over the input channels,
 36 GEMMs over transformed tiles, 36 multiply-adds per channel pair and 4x4 block instead of 144. The direct
-convolution (oneDNN) runs near the CPU's GEMM peak, so the fewer products are the gain: 1.2-1.9x per layer on
+convolution (oneDNN) runs near the CPU's GEMM peak, so the fewer products are the gain: 1.3-2.0x per layer on
 the embedded model's shapes, 1.9-3.3x on the cifar10 preset's (benchmarks/test_cpu_bench.py -k conv3x3,
 RESULTS.md). With ``upsample`` it convolves x's 2x nearest upsampling, read in place (the U-Nets' upsamplers on a
 CPU: 1.3-1.6x the folded transposed convolution of unet.upsampled_conv). csrc/conv3x3_cpu.cpp holds the kernel;
@@ -13,7 +13,9 @@ Where it runs: the extension's kernel (backend ``native``, the CPU default) for 
 ``MIN_CHANNELS`` input and output channels, in calls autograd does not record. Everything else takes the
 reference, F.conv2d: a GPU (cuDNN chooses among its own algorithms, Winograd included), half precision (oneDNN's
 bf16 kernels on CPUs that have them), training, and the thin first and last convolutions of a U-Net, whose
-transforms would outweigh the saving. The kernel runs as the registered torch op ddpm_fast::conv3x3_winograd.
+transforms would outweigh the saving. Of those, a convolution to fewer than ``MIN_CHANNELS`` outputs (a U-Net's
+conv_out) under the same conditions takes ``taps_gemm_conv3x3`` (one GEMM for all nine taps, in torch). The
+kernel runs as the registered torch op ddpm_fast::conv3x3_winograd.
 
 Precision: fp32 arithmetic; the transforms' coefficients (up to 8) give 10-20x the direct convolution's rounding
 error, ~5e-6 relative to the output's scale, inside the fast path's contract (tests/test_conv3x3.py holds the
@@ -119,6 +121,35 @@ def _(x, weight, bias, upsample):
     return x.new_empty((n, weight.shape[0], h * scale, w * scale)).contiguous(memory_format=torch.channels_last)
 
 
+def uses_taps_gemm(x: torch.Tensor, weight: torch.Tensor, upsample: bool = False) -> bool:
+    """Whether conv3x3(x, weight) runs ``taps_gemm_conv3x3``: on a CPU in fp32 (inference, the native backend),
+    fewer than MIN_CHANNELS output channels from at least MIN_CHANNELS inputs (a U-Net's conv_out)."""
+    return (not upsample and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.shape[0] < MIN_CHANNELS <= weight.shape[1] and not registry.needs_grad(x, weight)
+            and registry.backend_for("conv3x3", x.device) == "native")
+
+
+def taps_gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv3x3 for few output channels: one GEMM of the pixels against all nine taps' weights, (N*H*W, C) @
+    (C, 9 * C_out), into per-tap partial sums, then the sum of the nine shifted by their offsets (zero padding:
+    each over the outputs it reaches). oneDNN's direct kernel runs a 32 -> 1 channel convolution at a few
+    GFLOP/s; this is 2x faster on the embedded model's conv_out (RESULTS.md). Output channels_last."""
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    taps = weight.permute(1, 2, 3, 0).reshape(c, 9 * co)  # column (3 dy + dx) * co + o
+    part = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ taps).view(n, h, w, 9, co)
+    out = part[:, :, :, 4] if bias is None else part[:, :, :, 4] + bias  # the centre tap reaches every output
+    out = out.contiguous()
+    for dy in range(3):
+        for dx in range(3):
+            if (dy, dx) == (1, 1):
+                continue
+            # output (i, j) takes tap (dy, dx) of input pixel (i + dy - 1, j + dx - 1), where that pixel exists
+            i0, i1, j0, j1 = max(0, 1 - dy), min(h, h + 1 - dy), max(0, 1 - dx), min(w, w + 1 - dx)
+            out[:, i0:i1, j0:j1] += part[:, i0 + dy - 1:i1 + dy - 1, j0 + dx - 1:j1 + dx - 1, 3 * dy + dx]
+    return out.permute(0, 3, 1, 2)
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             upsample: bool = False) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1), of x or (``upsample``) of x's 2x nearest upsampling, by the Winograd
@@ -127,5 +158,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     the kernel has run with."""
     _validate(x, weight, bias)
     if not uses_winograd(x, weight):
+        if uses_taps_gemm(x, weight, upsample):
+            return taps_gemm_conv3x3(x, weight, bias)
         return conv3x3_ref(x, weight, bias, upsample)
     return registry.call(_conv3x3_op, _conv3x3_kernels, x, weight, bias, bool(upsample))
