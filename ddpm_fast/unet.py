@@ -560,8 +560,8 @@ class FastAttentionBlock(_Folding, AttentionBlock):
         if not self.fold:
             return super().forward(x)
         h = self._tokens(x)
-        out = self.to_out[0]
         if self.heads == 1:
+            out = self.to_out[0]
             w = _folded(self, "qkv_weight", _qkv_out_weight, self.to_q.weight, self.to_k.weight, self.to_v.weight,
                         out.weight)
             b = _folded(self, "qkv_bias", _qkv_out_bias, self.to_q.bias, self.to_k.bias, self.to_v.bias,
