@@ -73,11 +73,15 @@ def _validate(x, weight, bias):
         raise ValueError(f"conv3x3: bias must be ({weight.shape[0]},), got {desc}")
 
 
+def _native_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 on a CPU, no autograd, the native backend: where conv3x3 takes one of its own forms."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not registry.needs_grad(x, weight) and registry.backend_for("conv3x3", x.device) == "native")
+
+
 def uses_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether conv3x3(x, weight) runs the Winograd kernel (see the module docstring)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS and not registry.needs_grad(x, weight)
-            and registry.backend_for("conv3x3", x.device) == "native")
+    return min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS and _native_cpu_inference(x, weight)
 
 
 # id(weight) -> (weakref to weight, (data_ptr, version, shape), U). An entry lives as long as its weight (a
@@ -124,9 +128,7 @@ def _(x, weight, bias, upsample):
 def uses_taps_gemm(x: torch.Tensor, weight: torch.Tensor, upsample: bool = False) -> bool:
     """Whether conv3x3(x, weight) runs ``taps_gemm_conv3x3``: on a CPU in fp32 (inference, the native backend),
     fewer than MIN_CHANNELS output channels from at least MIN_CHANNELS inputs (a U-Net's conv_out)."""
-    return (not upsample and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.shape[0] < MIN_CHANNELS <= weight.shape[1] and not registry.needs_grad(x, weight)
-            and registry.backend_for("conv3x3", x.device) == "native")
+    return not upsample and weight.shape[0] < MIN_CHANNELS <= weight.shape[1] and _native_cpu_inference(x, weight)
 
 
 def taps_gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
