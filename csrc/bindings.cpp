@@ -14,6 +14,8 @@ at::Tensor reverse_step_cuda(const at::Tensor&, const at::Tensor&, const OptTens
 void register_sampling_loop(pybind11::module_& m);
 at::Tensor group_norm_silu_cpu(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
                                double, bool);
+at::Tensor group_norm_silu_cat_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                   const OptTensor&, int64_t, double, bool);
 at::Tensor residual_add_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&);
 at::Tensor conv3x3_cpu(const at::Tensor&, const at::Tensor&, const OptTensor&, bool);
 at::Tensor vb_terms_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -51,6 +53,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "SiLU(GroupNorm(x + add[:, :, None, None])) forward on the CPU (fp32 statistics; NCHW or channels_last)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("add"), py::arg("num_groups"), py::arg("eps"),
         py::arg("silu"));
+  m.def("group_norm_silu_cat", &ddpm_fast::group_norm_silu_cat_cpu,
+        "group_norm_silu of torch.cat([x, x2], 1) without the concatenation (float32, channels_last, CPU): the same "
+        "bits", py::arg("x"), py::arg("x2"), py::arg("weight"), py::arg("bias"), py::arg("add"), py::arg("num_groups"),
+        py::arg("eps"), py::arg("silu"));
   m.def("residual_add", &ddpm_fast::residual_add_cpu,
         "y + skip + bias[c] on the CPU (fp32 arithmetic; y and skip of one dtype and memory format)", py::arg("y"),
         py::arg("skip"), py::arg("bias"));

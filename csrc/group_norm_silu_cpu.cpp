@@ -1,4 +1,5 @@
-// group_norm_silu on the CPU: y = SiLU(GroupNorm(x + add[:, :, None, None])) (forward; inference).
+// group_norm_silu on the CPU: y = SiLU(GroupNorm(x + add[:, :, None, None])) (forward; inference), and its
+// two-input form group_norm_silu_cat: the same of torch.cat([x, x2], 1) without making the concatenation.
 //
 // Same contract as ddpm_fast/ops/group_norm_silu.py: fp32 statistics (exact centred variance, merged
 // with Chan's formula in double), output in x's dtype and memory format. Both layouts keep their memory
@@ -172,10 +173,11 @@ __attribute__((target("avx512f"))) inline __m512 silu16(__m512 v) {
 }
 
 __attribute__((target("avx512f"))) void affine_silu_rows_avx512(const float* x, float* y, int64_t rows, int64_t cols,
-                                                                const float* scale, const float* shift) {
+                                                                int64_t ldx, int64_t ldy, const float* scale,
+                                                                const float* shift) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * cols;
-    float* yr = y + r * cols;
+    const float* xr = x + r * ldx;
+    float* yr = y + r * ldy;
     int64_t c = 0;
     for (; c + 16 <= cols; c += 16) {
       const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(xr + c), _mm512_loadu_ps(scale + c), _mm512_loadu_ps(shift + c));
@@ -192,13 +194,14 @@ __attribute__((target("avx512f"))) void affine_silu_rows_avx512(const float* x, 
 #endif
 
 // y[r, c] = x[r, c] * scale[c] + shift[c], then SiLU if asked, over a rows x cols block in one call (a call
-// per row cost more than the row's arithmetic at C = 32). x may be y (in place).
+// per row cost more than the row's arithmetic at C = 32); rows ldx apart in x, ldy apart in y (a wider y: the
+// two-input form writes each input's columns into its share of the output's rows). x may be y (in place).
 DDPM_FAST_CPU_CLONES
-void affine_silu_rows_portable(const float* x, float* y, int64_t rows, int64_t cols, const float* __restrict__ scale,
-                               const float* __restrict__ shift, bool silu) {
+void affine_silu_rows_portable(const float* x, float* y, int64_t rows, int64_t cols, int64_t ldx, int64_t ldy,
+                               const float* __restrict__ scale, const float* __restrict__ shift, bool silu) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * cols;
-    float* yr = y + r * cols;
+    const float* xr = x + r * ldx;
+    float* yr = y + r * ldy;
     if (silu) {
       for (int64_t c = 0; c < cols; ++c) yr[c] = cpu::silu(xr[c] * scale[c] + shift[c]);
     } else {
@@ -207,12 +210,12 @@ void affine_silu_rows_portable(const float* x, float* y, int64_t rows, int64_t c
   }
 }
 
-void affine_silu_rows(const float* x, float* y, int64_t rows, int64_t cols, const float* scale, const float* shift,
-                      bool silu) {
+void affine_silu_rows(const float* x, float* y, int64_t rows, int64_t cols, int64_t ldx, int64_t ldy,
+                      const float* scale, const float* shift, bool silu) {
 #if DDPM_FAST_X86_SIMD
-  if (silu && cpu::avx512_enabled()) return affine_silu_rows_avx512(x, y, rows, cols, scale, shift);
+  if (silu && cpu::avx512_enabled()) return affine_silu_rows_avx512(x, y, rows, cols, ldx, ldy, scale, shift);
 #endif
-  affine_silu_rows_portable(x, y, rows, cols, scale, shift, silu);
+  affine_silu_rows_portable(x, y, rows, cols, ldx, ldy, scale, shift, silu);
 }
 
 DDPM_FAST_CPU_CLONES
@@ -266,25 +269,35 @@ void group_norm_nchw(const scalar_t* x, scalar_t* y, const Params& p) {
 
 // The three stages of channels_last, each over one (sample, block) or one (sample, group); every way of
 // running them below does the same arithmetic in the same order, so the way never changes a bit.
+//
+// Two inputs (fp32 only): x holds the first c1 channels and x2 the other C - c1, each channels_last with rows of
+// its own width, and y is their concatenation along C, normalized. Per channel the arithmetic is the one-input
+// form's, so the result is the same bits as the kernel on the concatenated tensor, without making it.
 template <typename scalar_t>
 struct ChannelsLast {
   const scalar_t* x;
+  const scalar_t* x2;  // null: one input
   scalar_t* y;
   const Params& p;
-  int64_t rows, blocks;
+  int64_t c1, rows, blocks;
 
-  ChannelsLast(const scalar_t* x_, scalar_t* y_, const Params& p_)
-      : x(x_), y(y_), p(p_), rows(block_positions(p_.hw, p_.c)), blocks((p_.hw + rows - 1) / rows) {}
+  ChannelsLast(const scalar_t* x_, const scalar_t* x2_, int64_t c1_, scalar_t* y_, const Params& p_)
+      : x(x_), x2(x2_), y(y_), p(p_), c1(x2_ ? c1_ : p_.c), rows(block_positions(p_.hw, p_.c)),
+        blocks((p_.hw + rows - 1) / rows) {}
 
   int64_t rows_of(int64_t b) const { return std::min(rows, p.hw - b * rows); }
 
   // Per channel mean and M2 of block b of sample n, into mean/m2 (C each).
   void moments(int64_t n, int64_t b, float* mean, float* m2, std::vector<float>& buf) const {
-    const scalar_t* src = x + (n * p.hw + b * rows) * p.c;
+    const int64_t first = n * p.hw + b * rows;  // the block's first position
+    const scalar_t* src = x + first * c1;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bf16: converted in registers, no fp32 copy
       column_mean_m2_bf16(reinterpret_cast<const uint16_t*>(src), rows_of(b), p.c, mean, m2);
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      column_mean_m2(src, rows_of(b), c1, mean, m2);
+      if (x2) column_mean_m2(x2 + first * (p.c - c1), rows_of(b), p.c - c1, mean + c1, m2 + c1);
     } else {
-      buf.resize(std::is_same_v<scalar_t, float> ? 0 : rows * p.c);
+      buf.resize(rows * p.c);
       column_mean_m2(cpu::floats(src, buf.data(), rows_of(b) * p.c), rows_of(b), p.c, mean, m2);
     }
   }
@@ -310,9 +323,13 @@ struct ChannelsLast {
   // Block b of sample n normalized with its channels' scale and shift.
   void normalize(int64_t n, int64_t b, const float* scale, const float* shift, std::vector<float>& buf) const {
     const int64_t r = rows_of(b);
-    const int64_t offset = (n * p.hw + b * rows) * p.c;
+    const int64_t first = n * p.hw + b * rows, offset = first * p.c;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      affine_silu_rows(x + offset, y + offset, r, p.c, scale, shift, p.silu);
+      affine_silu_rows(x + first * c1, y + offset, r, c1, c1, p.c, scale, shift, p.silu);
+      if (x2) {
+        const int64_t c2 = p.c - c1;
+        affine_silu_rows(x2 + first * c2, y + offset + c1, r, c2, c2, p.c, scale + c1, shift + c1, p.silu);
+      }
       return;
     }
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -324,14 +341,14 @@ struct ChannelsLast {
     }
     buf.resize(rows * p.c);
     load_row(x + offset, buf.data(), r * p.c);
-    affine_silu_rows(buf.data(), buf.data(), r, p.c, scale, shift, p.silu);
+    affine_silu_rows(buf.data(), buf.data(), r, p.c, p.c, p.c, scale, shift, p.silu);
     cpu::store_row(buf.data(), y + offset, r * p.c);
   }
 };
 
 template <typename scalar_t>
-void group_norm_channels_last(const scalar_t* x, scalar_t* y, const Params& p) {
-  const ChannelsLast<scalar_t> k(x, y, p);
+void group_norm_channels_last(const scalar_t* x, const scalar_t* x2, int64_t c1, scalar_t* y, const Params& p) {
+  const ChannelsLast<scalar_t> k(x, x2, c1, y, p);
   const int64_t blocks = k.blocks, c = p.c;
   if (p.n >= at::get_num_threads()) {
     // Enough samples for every thread: one task per sample runs the three stages while its values are in cache.
@@ -371,17 +388,18 @@ void group_norm_channels_last(const scalar_t* x, scalar_t* y, const Params& p) {
 
 }  // namespace
 
-at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
-                               int64_t num_groups, double eps, bool silu) {
-  TORCH_CHECK(x.device().is_cpu(), "group_norm_silu_cpu: x is on ", x.device(), "; this kernel runs on the CPU");
-  TORCH_CHECK(x.dim() == 4, "group_norm_silu_cpu: x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "group_norm_silu_cpu: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  const bool cl = channels_last_4d(x);
-  TORCH_CHECK(cl || x.is_contiguous(), "group_norm_silu_cpu: x must be contiguous or channels_last");
-  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(c > 0 && hw > 0, "group_norm_silu_cpu: C and H*W must be positive, got shape ", x.sizes());
+namespace {
+// The checked affine and add of an input with n samples and c channels, as fp32 tensors, and the Params over them
+// (the tensors must outlive the Params' pointers).
+struct Checked {
+  at::Tensor w, b, a;
+  Params p;
+};
+
+Checked check_args(int64_t n, int64_t c, int64_t hw, const c10::optional<at::Tensor>& weight,
+                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add, int64_t num_groups,
+                   double eps, bool silu) {
+  TORCH_CHECK(c > 0 && hw > 0, "group_norm_silu_cpu: C and H*W must be positive, got C = ", c, ", H*W = ", hw);
   TORCH_CHECK(num_groups > 0 && c % num_groups == 0, "group_norm_silu_cpu: ", c,
               " channels are not divisible by num_groups=", num_groups);
   TORCH_CHECK(eps > 0 && std::isfinite(eps), "group_norm_silu_cpu: eps must be positive and finite, got ", eps);
@@ -394,26 +412,63 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
                 ", ", c, ") per sample (weight and bias alike), got ", t->sizes(), " on ", t->device());
     return cpu::as_float(*t).contiguous();
   };
-  const at::Tensor w = affine(weight, "weight"), b = affine(bias, "bias");
-  at::Tensor a;
+  Checked k;
+  k.w = affine(weight, "weight");
+  k.b = affine(bias, "bias");
   if (add) {
     TORCH_CHECK(add->device().is_cpu() && add->dim() == 2 && add->size(0) == n && add->size(1) == c,
                 "group_norm_silu_cpu: add must be an (", n, ", ", c, ") CPU tensor, got ", add->sizes(), " on ",
                 add->device());
-    a = cpu::as_float(*add);
+    k.a = cpu::as_float(*add);
   }
+  k.p = Params{n, c, hw, num_groups, c / num_groups, static_cast<float>(eps), silu,
+               k.w.defined() ? k.w.data_ptr<float>() : nullptr, k.b.defined() ? k.b.data_ptr<float>() : nullptr,
+               k.a.defined() ? k.a.data_ptr<float>() : nullptr, per_sample ? c : 0};
+  return k;
+}
+}  // namespace
+
+at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                               int64_t num_groups, double eps, bool silu) {
+  TORCH_CHECK(x.device().is_cpu(), "group_norm_silu_cpu: x is on ", x.device(), "; this kernel runs on the CPU");
+  TORCH_CHECK(x.dim() == 4, "group_norm_silu_cpu: x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "group_norm_silu_cpu: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const bool cl = channels_last_4d(x);
+  TORCH_CHECK(cl || x.is_contiguous(), "group_norm_silu_cpu: x must be contiguous or channels_last");
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const Checked k = check_args(n, c, hw, weight, bias, add, num_groups, eps, silu);
   at::Tensor y = at::empty_like(x);
   if (n == 0) return y;
-  const Params p{n, c, hw, num_groups, c / num_groups, static_cast<float>(eps), silu,
-                 w.defined() ? w.data_ptr<float>() : nullptr, b.defined() ? b.data_ptr<float>() : nullptr,
-                 a.defined() ? a.data_ptr<float>() : nullptr, per_sample ? c : 0};
   AT_DISPATCH_V2(x.scalar_type(), "group_norm_silu_cpu", AT_WRAP([&] {
     if (cl) {
-      group_norm_channels_last(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p);
+      group_norm_channels_last<scalar_t>(x.data_ptr<scalar_t>(), nullptr, c, y.data_ptr<scalar_t>(), k.p);
     } else {
-      group_norm_nchw(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p);
+      group_norm_nchw(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), k.p);
     }
   }), at::kFloat, at::kBFloat16, at::kHalf);
+  return y;
+}
+
+at::Tensor group_norm_silu_cat_cpu(const at::Tensor& x, const at::Tensor& x2, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                                   int64_t num_groups, double eps, bool silu) {
+  for (const at::Tensor* t : {&x, &x2}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 &&
+                    t->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "group_norm_silu_cat_cpu: x and x2 must be float32 channels_last (N, C, H, W) CPU tensors, got ",
+                t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(x.size(0) == x2.size(0) && x.size(2) == x2.size(2) && x.size(3) == x2.size(3),
+              "group_norm_silu_cat_cpu: x ", x.sizes(), " and x2 ", x2.sizes(), " differ beyond their channels");
+  const int64_t n = x.size(0), c1 = x.size(1), c = c1 + x2.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK(c1 > 0 && x2.size(1) > 0, "group_norm_silu_cat_cpu: both inputs need channels, got ", x.sizes(),
+              " and ", x2.sizes());
+  const Checked k = check_args(n, c, hw, weight, bias, add, num_groups, eps, silu);
+  at::Tensor y = at::empty({n, c, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (n == 0) return y;
+  group_norm_channels_last<float>(x.data_ptr<float>(), x2.data_ptr<float>(), c1, y.data_ptr<float>(), k.p);
   return y;
 }
 

@@ -19,7 +19,9 @@ q/k/v are one GEMM (with one head, the attention's output projection folded into
 upsampling and 3x3 convolution are one stride-2 transposed convolution over the low-resolution input (FastUpsample:
 2x2 taps per output pixel instead of 3x3, and no upsampled copy). A ResBlock's two 3x3 convolutions are
 ops.conv3x3: on a CPU in fp32, Winograd's F(4x4, 3x3) with 4x fewer multiply-adds, which also takes the upsamplers
-there (reading the upsampled image in place). FastUNet makes every ResBlock's time projection in one GEMM; each
+there (reading the upsampled image in place). A decoder ResBlock takes its skip beside its input: on a CPU in fp32
+norm1 reads the two in place (ops.group_norm_silu_cat) and the 1x1 shortcut is one GEMM per input, so their
+concatenation is never made; elsewhere the block concatenates. FastUNet makes every ResBlock's time projection in one GEMM; each
 block is given its column slice of it when the FastUNet is built. The folded parameters (summed biases, stacked
 weights) are derived from the same parameters, cached while no gradient is recorded and rebuilt when a source
 changes (see ``_folded``). ``to_fast(fold=False)`` keeps the reference blocks' plain structure (SDPA attention
@@ -514,21 +516,48 @@ class FastResnetBlock(_Folding, ResnetBlock):
         self.conv_shortcut = block.conv_shortcut
         self.time_slice = time_slice
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on x, or (a decoder block) on torch.cat([x, skip], 1). Where ``ops.joins_in_place`` the
+        concatenation is never made: norm1 reads both in place (ops.group_norm_silu_cat) and the 1x1 shortcut
+        is two GEMMs, one per input, summed."""
+        if skip is not None and (self.conv_shortcut is None or not ops.joins_in_place(x, skip)):
+            x, skip = torch.cat([x, skip], dim=1), None
         # norm2(conv1(a) + b1 + proj(temb)) = norm2(conv1_nobias(a) + (proj(temb) with bias + b1)).
         if self.time_slice is not None:
             temb_add = temb[:, self.time_slice[0]:self.time_slice[1]]
         else:
             temb_bias = _folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
             temb_add = F.linear(temb, self.time_emb_proj.weight, temb_bias)
-        h = ops.conv3x3(_norm(self.norm1, x, silu=True), self.conv1.weight)
+        if skip is None:
+            a = _norm(self.norm1, x, silu=True)
+        else:
+            a = ops.group_norm_silu_cat(x, skip, self.norm1.weight, self.norm1.bias, self.norm1.num_groups,
+                                        self.norm1.eps)
+        h = ops.conv3x3(a, self.conv1.weight)
         h = _norm(self.norm2, h, silu=True, add=temb_add)
         h = ops.conv3x3(self.dropout(h), self.conv2.weight)
         if self.conv_shortcut is None:
             return ops.residual_add(h, x, self.conv2.bias)
-        skip = F.conv2d(x, self.conv_shortcut.weight, None)
         bias = _folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
-        return ops.residual_add(h, skip, bias)
+        if skip is None:
+            return ops.residual_add(h, F.conv2d(x, self.conv_shortcut.weight, None), bias)
+        # The shortcut of the concatenation: x's columns of the 1x1 weight on x plus skip's on skip, over the
+        # positions (N*H*W rows: channels_last tensors' own memory, no copy).
+        wt = _folded(self, "shortcut_t", _matrix_t, self.conv_shortcut.weight)
+        n, c, hgt, wid = x.shape
+        out = torch.mm(_positions(x), wt[:c])
+        out.addmm_(_positions(skip), wt[c:])
+        return ops.residual_add(h, out.view(n, hgt, wid, -1).permute(0, 3, 1, 2), bias)
+
+
+def _matrix_t(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution's (C_out, C, 1, 1) weight as the (C, C_out) matrix that multiplies positions' rows."""
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
+def _positions(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C), each position's channels a row (a view of a channels_last tensor)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _qkv_out_weight(wq, wk, wv, wo):
@@ -639,6 +668,18 @@ class FastUNet(_Folding, UNet):
         pairs = [p for b in blocks for p in (b.time_emb_proj.bias, b.conv1.bias)]
         bias = _folded(self, "time_proj_bias", _paired_sums, *pairs)
         return F.linear(temb, weight, bias)
+
+    def _up_level(self, lvl, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
+        """UNet._up_level, each ResBlock given its skip beside its input (FastResnetBlock joins them)."""
+        if not self.fold:
+            return UNet._up_level(lvl, h, skips, temb)
+        for j, res in enumerate(lvl.resnets):
+            h = res(h, temb, skips.pop())
+            if len(lvl.attentions):
+                h = lvl.attentions[j](h)
+        for up in lvl.upsamplers:
+            h = up(h)
+        return h
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """conv_out by ops.conv3x3: on a CPU in fp32 its few output channels take one GEMM over all nine taps."""

@@ -70,6 +70,13 @@ def test_registered_ops_have_fake_implementations():
         (torch.ops.ddpm_fast.group_norm_silu.default,  # a per-sample affine (scale-shift norm)
          (x, torch.randn(2, 8), torch.randn(2, 8), None, 4, 1e-5, True)),
     ]
+    if ops.extension() is not None:  # the ops only the extension implements (CPU inference forms)
+        x2 = torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+        cases += [
+            (torch.ops.ddpm_fast.group_norm_silu_cat.default, (x, x2, torch.randn(12), torch.randn(12), None, 4, 1e-6,
+                                                               True)),
+            (torch.ops.ddpm_fast.conv3x3_winograd.default, (x, torch.randn(8, 8, 3, 3), b, False)),
+        ]
     with ops.use_backend("native" if ops.extension() is not None else "triton"):
         for op, args in cases:
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

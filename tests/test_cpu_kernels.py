@@ -20,8 +20,6 @@ TOLS = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-3), torch.bfloat16
 DTYPES = list(TOLS)
 
 
-
-
 def _fmt(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -136,6 +134,79 @@ def test_group_norm_bad_input_is_named():
         _C.group_norm_silu(x, torch.ones(2, 8), torch.ones(8), None, 2, 1e-6, True)
     with pytest.raises(RuntimeError, match="eps must be positive"):
         _C.group_norm_silu(x, None, None, None, 2, 0.0, True)
+
+
+# (N, C1, C2, H, W, groups): groups that straddle the two inputs' boundary (5 + 7 in groups of 3), widths that
+# are not a multiple of the 16-lane vectors, samples over several position blocks (the last one partial), fewer
+# samples than threads, a U-Net decoder's shapes.
+CAT_SHAPES = [(2, 5, 7, 3, 5, 4), (3, 64, 32, 33, 31, 8), (1, 96, 96, 20, 20, 32), (4, 16, 48, 1, 1, 8),
+              (64, 64, 32, 16, 16, 8)]
+
+
+@pytest.mark.parametrize("n, c1, c2, h, w, groups", CAT_SHAPES)
+@pytest.mark.parametrize("with_add, silu", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("affine", ["channel", "sample", None])
+def test_group_norm_silu_cat_is_the_kernel_on_the_concatenation(n, c1, c2, h, w, groups, with_add, silu, affine,
+                                                                cpu_loops):
+    """The two-input form (a decoder block's input and its skip, never concatenated) gives the same bits as the
+    one-input kernel on torch.cat([x, x2], 1), and matches the reference."""
+    c = c1 + c2
+    x = torch.randn(n, c1, h, w).mul(2).add(0.5).contiguous(memory_format=torch.channels_last)
+    x2 = torch.randn(n, c2, h, w).mul(3).contiguous(memory_format=torch.channels_last)
+    shape = {"channel": (c,), "sample": (n, c), None: None}[affine]
+    weight, bias = (None, None) if shape is None else (torch.randn(shape), torch.randn(shape))
+    add = torch.randn(n, c) if with_add else None
+    got = _C.group_norm_silu_cat(x, x2, weight, bias, add, groups, 1e-6, silu)
+    joined = torch.cat([x, x2], 1)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == (n, c, h, w)
+    one_input = _C.group_norm_silu(joined, weight, bias, add, groups, 1e-6, silu)
+    if joined.is_contiguous():  # 1x1 images: NCHW as well, where the one-input kernel takes its NCHW loops
+        torch.testing.assert_close(got, one_input, atol=1e-5, rtol=1e-4)
+    else:
+        assert torch.equal(got, one_input)
+    if affine != "sample":
+        want = group_norm_silu_ref(joined, weight, bias, groups, 1e-6, add, silu)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_group_norm_silu_cat_bad_input_is_named():
+    cl = torch.channels_last
+    x, x2 = torch.randn(2, 8, 4, 4).contiguous(memory_format=cl), torch.randn(2, 4, 4, 4).contiguous(memory_format=cl)
+    with pytest.raises(RuntimeError, match="float32 channels_last"):
+        _C.group_norm_silu_cat(x, x2.contiguous(), None, None, None, 4, 1e-6, True)
+    with pytest.raises(RuntimeError, match="float32 channels_last"):
+        _C.group_norm_silu_cat(x.double(), x2, None, None, None, 4, 1e-6, True)
+    with pytest.raises(RuntimeError, match="differ beyond their channels"):
+        _C.group_norm_silu_cat(x, torch.randn(2, 4, 2, 4).contiguous(memory_format=cl), None, None, None, 4, 1e-6, True)
+    with pytest.raises(RuntimeError, match="12 channels are not divisible by num_groups=5"):
+        _C.group_norm_silu_cat(x, x2, None, None, None, 5, 1e-6, True)
+    with pytest.raises(RuntimeError, match=r"add must be an \(2, 12\) CPU tensor"):
+        _C.group_norm_silu_cat(x, x2, None, None, torch.randn(2, 8), 4, 1e-6, True)
+    with pytest.raises(ValueError, match="must differ only in their channels"):
+        ops.group_norm_silu_cat(x, x2[:1], None, None, 4)
+    with pytest.raises(ValueError, match=r"weight must have shape \(12,\)"):
+        ops.group_norm_silu_cat(x, x2, torch.ones(8), torch.ones(8), 4)
+
+
+def test_group_norm_silu_cat_takes_the_concatenation_where_the_kernel_does_not_run():
+    """Under autograd and on the torch backend ops.group_norm_silu_cat is group_norm_silu of the concatenation
+    (gradients reach both inputs); inference on the native backend reads the two in place, to round-off."""
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=cl).requires_grad_()
+    x2 = torch.randn(2, 4, 5, 5).contiguous(memory_format=cl).requires_grad_()
+    weight, bias = torch.randn(12), torch.randn(12)
+    want = group_norm_silu_ref(torch.cat([x, x2], 1), weight, bias, 4, 1e-6)
+    assert not ops.joins_in_place(x, x2)
+    got = ops.group_norm_silu_cat(x, x2, weight, bias, 4)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert x.grad is not None and x2.grad is not None and x2.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert ops.joins_in_place(x, x2)
+        _assert_close(ops.group_norm_silu_cat(x, x2, weight, bias, 4), want.detach(), torch.float32)
+        with ops.use_backend("torch"):
+            assert not ops.joins_in_place(x, x2)
+            torch.testing.assert_close(ops.group_norm_silu_cat(x, x2, weight, bias, 4), want.detach())
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 384, 17, 17), (2, 64, 32, 32), (2, 5, 1, 1)])
@@ -254,3 +325,61 @@ def test_fast_unet_on_the_cpu_matches_the_reference():
     print(f"fp32 fast {(fp32_fast - want).abs().max().item():.2e}, bf16 fast {err:.2e}, bf16 torch {base:.2e}")
     torch.testing.assert_close(fp32_fast, want, atol=1e-4, rtol=1e-4)
     assert err <= 2 * base + 1e-2
+
+
+def test_fast_decoder_blocks_join_their_skips_without_a_concatenation():
+    """On a CPU in fp32 (native backend, inference) the fast U-Net's decoder blocks read their input and skip in
+    place (norm1 by group_norm_silu_cat, the shortcut as two GEMMs): no 4-D torch.cat runs in the forward. On the
+    torch backend they concatenate. Both match the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ddpm_fast import UNet, UNetConfig
+
+    class CountCats(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.cats = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket == torch.ops.aten.cat and out.dim() == 4:
+                self.cats += 1
+            return out
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.from_name("tiny")).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 999])
+    decoders = sum(len(lvl.resnets) for lvl in model.up_blocks)
+    fast = model.to_fast(torch.float32)
+    with torch.no_grad():
+        want = model(x, t)
+        got = {}
+        for backend in ("auto", "torch"):
+            with ops.use_backend(backend):
+                fast(x, t)  # the folds, made once
+                counter = CountCats()
+                with counter:
+                    got[backend] = fast(x, t)
+            assert counter.cats == (0 if backend == "auto" else decoders), backend
+            torch.testing.assert_close(got[backend], want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_decoder_block_without_a_shortcut_concatenates():
+    """A block whose input and skip together have its output's width has no 1x1 shortcut: the residual is the
+    concatenation itself, so the fast block makes it."""
+    from ddpm_fast.unet import FastResnetBlock, ResnetBlock
+
+    torch.manual_seed(1)
+    block = ResnetBlock(16, 16, 8, 4, 1e-6, 0.0).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    cl = torch.channels_last
+    x = torch.randn(2, 10, 6, 6).contiguous(memory_format=cl)
+    skip = torch.randn(2, 6, 6, 6).contiguous(memory_format=cl)
+    temb = torch.randn(2, 8)
+    with torch.no_grad():
+        want = block(torch.cat([x, skip], 1), temb)
+        got = FastResnetBlock(block)(x, temb, skip)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

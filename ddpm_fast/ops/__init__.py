@@ -9,7 +9,9 @@ from ddpm_fast.ops.group_norm_silu import (
     group_norm_scale_shift_silu,
     group_norm_scale_shift_silu_ref,
     group_norm_silu,
+    group_norm_silu_cat,
     group_norm_silu_ref,
+    joins_in_place,
 )
 from ddpm_fast.ops.q_sample import q_sample, q_sample_ref
 from ddpm_fast.ops.registry import (
@@ -45,7 +47,9 @@ __all__ = [
     "group_norm_scale_shift_silu",
     "group_norm_scale_shift_silu_ref",
     "group_norm_silu",
+    "group_norm_silu_cat",
     "group_norm_silu_ref",
+    "joins_in_place",
     "launch",
     "memory_format",
     "needs_grad",

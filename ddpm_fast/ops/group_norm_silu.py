@@ -268,20 +268,25 @@ def _validate(x, weight, bias, num_groups, add):
         raise ValueError(f"group_norm_silu: x must be a floating (N, C, H, W) tensor, got {desc}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"group_norm_silu: x must be float32, float16 or bfloat16, got {x.dtype}")
-    n, c, h, w = x.shape
+    _validate_params(x.shape, x.device, weight, bias, num_groups, add)
+
+
+def _validate_params(shape, device, weight, bias, num_groups, add, op="group_norm_silu"):
+    """The checks of everything but x, for an input of ``shape`` on ``device``."""
+    n, c, h, w = shape
     if h * w == 0 or c == 0:
         # No statistics exist over an empty group (torch raises, a kernel would write nothing): one answer.
-        raise ValueError(f"group_norm_silu: x has shape {tuple(x.shape)}; C and H*W must be positive")
+        raise ValueError(f"{op}: x has shape {tuple(shape)}; C and H*W must be positive")
     if num_groups < 1 or c % num_groups:
-        raise ValueError(f"group_norm_silu: {c} channels are not divisible by num_groups={num_groups}")
+        raise ValueError(f"{op}: {c} channels are not divisible by num_groups={num_groups}")
     if (weight is None) != (bias is None):
-        raise ValueError("group_norm_silu: give both weight and bias, or neither")
+        raise ValueError(f"{op}: give both weight and bias, or neither")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (p.shape not in ((c,), (n, c)) or p.device != x.device or p.shape != weight.shape):
-            raise ValueError(f"group_norm_silu: {name} must have shape ({c},), or ({n}, {c}) per sample, like the "
-                             f"weight, on {x.device}; got {tuple(p.shape)} on {p.device}")
-    if add is not None and (add.shape != (n, c) or add.device != x.device):
-        raise ValueError(f"group_norm_silu: add must have shape ({n}, {c}) on {x.device}, got {tuple(add.shape)}")
+        if p is not None and (p.shape not in ((c,), (n, c)) or p.device != device or p.shape != weight.shape):
+            raise ValueError(f"{op}: {name} must have shape ({c},), or ({n}, {c}) per sample, like the "
+                             f"weight, on {device}; got {tuple(p.shape)} on {p.device}")
+    if add is not None and (add.shape != (n, c) or add.device != device):
+        raise ValueError(f"{op}: add must have shape ({n}, {c}) on {device}, got {tuple(add.shape)}")
 
 
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=None, silu: bool = True):
@@ -296,6 +301,53 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=Non
         return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
     return registry.call(_group_norm_silu_op, _group_norm_silu_kernels, x, weight, bias, add, int(num_groups),
                          float(eps), bool(silu))[0]
+
+
+def joins_in_place(x: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Whether ``group_norm_silu_cat(x, x2, ...)`` reads the two inputs in place (the native kernel: fp32 on a CPU,
+    no autograd) instead of making their concatenation."""
+    return (x.device.type == "cpu" and x.dtype == x2.dtype == torch.float32 and x2.device == x.device
+            and not registry.needs_grad(x, x2) and registry.backend_for("group_norm_silu", x.device) == "native")
+
+
+def _group_norm_silu_cat_kernel(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None,
+                                bias: torch.Tensor | None, add: torch.Tensor | None, num_groups: int, eps: float,
+                                silu: bool) -> torch.Tensor:
+    cl = torch.channels_last
+    return registry.extension().group_norm_silu_cat(x.contiguous(memory_format=cl), x2.contiguous(memory_format=cl),
+                                                    weight, bias, add, num_groups, eps, silu)
+
+
+_group_norm_silu_cat_op = torch.library.custom_op("ddpm_fast::group_norm_silu_cat", _group_norm_silu_cat_kernel,
+                                                  mutates_args=())
+
+
+@_group_norm_silu_cat_op.register_fake
+def _(x, x2, weight, bias, add, num_groups, eps, silu):
+    n, c1, h, w = x.shape
+    return x.new_empty((n, c1 + x2.shape[1], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+def group_norm_silu_cat(x, x2, weight, bias, num_groups: int, eps: float = 1e-6, add=None, silu: bool = True):
+    """``group_norm_silu(torch.cat([x, x2], 1), ...)``: a U-Net decoder block's first norm over its input and the
+    skip it joins. Where ``joins_in_place`` the native kernel reads both in place and writes the normalized
+    concatenation (channels_last), the same bits as the kernel on the concatenated tensor with one copy of it
+    fewer; elsewhere the concatenation and group_norm_silu."""
+    for name, t in (("x", x), ("x2", x2)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            desc = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"group_norm_silu_cat: {name} must be an (N, C, H, W) tensor, got {desc}")
+    if x.shape[0] != x2.shape[0] or x.shape[2:] != x2.shape[2:] or x.dtype != x2.dtype or x.device != x2.device:
+        raise ValueError(f"group_norm_silu_cat: x {tuple(x.shape)} {x.dtype} on {x.device} and x2 {tuple(x2.shape)} "
+                         f"{x2.dtype} on {x2.device} must differ only in their channels")
+    if not joins_in_place(x, x2):
+        return group_norm_silu(torch.cat([x, x2], dim=1), weight, bias, num_groups, eps, add, silu)
+    n, c1, h, w = x.shape
+    _validate_params((n, c1 + x2.shape[1], h, w), x.device, weight, bias, num_groups, add, "group_norm_silu_cat")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"group_norm_silu_cat: eps must be positive and finite, got {eps}")
+    return registry.call(_group_norm_silu_cat_op, _group_norm_silu_cat_kernel, x, x2, weight, bias, add,
+                         int(num_groups), float(eps), bool(silu))
 
 
 def group_norm_scale_shift_silu_ref(x, weight, bias, num_groups: int, eps: float, scale, shift, silu: bool = True):
