@@ -37,6 +37,9 @@ from ddpm_fast.unet import (
     _cat,
     _folded,
     _Folding,
+    _join,
+    _norm,
+    _shortcut,
     check_x_and_t,
     fast_form,
     timestep_embedding,
@@ -199,10 +202,6 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(ADM_GROUPS, channels, eps=ADM_EPS)
 
 
-def _norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
-    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=silu)
-
-
 class _Resample(nn.Module):
     """Nearest 2x upsampling or 2x downsampling (a stride-2 3x3 conv, or 2x2 average pooling), with the
     parameter names of openai's Upsample (``conv``) and Downsample (``op``)."""
@@ -301,9 +300,14 @@ class ADMAttention(nn.Module):
 class _Stage(nn.Sequential):
     """One of openai's TimestepEmbedSequential stages: ResBlocks get the time embedding, the rest x alone."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            x = layer(x, emb) if isinstance(layer, ADMResBlock) else layer(x)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``skip``: a decoder stage's second input, joined to x by its first layer, a ResBlock (a fast one reads
+        the two in place; the reference concatenates)."""
+        for i, layer in enumerate(self):
+            if i == 0 and skip is not None:
+                x = layer(x, emb, skip) if isinstance(layer, FastADMResBlock) else layer(torch.cat([x, skip], 1), emb)
+            else:
+                x = layer(x, emb) if isinstance(layer, ADMResBlock) else layer(x)
         return x
 
 
@@ -414,7 +418,7 @@ class ADMUNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb)
         for stage in self.output_blocks:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = stage(h, emb, skips.pop())
         return self.out[2](_norm(self.out[0], h, silu=True))
 
     def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True, copy: bool = True) -> FastADMUNet:
@@ -445,13 +449,16 @@ class FastADMResBlock(_Folding, ADMResBlock):
         """The sources of this block's bias in the time GEMM."""
         return [self.emb_layers[1].bias] if self.scale_shift else [self.emb_layers[1].bias, self.in_layers[2].bias]
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on x, or (a decoder stage's first block) on torch.cat([x, skip], 1), read in place where
+        ops.joins_in_place (as unet.FastResnetBlock does)."""
+        x, skip = _join(x, skip, self.resample is None and not isinstance(self.skip_connection, nn.Identity))
         if self.time_slice is not None:
             mod = temb[:, self.time_slice[0]:self.time_slice[1]]
         else:
             bias = _folded(self, "time_bias", _sum, *self.time_bias())
             mod = F.linear(temb, self.emb_layers[1].weight, bias)
-        h = _norm(self.in_layers[0], x, silu=True)
+        h = _norm(self.in_layers[0], x, silu=True, skip=skip)
         conv1, norm = self.in_layers[2], self.out_layers[0]
         bias = conv1.bias if self.scale_shift else None  # else it rides in the time add of norm
         if self.resample == "up":  # upsampling and conv1 as one transposed convolution
@@ -469,8 +476,8 @@ class FastADMResBlock(_Folding, ADMResBlock):
         h = ops.conv3x3(self.out_layers[2](h), conv2.weight)
         if isinstance(self.skip_connection, nn.Identity):
             return ops.residual_add(h, x, conv2.bias)
-        skip = F.conv2d(x, self.skip_connection.weight, None)
-        return ops.residual_add(h, skip, _folded(self, "out_bias", torch.add, conv2.bias, self.skip_connection.bias))
+        return ops.residual_add(h, _shortcut(self, self.skip_connection.weight, x, skip),
+                                _folded(self, "out_bias", torch.add, conv2.bias, self.skip_connection.bias))
 
 
 def _sum(*tensors: torch.Tensor) -> torch.Tensor:

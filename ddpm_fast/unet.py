@@ -21,10 +21,10 @@ upsampling and 3x3 convolution are one stride-2 transposed convolution over the 
 ops.conv3x3: on a CPU in fp32, Winograd's F(4x4, 3x3) with 4x fewer multiply-adds, which also takes the upsamplers
 there (reading the upsampled image in place). A decoder ResBlock takes its skip beside its input: on a CPU in fp32
 norm1 reads the two in place (ops.group_norm_silu_cat) and the 1x1 shortcut is one GEMM per input, so their
-concatenation is never made; elsewhere the block concatenates. FastUNet makes every ResBlock's time projection in one GEMM; each
-block is given its column slice of it when the FastUNet is built. The folded parameters (summed biases, stacked
-weights) are derived from the same parameters, cached while no gradient is recorded and rebuilt when a source
-changes (see ``_folded``). ``to_fast(fold=False)`` keeps the reference blocks' plain structure (SDPA attention
+concatenation is never made; elsewhere the block concatenates. FastUNet makes every ResBlock's time projection in
+one GEMM; each block is given its column slice of it when the FastUNet is built. The folded parameters (summed
+biases, stacked weights) are derived from the same parameters, cached while no gradient is recorded and rebuilt when
+a source changes (see ``_folded``). ``to_fast(fold=False)`` keeps the reference blocks' plain structure (SDPA attention
 only).
 """
 
@@ -77,7 +77,11 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool, add: torch.Tensor | None = None) -> torch.Tensor:
+def _norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool, add: torch.Tensor | None = None,
+          skip: torch.Tensor | None = None) -> torch.Tensor:
+    """norm (+ SiLU) of x, or of torch.cat([x, skip], 1) read in place (ops.group_norm_silu_cat)."""
+    if skip is not None:
+        return ops.group_norm_silu_cat(x, skip, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
 
 
@@ -520,34 +524,40 @@ class FastResnetBlock(_Folding, ResnetBlock):
         """The block on x, or (a decoder block) on torch.cat([x, skip], 1). Where ``ops.joins_in_place`` the
         concatenation is never made: norm1 reads both in place (ops.group_norm_silu_cat) and the 1x1 shortcut
         is two GEMMs, one per input, summed."""
-        if skip is not None and (self.conv_shortcut is None or not ops.joins_in_place(x, skip)):
-            x, skip = torch.cat([x, skip], dim=1), None
+        x, skip = _join(x, skip, self.conv_shortcut is not None)
         # norm2(conv1(a) + b1 + proj(temb)) = norm2(conv1_nobias(a) + (proj(temb) with bias + b1)).
         if self.time_slice is not None:
             temb_add = temb[:, self.time_slice[0]:self.time_slice[1]]
         else:
             temb_bias = _folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
             temb_add = F.linear(temb, self.time_emb_proj.weight, temb_bias)
-        if skip is None:
-            a = _norm(self.norm1, x, silu=True)
-        else:
-            a = ops.group_norm_silu_cat(x, skip, self.norm1.weight, self.norm1.bias, self.norm1.num_groups,
-                                        self.norm1.eps)
-        h = ops.conv3x3(a, self.conv1.weight)
+        h = ops.conv3x3(_norm(self.norm1, x, silu=True, skip=skip), self.conv1.weight)
         h = _norm(self.norm2, h, silu=True, add=temb_add)
         h = ops.conv3x3(self.dropout(h), self.conv2.weight)
         if self.conv_shortcut is None:
             return ops.residual_add(h, x, self.conv2.bias)
         bias = _folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
-        if skip is None:
-            return ops.residual_add(h, F.conv2d(x, self.conv_shortcut.weight, None), bias)
-        # The shortcut of the concatenation: x's columns of the 1x1 weight on x plus skip's on skip, over the
-        # positions (N*H*W rows: channels_last tensors' own memory, no copy).
-        wt = _folded(self, "shortcut_t", _matrix_t, self.conv_shortcut.weight)
-        n, c, hgt, wid = x.shape
-        out = torch.mm(_positions(x), wt[:c])
-        out.addmm_(_positions(skip), wt[c:])
-        return ops.residual_add(h, out.view(n, hgt, wid, -1).permute(0, 3, 1, 2), bias)
+        return ops.residual_add(h, _shortcut(self, self.conv_shortcut.weight, x, skip), bias)
+
+
+def _join(x: torch.Tensor, skip: torch.Tensor | None, has_shortcut: bool):
+    """(x, skip) as a decoder block runs on them: kept apart where ops.joins_in_place and the block has a 1x1
+    shortcut, else (torch.cat([x, skip], 1), None) (without a shortcut the residual is the concatenation)."""
+    if skip is not None and not (has_shortcut and ops.joins_in_place(x, skip)):
+        return torch.cat([x, skip], dim=1), None
+    return x, skip
+
+
+def _shortcut(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    """The bias-free 1x1 convolution ``weight`` of x, or of torch.cat([x, skip], 1) without making it: x's columns
+    of the weight on x plus skip's on skip, over the positions (N*H*W rows: channels_last tensors' own memory)."""
+    if skip is None:
+        return F.conv2d(x, weight, None)
+    wt = _folded(module, "shortcut_t", _matrix_t, weight)
+    n, c, hgt, wid = x.shape
+    out = torch.mm(_positions(x), wt[:c])
+    out.addmm_(_positions(skip), wt[c:])
+    return out.view(n, hgt, wid, -1).permute(0, 3, 1, 2)
 
 
 def _matrix_t(weight: torch.Tensor) -> torch.Tensor:
