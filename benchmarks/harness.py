@@ -9,10 +9,16 @@ import os
 import pytest
 import torch
 
+from ddpm_fast.base import keep_freed_memory
+
 SIZE = os.environ.get("DDPM_FAST_BENCH_SIZE", "full" if torch.cuda.is_available() else "tiny")
 if SIZE not in ("tiny", "full"):
     raise pytest.UsageError(f"DDPM_FAST_BENCH_SIZE must be tiny or full, got {SIZE!r}")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# What the CLIs do at start (ddpm_fast.keep_freed_memory): freed activations stay mapped, so no provider's forward
+# page-faults its buffers in again each call. It applies to the whole benchmark process: every provider alike.
+KEEPS_FREED_MEMORY = keep_freed_memory()
 
 # (preset, batch) per size: the shapes every U-Net benchmark runs at.
 UNET_SHAPES = {

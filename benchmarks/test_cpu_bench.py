@@ -30,7 +30,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import count_flops, random_unet, record
+from harness import KEEPS_FREED_MEMORY, count_flops, random_unet, record
 
 from ddpm_fast import DDIMSampler, NoiseSchedule, ops
 from ddpm_fast.checkpoint import load_pretrained, load_schedule, to_diffusers_config
@@ -215,7 +215,8 @@ def _table(kind, batch, times, per_call_img_steps, flops_per_img_step, dtypes, p
     compile_s = compile_s or {}
     ref = min(times["reference"])
     rows = []
-    lines = [f"\n{kind}, batch {batch} (CPU, {torch.get_num_threads()} threads; `sample --fp16` = {CLI_FP16})",
+    memory = "; freed memory kept (every provider)" if KEEPS_FREED_MEMORY else ""
+    lines = [f"\n{kind}, batch {batch} (CPU, {torch.get_num_threads()} threads; `sample --fp16` = {CLI_FP16}{memory})",
              "| provider | ms / img-step (best) | median | spread | GFLOP/s | % of peak | vs reference |",
              "|---|---|---|---|---|---|---|"]
     for name, ts in times.items():

@@ -5,6 +5,7 @@ Public API: schedules, the U-Net and its presets, samplers, the training loss, c
 
 from ddpm_fast import engine
 from ddpm_fast.adm import ADMConfig, ADMUNet, FastADMUNet
+from ddpm_fast.base import keep_freed_memory
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, save_pretrained
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.losses import training_loss
@@ -38,6 +39,7 @@ __all__ = [
     "UniPCSampler",
     "compile_model",
     "engine",
+    "keep_freed_memory",
     "load_openai",
     "load_pretrained",
     "openai_timesteps",

@@ -1,7 +1,8 @@
 """What the sampling commands (sample, nll) share: the --out folder they hold, and a failure as one line.
 
 ``in_out_folder`` runs a command's work with ``--out`` held as its run folder (rank 0 of a torchrun holds it;
-see fileio.RunFolder). ``run_main`` checks --seed and --device, then ``run_command`` runs the work:
+see fileio.RunFolder). ``run_main`` checks --seed and --device and keeps freed memory for reuse
+(base.keep_freed_memory), then ``run_command`` runs the work:
 ValueError (CheckpointError and DataError among them) and OSError become ``PROG: error: ...`` and exit 2,
 Ctrl-C exit 130 with the command's own notice of what was kept.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from ddpm_fast.base import keep_freed_memory
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import RunFolder
 from ddpm_fast.noise import check_seed
@@ -18,7 +20,8 @@ INTERRUPTED = "interrupted (outputs are written only at the end, each atomically
 
 
 def run_main(prog: str, parser, args, work) -> int:
-    """A sampling command's last checks (--seed, --device: parser errors, before any work), then
+    """A sampling command's last checks (--seed, --device: parser errors, before any work), freed memory kept for
+    reuse (base.keep_freed_memory: each U-Net call would page-fault its activations in again), then
     ``run_command(prog, work, args)``."""
     try:
         check_seed(args.seed)
@@ -26,6 +29,7 @@ def run_main(prog: str, parser, args, work) -> int:
         parser.error(f"--seed: {exc}")
     try:
         parse_device(args.device)
+        keep_freed_memory()
     except ValueError as exc:
         parser.error(str(exc))
     return run_command(prog, work, args, interrupted=INTERRUPTED)

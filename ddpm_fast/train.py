@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ddpm_fast.base import keep_freed_memory
 from ddpm_fast.checkpoint import (
     CONFIG_NAME,
     MODEL_PRESETS,
@@ -642,6 +643,10 @@ def main(argv=None) -> int:
     errors = cfg.errors()
     if errors:
         parser.error("; ".join(errors))
+    try:
+        keep_freed_memory()  # each step frees and allocates its activations: keep them mapped
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         train(cfg)
     except TrainingInterrupted as exc:

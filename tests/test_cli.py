@@ -420,3 +420,45 @@ def test_train_adm_preset_then_sample(tmp_path, capsys):
     assert "ddpm (learned_range) 4 steps" in capsys.readouterr().out
     with np.load(tmp_path / "s" / "samples_2x8x8x3.npz") as f:
         assert f["arr_0"].shape == (2, 8, 8, 3)
+
+
+_FAULTS = """
+import resource, torch
+from ddpm_fast import keep_freed_memory
+print(keep_freed_memory())
+from ddpm_fast.checkpoint import load_pretrained
+from ddpm_fast.sample import DEFAULT_MODEL
+model = load_pretrained(DEFAULT_MODEL).to_fast(torch.float32, copy=False)
+x, t, labels = torch.randn(64, 1, 16, 16), torch.full((64,), 500), torch.arange(64) % 10
+with torch.no_grad():
+    for i in range(6):
+        if i == 2:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(x, t, labels)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or ops.extension() is None,
+                    reason="glibc's allocator; the fast path's kernels")
+def test_freed_memory_is_kept_for_reuse():
+    """keep_freed_memory (the CLIs call it at start): the embedded model's fast forward at batch 64 frees and
+    allocates its activations each call; kept, they are not page-faulted in again (with glibc's defaults a few
+    thousand pages a call are). DDPM_FAST_KEEP_FREED_MEMORY=0 leaves the allocator as it was."""
+    faults = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "DDPM_FAST_KEEP_FREED_MEMORY": setting}
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+        applied, count = out.stdout.split()
+        if setting == "1" and applied == "False":
+            pytest.skip("this C library has no mallopt (not glibc)")
+        assert applied == ("True" if setting == "1" else "False")
+        faults[setting] = int(count)
+    assert 3 * faults["1"] < faults["0"], faults  # page faults in 4 forwards after 2 to warm up
+
+
+def test_keep_freed_memory_setting_is_checked(tmp_path, tiny_model, capsys, monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_KEEP_FREED_MEMORY", "yes")
+    with pytest.raises(SystemExit):
+        sample_cli.main(["--checkpoint", tiny_model, "--out", str(tmp_path / "s"), "--num-samples", "1"])
+    assert "DDPM_FAST_KEEP_FREED_MEMORY must be 0 or 1, got 'yes'" in capsys.readouterr().err
