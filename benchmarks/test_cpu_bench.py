@@ -12,11 +12,11 @@ whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant
 on one thread, what ``sample --batch-invariant`` runs).
 ``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
 
-Each round runs every provider once, in order; the table keeps the best round, the median and the spread
-(max/min) per provider, so a noisy neighbour shows as spread rather than as a winner. FLOPs come from
-torch's flop counter on the reference forward; GFLOP/s is set against the peak rate measured here in the
+Each round runs every provider once, in order (reversed every other round); the table keeps the best round, the
+median and the spread (max/min) per provider, so a noisy neighbour shows as spread rather than as a winner. FLOPs
+come from torch's flop counter on the reference forward; GFLOP/s is set against the peak rate measured here in the
 provider's dtype (``peak_gflops``: the better of a square matmul and a 3x3 convolution).
-DDPM_FAST_CPU_BENCH=full: digits batches 64 and 128, 5 rounds (3 for sampling, 20 steps), cifar10 batch 8;
+DDPM_FAST_CPU_BENCH=full: digits batches 64 and 128, 15 rounds (5 for sampling, 20 steps), cifar10 batch 8;
 by default (CI) a quick pass: digits batch 4, 2 rounds, 4 steps, cifar10 batch 1.
 DDPM_FAST_CPU_BENCH_ONLY=name,name,...: those providers only (the reference is always kept: ratios need it).
 """
@@ -40,7 +40,7 @@ from ddpm_fast.unet import compile_model
 FULL = os.environ.get("DDPM_FAST_CPU_BENCH", "quick") == "full"
 ONLY = {n for n in os.environ.get("DDPM_FAST_CPU_BENCH_ONLY", "").split(",") if n}
 BATCHES = (64, 128) if FULL else (4,)
-ROUNDS, SAMPLE_ROUNDS = (5, 3) if FULL else (2, 2)
+ROUNDS, SAMPLE_ROUNDS = (15, 5) if FULL else (2, 2)
 STEPS = 20 if FULL else 4
 CIFAR_BATCH = 8 if FULL else 1
 CPU = torch.device("cpu")
@@ -203,8 +203,9 @@ def _interleaved(units: dict, rounds: int) -> dict[str, list[float]]:
     with torch.no_grad():
         for fn in units.values():  # warm-up, outside the timed rounds
             fn()
-        for _ in range(rounds):
-            for name, fn in units.items():
+        order = list(units.items())
+        for r in range(rounds):  # the order reversed every other round: no provider always runs after the same one
+            for name, fn in order if r % 2 == 0 else order[::-1]:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
