@@ -475,15 +475,19 @@ class UNet(nn.Module):
         """conv_out."""
         return self.conv_out(h)
 
-    @staticmethod
-    def _up_level(lvl, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
+    def _up_level(self, lvl, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         for j, res in enumerate(lvl.resnets):
-            h = res(torch.cat([h, skips.pop()], dim=1), temb)
+            h = self._decoder_block(res, h, skips.pop(), temb)
             if len(lvl.attentions):
                 h = lvl.attentions[j](h)
         for up in lvl.upsamplers:
             h = up(h)
         return h
+
+    @staticmethod
+    def _decoder_block(res: nn.Module, h: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """A decoder ResBlock on its input and the skip it joins."""
+        return res(torch.cat([h, skip], dim=1), temb)
 
     def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True, copy: bool = True) -> FastUNet:
         """The fast path: a FastUNet built from a copy of this model (this one is left untouched).
@@ -679,17 +683,12 @@ class FastUNet(_Folding, UNet):
         bias = _folded(self, "time_proj_bias", _paired_sums, *pairs)
         return F.linear(temb, weight, bias)
 
-    def _up_level(self, lvl, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
-        """UNet._up_level, each ResBlock given its skip beside its input (FastResnetBlock joins them)."""
-        if not self.fold:
-            return UNet._up_level(lvl, h, skips, temb)
-        for j, res in enumerate(lvl.resnets):
-            h = res(h, temb, skips.pop())
-            if len(lvl.attentions):
-                h = lvl.attentions[j](h)
-        for up in lvl.upsamplers:
-            h = up(h)
-        return h
+    @staticmethod
+    def _decoder_block(res: nn.Module, h: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """A FastResnetBlock is given its skip beside its input and joins them itself."""
+        if isinstance(res, FastResnetBlock):
+            return res(h, temb, skip)
+        return UNet._decoder_block(res, h, skip, temb)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """conv_out by ops.conv3x3: on a CPU in fp32 its few output channels take one GEMM over all nine taps."""
