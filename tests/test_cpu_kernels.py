@@ -327,6 +327,19 @@ def test_fast_unet_on_the_cpu_matches_the_reference():
     assert err <= 2 * base + 1e-2
 
 
+def test_group_norm_silu_cat_gives_the_affine_its_gradient():
+    """Inputs without a gradient (a frozen encoder) but a trainable norm: the forward-only kernel must not run; the
+    weight's and the bias's gradients are the reference's."""
+    cl = torch.channels_last
+    x, x2 = torch.randn(2, 8, 5, 5).contiguous(memory_format=cl), torch.randn(2, 4, 5, 5).contiguous(memory_format=cl)
+    weight, bias = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
+    ops.group_norm_silu_cat(x, x2, weight, bias, 4).square().sum().backward()
+    got = weight.grad.clone(), bias.grad.clone()
+    weight.grad = bias.grad = None
+    group_norm_silu_ref(torch.cat([x, x2], 1), weight, bias, 4, 1e-6).square().sum().backward()
+    torch.testing.assert_close(got, (weight.grad, bias.grad))
+
+
 @pytest.mark.parametrize("family", ["unet", "adm"])
 def test_fast_decoder_blocks_join_their_skips_without_a_concatenation(family):
     """On a CPU in fp32 (native backend, inference) the fast U-Nets' decoder blocks read their input and skip in

@@ -340,7 +340,7 @@ def group_norm_silu_cat(x, x2, weight, bias, num_groups: int, eps: float = 1e-6,
     if x.shape[0] != x2.shape[0] or x.shape[2:] != x2.shape[2:] or x.dtype != x2.dtype or x.device != x2.device:
         raise ValueError(f"group_norm_silu_cat: x {tuple(x.shape)} {x.dtype} on {x.device} and x2 {tuple(x2.shape)} "
                          f"{x2.dtype} on {x2.device} must differ only in their channels")
-    if not joins_in_place(x, x2):
+    if not joins_in_place(x, x2) or registry.needs_grad(weight, bias, add):  # the kernel is forward-only
         return group_norm_silu(torch.cat([x, x2], dim=1), weight, bias, num_groups, eps, add, silu)
     n, c1, h, w = x.shape
     _validate_params((n, c1 + x2.shape[1], h, w), x.device, weight, bias, num_groups, add, "group_norm_silu_cat")
