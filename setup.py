@@ -1,4 +1,4 @@
-"""Build ddpm_fast and its one extension module, ddpm_fast._C.
+"""Build ddpm_fast and its one extension module, ddpm_fast.ops._C.
 
 The C++ sources always build. The CUDA sources build as well when nvcc and a CUDA build of torch are
 present, unless DDPM_FAST_SKIP_CUDA=1. Environment pitfalls handled here (see DESIGN.md): torch's CUDA
@@ -69,7 +69,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         define_macros.append(("DDPM_FAST_WITH_CUDA", "1"))
         ext = CUDAExtension(
-            "ddpm_fast._C",
+            "ddpm_fast.ops._C",
             cpp_sources + sorted(glob.glob("csrc/*.cu")),
             include_dirs=[os.path.join(HERE, "csrc")] + _nvidia_pip_include_dirs(),
             define_macros=define_macros,
@@ -83,7 +83,7 @@ def _extensions():
              f"arch list {os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
         ext = CppExtension(
-            "ddpm_fast._C",
+            "ddpm_fast.ops._C",
             cpp_sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=define_macros,

@@ -13,7 +13,8 @@ from harness import DEVICE, SIZE, count_flops, mean_seconds, record, run_timed
 
 from ddpm_fast import DDIMSampler, ops
 from ddpm_fast.adm import ADMUNet
-from ddpm_fast.openai import config_from_flags, openai_timesteps
+from ddpm_fast.openai import config_from_flags
+from ddpm_fast.schedule import openai_timesteps
 
 SMALL = ("--image_size 32 --num_channels 64 --num_res_blocks 1 --channel_mult 1,2,2 --attention_resolutions 16,8 "
          "--num_head_channels 32 --learn_sigma True --resblock_updown True --use_scale_shift_norm True")

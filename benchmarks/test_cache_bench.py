@@ -22,8 +22,8 @@ from harness import record
 
 from ddpm_fast import DDIMSampler, DPMSolverSampler, NoiseSchedule, ops
 from ddpm_fast.checkpoint import load_pretrained, load_schedule
+from ddpm_fast.loading import DEFAULT_MODEL
 from ddpm_fast.noise import initial_noise
-from ddpm_fast.sample import DEFAULT_MODEL
 
 FULL = os.environ.get("DDPM_FAST_CACHE", "quick") == "full"
 STEPS = (20, 50) if FULL else (10,)

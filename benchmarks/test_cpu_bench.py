@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from harness import KEEPS_FREED_MEMORY, count_flops, random_unet, record
 
 from ddpm_fast import DDIMSampler, NoiseSchedule, ops
-from ddpm_fast.checkpoint import load_pretrained, load_schedule, to_diffusers_config
-from ddpm_fast.sample import DEFAULT_MODEL
+from ddpm_fast.checkpoint import load_pretrained, load_schedule
+from ddpm_fast.config import to_diffusers_config
+from ddpm_fast.loading import DEFAULT_MODEL
 from ddpm_fast.unet import compile_model
 
 FULL = os.environ.get("DDPM_FAST_CPU_BENCH", "quick") == "full"

@@ -51,8 +51,8 @@ from ddpm_fast import (
     ops,
 )
 from ddpm_fast.checkpoint import load_pretrained, load_schedule
+from ddpm_fast.loading import DEFAULT_MODEL
 from ddpm_fast.noise import initial_noise
-from ddpm_fast.sample import DEFAULT_MODEL
 
 FULL = os.environ.get("DDPM_FAST_FRONT", "quick") == "full"
 OUT = os.environ.get("DDPM_FAST_FRONT_OUT")

@@ -31,8 +31,8 @@ from harness import record
 from ddpm_fast.checkpoint import load_pretrained, load_schedule
 from ddpm_fast.data import load_digits, to_model_range
 from ddpm_fast.likelihood import bits_per_dim, prior_bpd, vb_terms_bpd
+from ddpm_fast.loading import DEFAULT_MODEL
 from ddpm_fast.noise import BOUND_STREAM, normal
-from ddpm_fast.sample import DEFAULT_MODEL
 
 FULL = os.environ.get("DDPM_FAST_LIKELIHOOD", "quick") == "full"
 N_PER_KIND, K = (100, 50) if FULL else (12, 20)

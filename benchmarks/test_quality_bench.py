@@ -26,8 +26,8 @@ from harness import record
 
 from ddpm_fast import DDIMSampler, DPMSolverSampler, NoiseSchedule
 from ddpm_fast.checkpoint import load_pretrained, load_schedule
+from ddpm_fast.loading import DEFAULT_MODEL
 from ddpm_fast.noise import initial_noise
-from ddpm_fast.sample import DEFAULT_MODEL
 
 FULL = os.environ.get("DDPM_FAST_QUALITY", "quick") == "full"
 STEPS = (5, 10, 20, 50) if FULL else (5, 20)

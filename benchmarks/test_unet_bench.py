@@ -26,7 +26,7 @@ from harness import (
 )
 
 from ddpm_fast import NoiseSchedule, compile_model, ops, training_loss
-from ddpm_fast.checkpoint import to_diffusers_config
+from ddpm_fast.config import to_diffusers_config
 
 HALF = torch.float16 if DEVICE.type == "cuda" else torch.bfloat16
 PROVIDERS = ["reference", "torch_fp16_cl", "torch_compile", "diffusers_fp16", "diffusers_compile", "ddpm_fast",

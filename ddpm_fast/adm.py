@@ -15,14 +15,13 @@ fused pass), so one module runs the reference ops or the kernels. ADMUNet is the
 order permuted once, at build time, into the new one) whose ResBlocks keep the folds that stay valid in
 this family: every block's time projection in one GEMM, conv2's and the shortcut's biases with the residual
 add in one ops.residual_add, (without scale-shift norm only) conv1's bias in the time add, and every nearest
-2x upsampling with the 3x3 convolution after it as one transposed convolution (unet.upsampled_conv), and the
+2x upsampling with the 3x3 convolution after it as one transposed convolution (fast.upsampled_conv), and the
 other 3x3 convolutions as ops.conv3x3 (Winograd on a CPU in fp32). Under scale-shift norm nothing is added
 before the norm, so conv1's bias has no add to ride in.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,17 +30,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
-from ddpm_fast.unet import (
-    FAST_DTYPES,
+from ddpm_fast.config import ConfigDict
+from ddpm_fast.fast import (
+    FastDenoiser,
     FastUpsample,
-    _cat,
-    _folded,
-    _Folding,
-    _join,
-    _norm,
-    _shortcut,
+    Folding,
     check_x_and_t,
+    decoder_block,
     fast_form,
+    folded,
+    group_norm,
+    join,
+    shortcut,
+    tensor_sum,
     timestep_embedding,
     upsampled_conv,
 )
@@ -51,7 +52,7 @@ ADM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
-class ADMConfig:
+class ADMConfig(ConfigDict):
     """The ADM U-Net's hyper-parameters, named as openai's UNetModel arguments.
 
     ``attention_ds``: the downsample rates (1, 2, 4, ...) whose levels have attention (openai's
@@ -171,20 +172,6 @@ class ADMConfig:
     def output_channels(self) -> int:
         return self.out_channels
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["attention_ds"] = list(self.attention_ds)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ADMConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ADMConfig keys {unknown}")
-        return cls(**d)
-
 
 # ADM configurations to train (python -m ddpm_fast.train --config NAME): unconditional (openai's models
 # have no null label, so no classifier-free guidance); learned variance comes with --learn-sigma.
@@ -251,7 +238,7 @@ class ADMResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``emb``: SiLU of the time (+ class) embedding, the input of emb_layers' Linear."""
-        h = _norm(self.in_layers[0], x, silu=True)
+        h = group_norm(self.in_layers[0], x, silu=True)
         if self.resample is not None:
             h, x = self._resampled(h), self._resampled(x)
         h = self.in_layers[2](h)
@@ -290,7 +277,7 @@ class ADMAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hgt, wid = x.shape
-        h = _norm(self.norm, x, silu=False).reshape(n, c, hgt * wid)
+        h = group_norm(self.norm, x, silu=False).reshape(n, c, hgt * wid)
         q, k, v = self.split_qkv(F.conv1d(h, self.qkv.weight, self.qkv.bias))
         w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
         a = (w.to(v.dtype) @ v).transpose(-1, -2).reshape(n, c, hgt * wid)
@@ -305,7 +292,7 @@ class _Stage(nn.Sequential):
         the two in place; the reference concatenates)."""
         for i, layer in enumerate(self):
             if i == 0 and skip is not None:
-                x = layer(x, emb, skip) if isinstance(layer, FastADMResBlock) else layer(torch.cat([x, skip], 1), emb)
+                x = decoder_block(layer, x, skip, emb)
             else:
                 x = layer(x, emb) if isinstance(layer, ADMResBlock) else layer(x)
         return x
@@ -419,7 +406,7 @@ class ADMUNet(nn.Module):
         h = self.middle_block(h, emb)
         for stage in self.output_blocks:
             h = stage(h, emb, skips.pop())
-        return self.out[2](_norm(self.out[0], h, silu=True))
+        return self.out[2](group_norm(self.out[0], h, silu=True))
 
     def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True, copy: bool = True) -> FastADMUNet:
         """The fast path: a FastADMUNet built from a copy of this model (this one is left untouched); ``copy=False``
@@ -433,7 +420,7 @@ class ADMUNet(nn.Module):
 # ---- the fast path ------------------------------------------------------------------------------
 
 
-class FastADMResBlock(_Folding, ADMResBlock):
+class FastADMResBlock(Folding, ADMResBlock):
     """An ADMResBlock's fast form (same parameters): called with the FastADMUNet's one time GEMM output, of
     which ``time_slice`` are this block's columns (its emb_layers projection, + conv1's bias without
     scale-shift); None: called with SiLU(emb) and projects it itself. An upsampling block's upsampling and
@@ -445,6 +432,11 @@ class FastADMResBlock(_Folding, ADMResBlock):
             setattr(self, name, child)
         self.scale_shift, self.resample, self.time_slice = block.scale_shift, block.resample, time_slice
 
+    joins_skip = True  # a decoder stage's first block is given its skip beside its input (fast.decoder_block)
+
+    def time_weight(self) -> torch.Tensor:
+        return self.emb_layers[1].weight
+
     def time_bias(self) -> list[torch.Tensor]:
         """The sources of this block's bias in the time GEMM."""
         return [self.emb_layers[1].bias] if self.scale_shift else [self.emb_layers[1].bias, self.in_layers[2].bias]
@@ -452,13 +444,13 @@ class FastADMResBlock(_Folding, ADMResBlock):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The block on x, or (a decoder stage's first block) on torch.cat([x, skip], 1), read in place where
         ops.joins_in_place (as unet.FastResnetBlock does)."""
-        x, skip = _join(x, skip, self.resample is None and not isinstance(self.skip_connection, nn.Identity))
+        x, skip = join(x, skip, self.resample is None and not isinstance(self.skip_connection, nn.Identity))
         if self.time_slice is not None:
             mod = temb[:, self.time_slice[0]:self.time_slice[1]]
         else:
-            bias = _folded(self, "time_bias", _sum, *self.time_bias())
+            bias = folded(self, "time_bias", tensor_sum, *self.time_bias())
             mod = F.linear(temb, self.emb_layers[1].weight, bias)
-        h = _norm(self.in_layers[0], x, silu=True, skip=skip)
+        h = group_norm(self.in_layers[0], x, silu=True, skip=skip)
         conv1, norm = self.in_layers[2], self.out_layers[0]
         bias = conv1.bias if self.scale_shift else None  # else it rides in the time add of norm
         if self.resample == "up":  # upsampling and conv1 as one transposed convolution
@@ -476,15 +468,8 @@ class FastADMResBlock(_Folding, ADMResBlock):
         h = ops.conv3x3(self.out_layers[2](h), conv2.weight)
         if isinstance(self.skip_connection, nn.Identity):
             return ops.residual_add(h, x, conv2.bias)
-        return ops.residual_add(h, _shortcut(self, self.skip_connection.weight, x, skip),
-                                _folded(self, "out_bias", torch.add, conv2.bias, self.skip_connection.bias))
-
-
-def _sum(*tensors: torch.Tensor) -> torch.Tensor:
-    out = tensors[0]
-    for t in tensors[1:]:
-        out = out + t
-    return out
+        return ops.residual_add(h, shortcut(self, self.skip_connection.weight, x, skip),
+                                folded(self, "out_bias", torch.add, conv2.bias, self.skip_connection.bias))
 
 
 class FastADMAttention(ADMAttention):
@@ -530,7 +515,7 @@ class FastADMAttention(ADMAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hgt, wid = x.shape
-        tokens = _norm(self.norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)  # (N, HW, C), no copy
+        tokens = group_norm(self.norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)  # (N, HW, C), no copy
         qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)
         q, k, v = (p.reshape(n, hgt * wid, self.heads, c // self.heads).transpose(1, 2) for p in qkv.chunk(3, -1))
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, hgt * wid, c)
@@ -538,58 +523,16 @@ class FastADMAttention(ADMAttention):
         return x + out.transpose(1, 2).reshape(n, c, hgt, wid)
 
 
-class FastADMUNet(_Folding, ADMUNet):
-    """The fast path of an ADMUNet: built from a reference model whose modules it takes over (ADMUNet.to_fast
-    passes a copy), cast to ``dtype`` channels_last, attention through SDPA; with ``fold``, FastADMResBlocks
-    given their column slices of one time GEMM (assigned here, by block: no call order is assumed), and
-    upsamplers with a conv as unet.FastUpsample (upsampling + conv as one transposed convolution)."""
+class FastADMUNet(FastDenoiser, ADMUNet):
+    """The fast path of an ADMUNet (fast.FastDenoiser): attention through SDPA (FastADMAttention); with ``fold``,
+    FastADMResBlocks given their column slices of one time GEMM, and upsamplers with a conv as fast.FastUpsample
+    (upsampling + conv as one transposed convolution)."""
 
-    def __init__(self, model: ADMUNet, dtype: torch.dtype, fold: bool = True):
-        if dtype not in FAST_DTYPES:
-            raise ValueError(f"FastADMUNet: dtype must be one of {FAST_DTYPES}, got {dtype}")
-        nn.Module.__init__(self)
-        self.config = model.config
-        for name, child in model.named_children():
-            setattr(self, name, child)
-        self._dtype = dtype
-        self.fold = bool(fold)
-        self._time_blocks: list[FastADMResBlock] = []
-        start = 0
-        for parent in list(self.modules()):
-            for name, child in parent.named_children():
-                if type(child) is ADMAttention:
-                    setattr(parent, name, FastADMAttention(child))
-                elif type(child) is _Resample and child.up and hasattr(child, "conv") and fold:
-                    setattr(parent, name, FastUpsample(child))
-                elif type(child) is ADMResBlock and fold:
-                    width = child.emb_layers[1].out_features
-                    child = FastADMResBlock(child, (start, start + width))
-                    self._time_blocks.append(child)
-                    start += width
-                    setattr(parent, name, child)
-        self.to(dtype=dtype, memory_format=torch.channels_last)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self._dtype
-
-    def time_features(self, t, class_labels, dtype):
-        temb = super().time_features(t, class_labels, dtype)
-        if not self.fold:
-            return temb
-        blocks = self._time_blocks
-        weight = _folded(self, "time_weight", _cat, *(b.emb_layers[1].weight for b in blocks))
-        sources = [s for b in blocks for s in b.time_bias()]
-        counts = [len(b.time_bias()) for b in blocks]
-
-        def stacked_bias(*flat):
-            parts, i = [], 0
-            for k in counts:
-                parts.append(_sum(*flat[i:i + k]))
-                i += k
-            return torch.cat(parts)
-
-        return F.linear(temb, weight, _folded(self, "time_bias", stacked_bias, *sources))
-
-    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True):
-        raise TypeError("to_fast: this model is already a FastADMUNet; call to_fast on the reference ADMUNet")
+    def _fast_child(self, child: nn.Module, start: int) -> nn.Module | None:
+        if type(child) is ADMAttention:
+            return FastADMAttention(child)
+        if type(child) is _Resample and child.up and hasattr(child, "conv") and self.fold:
+            return FastUpsample(child)
+        if type(child) is ADMResBlock and self.fold:
+            return FastADMResBlock(child, (start, start + child.emb_layers[1].out_features))
+        return None

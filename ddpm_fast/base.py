@@ -14,6 +14,10 @@ import torch
 _warned: set[str] = set()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the problem."""
+
+
 def warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
     """One RuntimeWarning per ``key`` for the life of the process (fallbacks and substitutions)."""
     if key not in _warned:

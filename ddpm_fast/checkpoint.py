@@ -8,42 +8,23 @@ mis-shaped key, an unsupported config option or an unreadable file raises Checkp
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
 
 import torch
 
-from ddpm_fast.adm import TRAIN_PRESETS, ADMConfig, ADMUNet
-from ddpm_fast.config import PRESETS, UNetConfig
-from ddpm_fast.fileio import atomic_write, atomic_write_json
-from ddpm_fast.unet import UNet
-
-ADM_CLASS_NAME = "ADMUNet"  # config.json's _class_name for our ADM folders (diffusers has no such model)
-MODEL_PRESETS = sorted(PRESETS) + sorted(TRAIN_PRESETS)  # what ddpm_fast.train --config takes
-
-
-def model_preset(name: str, learn_sigma: bool = False) -> UNetConfig | ADMConfig:
-    """A DDPM U-Net preset (config.PRESETS) or an ADM one (adm.TRAIN_PRESETS), with learned variance if asked."""
-    if name in TRAIN_PRESETS:
-        return dataclasses.replace(TRAIN_PRESETS[name], learn_sigma=bool(learn_sigma))
-    return UNetConfig.from_name(name, learn_sigma=bool(learn_sigma))
-
-
-def build_model(config: UNetConfig | ADMConfig) -> UNet | ADMUNet:
-    return ADMUNet(config) if isinstance(config, ADMConfig) else UNet(config)
-
-
-def config_to_dict(config: UNetConfig | ADMConfig) -> dict:
-    """A model config as a training checkpoint stores it (an ADM one marked by _class_name)."""
-    return {"_class_name": ADM_CLASS_NAME, **config.to_dict()} if isinstance(config, ADMConfig) else config.to_dict()
-
-
-def config_from_dict(d: dict) -> UNetConfig | ADMConfig:
-    if d.get("_class_name") == ADM_CLASS_NAME:
-        return ADMConfig.from_dict({k: v for k, v in d.items() if k != "_class_name"})
-    return UNetConfig.from_dict(d)
+from ddpm_fast.base import CheckpointError
+from ddpm_fast.config import UNetConfig
+from ddpm_fast.families import (
+    DDPM,
+    build_model,
+    config_from_dict,
+    family_named,
+    from_diffusers_keys,
+    model_config_json,
+)
+from ddpm_fast.fileio import RUN_CHECKPOINT, RUN_MODEL_FOLDER, atomic_write, atomic_write_json
 
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -51,140 +32,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the problem."""
-
-
-# ---- diffusers config <-> UNetConfig ----------------------------------------------------------
-
-_DIFFUSERS_FIXED = {
-    "center_input_sample": False,
-    "time_embedding_type": "positional",
-    "act_fn": "silu",
-    "resnet_time_scale_shift": "default",
-    "add_attention": True,
-    "class_embed_type": None,
-    "mid_block_scale_factor": 1,
-    "downsample_type": "conv",
-    "upsample_type": "conv",
-}
-
-
-def to_diffusers_config(cfg: UNetConfig) -> dict:
-    levels = len(cfg.ch_mult)
-    attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
-    return {
-        "_class_name": "UNet2DModel",
-        "sample_size": cfg.sample_size,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.output_channels,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
-        "layers_per_block": cfg.num_res_blocks,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["AttnUpBlock2D" if attn[levels - 1 - i] else "UpBlock2D" for i in range(levels)],
-        "freq_shift": cfg.freq_shift,
-        "flip_sin_to_cos": cfg.flip_sin_to_cos,
-        "downsample_padding": cfg.downsample_padding,
-        "dropout": cfg.dropout,
-        "attention_head_dim": cfg.attention_head_dim,
-        "norm_num_groups": cfg.num_groups,
-        "attn_norm_num_groups": None,
-        "norm_eps": cfg.norm_eps,
-        "num_class_embeds": None if cfg.num_classes is None else cfg.num_classes + 1,
-        **_DIFFUSERS_FIXED,
-    }
-
-
-def from_diffusers_config(d: dict, source: str = "config") -> UNetConfig:
-    def fail(msg):
-        raise CheckpointError(f"{source}: {msg}")
-
-    if d.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        fail(f"_class_name is {d['_class_name']!r}; only UNet2DModel is supported")
-    for key, want in _DIFFUSERS_FIXED.items():
-        if key in d and d[key] != want and not (key == "mid_block_scale_factor" and float(d[key]) == 1.0):
-            fail(f"unsupported {key}={d[key]!r} (supported: {want!r})")
-    for key in ("block_out_channels", "down_block_types", "up_block_types"):
-        if key not in d:
-            fail(f"missing key {key!r}")
-    chans = d["block_out_channels"]
-    if not isinstance(chans, (list, tuple)) or not chans or any(
-            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
-        fail(f"block_out_channels must be a non-empty list of positive integers, got {chans!r}")
-    chans = list(chans)
-    ch = chans[0]
-    if any(c % ch for c in chans):
-        fail(f"block_out_channels {chans} are not multiples of the first")
-    down, up = list(d["down_block_types"]), list(d["up_block_types"])
-    levels = len(chans)
-    if len(down) != levels or len(up) != levels:
-        fail("down_block_types / up_block_types must have one entry per block_out_channels entry")
-    for kind in down:
-        if kind not in ("DownBlock2D", "AttnDownBlock2D"):
-            fail(f"unsupported down block type {kind!r}")
-    for i, kind in enumerate(up):
-        if kind not in ("UpBlock2D", "AttnUpBlock2D"):
-            fail(f"unsupported up block type {kind!r}")
-        if (kind == "AttnUpBlock2D") != (down[levels - 1 - i] == "AttnDownBlock2D"):
-            fail("attention must sit at the same resolutions on the down and up paths")
-    attn_groups = d.get("attn_norm_num_groups")
-    groups = d.get("norm_num_groups", 32)
-    if attn_groups not in (None, groups):
-        fail(f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={groups}")
-    sample = d.get("sample_size", 32)
-    if isinstance(sample, (list, tuple)):
-        if len(set(sample)) != 1:
-            fail(f"non-square sample_size {sample} is not supported")
-        sample = sample[0]
-    if isinstance(sample, bool) or not isinstance(sample, int):
-        fail(f"sample_size must be an integer, got {sample!r}")
-    n_cls = d.get("num_class_embeds")
-    # Learned variance: eps and v, twice the input's channels (diffusers' learned_range models are shaped so).
-    in_ch, out_ch = d.get("in_channels", 3), d.get("out_channels", 3)
-    learn_sigma = isinstance(in_ch, int) and isinstance(out_ch, int) and out_ch == 2 * in_ch
-    try:
-        cfg = UNetConfig(
-            sample_size=int(sample),
-            in_channels=in_ch,
-            out_channels=in_ch if learn_sigma else out_ch,
-            learn_sigma=learn_sigma,
-            ch=ch,
-            ch_mult=tuple(c // ch for c in chans),
-            num_res_blocks=d.get("layers_per_block", 2),
-            attn_resolutions=tuple(int(sample) // 2**i for i, k in enumerate(down) if k == "AttnDownBlock2D"),
-            dropout=d.get("dropout", 0.0),
-            num_groups=groups,
-            norm_eps=d.get("norm_eps", 1e-5),
-            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
-            freq_shift=d.get("freq_shift", 0),
-            downsample_padding=d.get("downsample_padding", 1),
-            attention_head_dim=d.get("attention_head_dim"),
-            num_classes=None if n_cls is None else n_cls - 1,
-        )
-    except (ValueError, TypeError) as exc:
-        fail(str(exc))
-    problem = cfg.budget_problem({"block_out_channels": chans, "layers_per_block": cfg.num_res_blocks,
-                                  "sample_size": cfg.sample_size})
-    if problem:
-        fail(problem)
-    return cfg
-
-
 # ---- key layouts --------------------------------------------------------------------------------
-
-_OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def _from_diffusers_keys(sd: dict) -> dict:
-    """Old diffusers attention naming (query/key/value/proj_attn) -> to_q/to_k/to_v/to_out.0."""
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$", k)
-        if m:
-            k = f"{m.group(1)}.{_OLD_ATTN[m.group(2)]}.{m.group(3)}"
-        out[k] = v
-    return out
-
 
 def _from_pytorch_diffusion_keys(sd: dict, levels: int) -> dict:
     """pytorch_diffusion (pesser) layout -> ours. Its up.i is level i, i.e. our up_blocks.(L-1-i)."""
@@ -315,7 +163,7 @@ def _initialization_skipped():
             setattr(torch.nn.init, name, fn)
 
 
-def build_loaded(config: UNetConfig | ADMConfig, sd: dict, source: str) -> UNet | ADMUNet:
+def build_loaded(config, sd: dict, source: str):
     """A model of ``config`` (in eval mode) holding the state dict ``sd``: built without its random
     initialization (for a 550M-parameter ADM model that alone takes seconds; the cifar10 preset's 0.8 s on a
     2-core CPU), then given the checkpoint's tensors by assignment (no second copy). The strict load leaves no
@@ -326,7 +174,7 @@ def build_loaded(config: UNetConfig | ADMConfig, sd: dict, source: str) -> UNet 
     return model.eval()
 
 
-def load_state_dict_strict(model: UNet | ADMUNet, sd: dict, source: str, assign: bool = False) -> None:
+def load_state_dict_strict(model, sd: dict, source: str, assign: bool = False) -> None:
     """Load strictly; a mismatch is one line naming the first missing key, extra key and wrong shape (with how
     many more there are). 1x1-conv attention weights are squeezed to 2-D. ``assign``: the model's parameters
     become the (dense) checkpoint tensors, as ``load_state_dict(assign=True)`` does."""
@@ -351,8 +199,6 @@ def load_state_dict_strict(model: UNet | ADMUNet, sd: dict, source: str, assign:
                            for k, v in fixed.items()}, strict=True, assign=assign)
 
 
-RUN_MODEL_FOLDER = "model"  # where ddpm_fast.train exports the EMA model inside its --out folder
-RUN_CHECKPOINT = "checkpoint.pt"
 
 
 def resolve_model_path(path) -> str:
@@ -376,7 +222,7 @@ def resolve_model_path(path) -> str:
     return path
 
 
-def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet:
+def load_pretrained(path, config=None, device=None):
     """Load a U-Net from a diffusers/ddpm_fast folder, a pytorch_diffusion .ckpt, or a .safetensors file.
 
     ``config`` overrides what the checkpoint says (needed for .ckpt files of unusual sizes).
@@ -385,23 +231,27 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
     if os.path.isdir(path):
         cfg_path = os.path.join(path, CONFIG_NAME)
         raw = _read_json(cfg_path)
-        if raw.get("_class_name") == ADM_CLASS_NAME:
-            return _load_adm_folder(path, raw, cfg_path, config, device)
-        cfg = config or from_diffusers_config(raw, cfg_path)
+        family = family_named(raw.get("_class_name"), cfg_path)
+        if config is not None and not isinstance(config, family.config_class):
+            raise CheckpointError(f"{cfg_path}: a {family.model_class.__name__} model folder; config= must be a "
+                                  f"{family.config_class.__name__}")
+        cfg = config or family.config_from_json(raw, cfg_path)
         st, binf = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
         if os.path.isfile(st):
             sd, source = _read_safetensors(st), st
-        elif os.path.isfile(binf):
+        elif os.path.isfile(binf) and family is DDPM:
             sd, source = _read_torch(binf), binf
         else:
-            raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} is there")
-        sd = _from_diffusers_keys(sd)
+            raise CheckpointError(f"{path}: {WEIGHTS_NAME} is missing" if family is not DDPM else
+                                  f"{path}: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} is there")
+        if family.folder_keys is not None:
+            sd = family.folder_keys(sd)
     elif path.endswith(".safetensors"):
         if config is None:
             raise CheckpointError(f"{path}: a bare .safetensors file holds no model config; pass config= "
                                   "(or load the folder it came in)")
         sd, source, cfg = _read_safetensors(path), path, config
-        sd = _from_diffusers_keys(sd)
+        sd = from_diffusers_keys(sd)
     else:
         obj, source = read_torch_file(path), path
         if isinstance(obj, dict) and {"ema", "unet_config"} <= set(obj):
@@ -418,33 +268,11 @@ def load_pretrained(path, config: UNetConfig | None = None, device=None) -> UNet
             sd = _from_pytorch_diffusion_keys(sd, len(cfg.ch_mult))
         elif config is not None:
             cfg = config
-            sd = _from_diffusers_keys(sd)
+            sd = from_diffusers_keys(sd)
         else:
             raise CheckpointError(f"{path}: not a pytorch_diffusion checkpoint and no config given")
     model = build_loaded(cfg, sd, source)
     return model if device is None else model.to(device)
-
-
-def _load_adm_folder(path: str, raw: dict, cfg_path: str, config, device) -> ADMUNet:
-    if config is None:
-        try:
-            config = ADMConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{cfg_path}: {exc}") from None
-    elif not isinstance(config, ADMConfig):
-        raise CheckpointError(f"{cfg_path}: an ADM model folder; config= must be an ADMConfig")
-    st = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(st):
-        raise CheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
-    model = build_loaded(config, _read_safetensors(st), st)
-    return model if device is None else model.to(device)
-
-
-def model_config_json(cfg: UNetConfig | ADMConfig) -> dict:
-    """config.json of a model folder: diffusers' UNet2DModel config, or ours for an ADM model."""
-    if isinstance(cfg, ADMConfig):
-        return {"_class_name": ADM_CLASS_NAME, **cfg.to_dict()}
-    return to_diffusers_config(cfg)
 
 
 def load_schedule(path):
@@ -467,7 +295,7 @@ def load_schedule(path):
     return None
 
 
-def save_pretrained(model: UNet | ADMUNet, path, schedule=None, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(model, path, schedule=None, dtype: torch.dtype | None = None) -> None:
     """Write config.json + diffusion_pytorch_model.safetensors (readable by load_pretrained, and for a
     UNet by diffusers), and scheduler_config.json when ``schedule`` is given. ``dtype`` stores float weights
     in that dtype. An ADM model keeps openai's key layout."""

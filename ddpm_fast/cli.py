@@ -1,4 +1,5 @@
-"""What the sampling commands (sample, nll) share: the --out folder they hold, and a failure as one line.
+"""What the commands share: their --help layout, the --out folder the sampling commands (sample, nll) hold, and a
+failure as one line.
 
 ``in_out_folder`` runs a command's work with ``--out`` held as its run folder (rank 0 of a torchrun holds it;
 see fileio.RunFolder). ``run_main`` checks --seed and --device and keeps freed memory for reuse
@@ -9,6 +10,7 @@ Ctrl-C exit 130 with the command's own notice of what was kept.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ddpm_fast.base import keep_freed_memory
@@ -17,6 +19,19 @@ from ddpm_fast.fileio import RunFolder
 from ddpm_fast.noise import check_seed
 
 INTERRUPTED = "interrupted (outputs are written only at the end, each atomically)"
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every command's --help: "(default: X)" after a flag's help, once, where X says something (not None, not a
+    switch's False) and the help text does not already state its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or action.option_strings == [] or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def run_main(prog: str, parser, args, work) -> int:

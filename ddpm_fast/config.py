@@ -1,4 +1,4 @@
-"""UNetConfig: the DDPM U-Net's hyper-parameters, with named presets.
+"""UNetConfig: the DDPM U-Net's hyper-parameters, with named presets, and its diffusers config.json form.
 
 The presets follow Ho et al. 2020 (cifar10: 35.7M parameters; celebahq256 / lsun256: 113.7M). The
 remaining knobs exist to reproduce diffusers UNet2DModel DDPM checkpoints exactly: time-embedding
@@ -12,9 +12,27 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast.base import CheckpointError, unet_budget_problem
+
+
+class ConfigDict:
+    """to_dict / from_dict of a frozen dataclass config (the training checkpoint's and the model folder's form):
+    tuples as lists, and unknown keys refused by name."""
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}")
+        return cls(**d)
+
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigDict):
     sample_size: int = 32
     in_channels: int = 3
     out_channels: int = 3
@@ -96,8 +114,6 @@ class UNetConfig:
     def budget_problem(self, fields: dict[str, object] | None = None) -> str | None:
         """Why this U-Net cannot be built on this machine (see base.unet_budget_problem), naming ``fields``
         (default: this config's own ch, ch_mult, num_res_blocks, sample_size), or None."""
-        from ddpm_fast.base import unet_budget_problem
-
         fields = fields or {"ch": self.ch, "ch_mult": list(self.ch_mult), "num_res_blocks": self.num_res_blocks,
                             "sample_size": self.sample_size}
         return unet_budget_problem(self.resolutions, [self.ch * m for m in self.ch_mult], self.num_res_blocks,
@@ -127,20 +143,6 @@ class UNetConfig:
             raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["ch_mult"] = list(self.ch_mult)
-        d["attn_resolutions"] = list(self.attn_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}")
-        return cls(**d)
-
 
 PRESETS: dict[str, UNetConfig] = {
     "cifar10": UNetConfig(),
@@ -157,6 +159,121 @@ PRESETS: dict[str, UNetConfig] = {
         num_groups=4,
     ),
 }
+
+
+# ---- diffusers config <-> UNetConfig ----------------------------------------------------------
+
+_DIFFUSERS_FIXED = {
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "act_fn": "silu",
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "mid_block_scale_factor": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+}
+
+
+def to_diffusers_config(cfg: UNetConfig) -> dict:
+    levels = len(cfg.ch_mult)
+    attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": cfg.sample_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.output_channels,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if attn[levels - 1 - i] else "UpBlock2D" for i in range(levels)],
+        "freq_shift": cfg.freq_shift,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "downsample_padding": cfg.downsample_padding,
+        "dropout": cfg.dropout,
+        "attention_head_dim": cfg.attention_head_dim,
+        "norm_num_groups": cfg.num_groups,
+        "attn_norm_num_groups": None,
+        "norm_eps": cfg.norm_eps,
+        "num_class_embeds": None if cfg.num_classes is None else cfg.num_classes + 1,
+        **_DIFFUSERS_FIXED,
+    }
+
+
+def from_diffusers_config(d: dict, source: str = "config") -> UNetConfig:
+    def fail(msg):
+        raise CheckpointError(f"{source}: {msg}")
+
+    if d.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        fail(f"_class_name is {d['_class_name']!r}; only UNet2DModel is supported")
+    for key, want in _DIFFUSERS_FIXED.items():
+        if key in d and d[key] != want and not (key == "mid_block_scale_factor" and float(d[key]) == 1.0):
+            fail(f"unsupported {key}={d[key]!r} (supported: {want!r})")
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if key not in d:
+            fail(f"missing key {key!r}")
+    chans = d["block_out_channels"]
+    if not isinstance(chans, (list, tuple)) or not chans or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
+        fail(f"block_out_channels must be a non-empty list of positive integers, got {chans!r}")
+    chans = list(chans)
+    ch = chans[0]
+    if any(c % ch for c in chans):
+        fail(f"block_out_channels {chans} are not multiples of the first")
+    down, up = list(d["down_block_types"]), list(d["up_block_types"])
+    levels = len(chans)
+    if len(down) != levels or len(up) != levels:
+        fail("down_block_types / up_block_types must have one entry per block_out_channels entry")
+    for kind in down:
+        if kind not in ("DownBlock2D", "AttnDownBlock2D"):
+            fail(f"unsupported down block type {kind!r}")
+    for i, kind in enumerate(up):
+        if kind not in ("UpBlock2D", "AttnUpBlock2D"):
+            fail(f"unsupported up block type {kind!r}")
+        if (kind == "AttnUpBlock2D") != (down[levels - 1 - i] == "AttnDownBlock2D"):
+            fail("attention must sit at the same resolutions on the down and up paths")
+    attn_groups = d.get("attn_norm_num_groups")
+    groups = d.get("norm_num_groups", 32)
+    if attn_groups not in (None, groups):
+        fail(f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={groups}")
+    sample = d.get("sample_size", 32)
+    if isinstance(sample, (list, tuple)):
+        if len(set(sample)) != 1:
+            fail(f"non-square sample_size {sample} is not supported")
+        sample = sample[0]
+    if isinstance(sample, bool) or not isinstance(sample, int):
+        fail(f"sample_size must be an integer, got {sample!r}")
+    n_cls = d.get("num_class_embeds")
+    # Learned variance: eps and v, twice the input's channels (diffusers' learned_range models are shaped so).
+    in_ch, out_ch = d.get("in_channels", 3), d.get("out_channels", 3)
+    learn_sigma = isinstance(in_ch, int) and isinstance(out_ch, int) and out_ch == 2 * in_ch
+    try:
+        cfg = UNetConfig(
+            sample_size=int(sample),
+            in_channels=in_ch,
+            out_channels=in_ch if learn_sigma else out_ch,
+            learn_sigma=learn_sigma,
+            ch=ch,
+            ch_mult=tuple(c // ch for c in chans),
+            num_res_blocks=d.get("layers_per_block", 2),
+            attn_resolutions=tuple(int(sample) // 2**i for i, k in enumerate(down) if k == "AttnDownBlock2D"),
+            dropout=d.get("dropout", 0.0),
+            num_groups=groups,
+            norm_eps=d.get("norm_eps", 1e-5),
+            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
+            freq_shift=d.get("freq_shift", 0),
+            downsample_padding=d.get("downsample_padding", 1),
+            attention_head_dim=d.get("attention_head_dim"),
+            num_classes=None if n_cls is None else n_cls - 1,
+        )
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
+    problem = cfg.budget_problem({"block_out_channels": chans, "layers_per_block": cfg.num_res_blocks,
+                                  "sample_size": cfg.sample_size})
+    if problem:
+        fail(problem)
+    return cfg
 
 
 def conditioning_labels(num_classes: int | None, class_labels, n: int, device,

@@ -2,7 +2,7 @@
 
 On a GPU, one ``plan.device_step()`` of a SamplingPlan (fast-path U-Net forward, fused reverse step with
 in-kernel noise, step-counter advance) is captured once into a CUDA graph over the plan's buffers, and
-ddpm_fast._C replays it. The step reads its index from the plan's device counter (timestep, coefficient
+ddpm_fast.ops._C replays it. The step reads its index from the plan's device counter (timestep, coefficient
 row and noise key follow from it on the device), so nothing in the graph changes between replays.
 With feature caching (cache_interval) the whole and the shallow step are captured as two graphs, replayed
 in the plan's order. Graphs are cached by (shape, dtype, model, sampler settings, guidance) and share one memory pool; a
@@ -30,7 +30,7 @@ def unavailable_reason(device) -> str | None:
     if device.type == "cuda":
         return ops.backend_unavailable_reason("triton", device)
     if ops.extension() is None:
-        return "the extension ddpm_fast._C is not built"
+        return "the extension ddpm_fast.ops._C is not built"
     return None
 
 

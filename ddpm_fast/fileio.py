@@ -1,4 +1,4 @@
-"""Files, the bottom layer: atomic writes and run folders. Imports nothing from the package.
+"""Files, the bottom layer: atomic writes, run folders and the train run layout. Imports nothing from the package.
 
 Every file the project writes goes through ``atomic_write``: the content goes to a temporary file in the
 same folder, is fsync'ed, and is renamed over the target, so a reader (or a crash) never sees half a file
@@ -28,6 +28,11 @@ except ImportError:  # not a POSIX system: folders are not locked
 
 TEMP_PREFIX = ".ddpm_fast-tmp~"
 LOCK_NAME = ".ddpm_fast.lock"
+# The layout of a training run's --out folder (ddpm_fast.trainer writes it, ddpm_fast.loading reads it): the
+# resumable state, the exported EMA model (a model folder) and the sample grids.
+RUN_CHECKPOINT = "checkpoint.pt"
+RUN_MODEL_FOLDER = "model"
+RUN_SAMPLES_FOLDER = "samples"
 
 
 def _writer() -> tuple[str, int]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast.families import family_of
 from ddpm_fast.ops.vb_terms import (  # noqa: F401 (the reference formulas, re-exported)
     VB_COLUMNS,
     approx_standard_normal_cdf,
@@ -79,14 +80,7 @@ def default_variance(model, schedule: NoiseSchedule) -> str:
     """The reverse variance a model's checkpoint declares: learned_range for a learned-sigma model; for openai's
     ADM fixed_large unless sigma_small; otherwise the scheduler config's variance_type (diffusers' default,
     fixed_small, when it names none)."""
-    from ddpm_fast.adm import ADMConfig
-
-    config = model.config
-    if config.learn_sigma:
-        return "learned_range"
-    if isinstance(config, ADMConfig):
-        return "fixed_small" if config.sigma_small else "fixed_large"
-    return schedule.variance_type or "fixed_small"
+    return family_of(model).sampled_variance(model.config) or schedule.variance_type or "fixed_small"
 
 
 def vb_terms_bpd(model, schedule: NoiseSchedule, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,

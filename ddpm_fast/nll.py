@@ -18,16 +18,17 @@ import sys
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.cli import in_out_folder, run_main
+from ddpm_fast.cli import DefaultsHelpFormatter, in_out_folder, run_main
 from ddpm_fast.data import MAX_IMAGE_PIXELS, load_data, to_model_range
 from ddpm_fast.fileio import atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
+from ddpm_fast.loading import load_model
 from ddpm_fast.openai import REPOS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.nll", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a model as ddpm_fast.sample takes it (default: the embedded "
                                                       "digits model)")
     p.add_argument("--openai-flags", default=None, help="the checkpoint is an openai .pt (see ddpm_fast.sample)")
@@ -89,9 +90,8 @@ def run(args) -> dict | None:
 def _run(args, dist_ctx) -> dict | None:
     from tqdm.auto import tqdm
 
-    from ddpm_fast.sample import _load
-
-    model, schedule = _load(args, dist_ctx.device)
+    model, schedule = load_model(args.checkpoint, openai_flags=args.openai_flags, openai_repo=args.openai_repo,
+                                 device=dist_ctx.device, prog="ddpm_fast.nll")
     variance = default_variance(model, schedule)
     if args.fp16:
         dev = dist_ctx.device

@@ -166,44 +166,6 @@ def openai_betas(noise_schedule: str, diffusion_steps: int) -> NoiseSchedule:
     raise ValueError(f"--noise_schedule: unknown schedule {noise_schedule!r} (linear or cosine)")
 
 
-def openai_timesteps(num_timesteps: int, section_counts) -> list[int]:
-    """The timesteps openai's space_timesteps keeps, ascending: ``"ddimN"`` (a stride that gives exactly N),
-    ``"250"`` or ``"10,15,20"`` (the schedule cut into equal sections, each given that many evenly
-    strided steps, first and last included). An int or a list of ints means the same as the string."""
-    if isinstance(section_counts, str):
-        text = section_counts.strip()
-        if text.startswith("ddim"):
-            try:
-                desired = int(text[len("ddim"):])
-            except ValueError:
-                raise ValueError(f"respacing {section_counts!r}: expected ddimN, N an integer") from None
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return list(range(0, num_timesteps, stride))
-            raise ValueError(f"respacing {section_counts!r}: no integer stride gives exactly {desired} of "
-                             f"{num_timesteps} steps")
-        try:
-            counts = [int(x) for x in text.split(",")]
-        except ValueError:
-            raise ValueError(f"respacing {section_counts!r}: expected ddimN or comma-separated integers") from None
-    elif isinstance(section_counts, int):
-        counts = [section_counts]
-    else:
-        counts = [int(x) for x in section_counts]
-    if not counts or any(c < 1 for c in counts):
-        raise ValueError(f"respacing {section_counts!r}: each section needs at least one step")
-    size_per, extra = divmod(num_timesteps, len(counts))
-    start, steps = 0, []
-    for i, count in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
-        if size < count:
-            raise ValueError(f"respacing {section_counts!r}: cannot take {count} steps from a section of {size}")
-        stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(j * stride) for j in range(count)]
-        start += size
-    return sorted(set(steps))
-
-
 def config_from_flags(flags, repo: str = "guided-diffusion") -> tuple[ADMConfig, NoiseSchedule]:
     """(ADMConfig, NoiseSchedule) of a flag string, as that repository's create_model_and_diffusion builds them."""
     flags, repo = resolve_preset(flags, repo)

@@ -21,37 +21,40 @@ import warnings
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.adm import ADMConfig
-from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
-from ddpm_fast.cli import in_out_folder, run_main
+from ddpm_fast.cli import DefaultsHelpFormatter, in_out_folder, run_main
+from ddpm_fast.families import family_of
 from ddpm_fast.images import save_grid, save_npz
-from ddpm_fast.openai import REPOS, load_openai, openai_timesteps
+from ddpm_fast.loading import load_model
+from ddpm_fast.openai import REPOS
 from ddpm_fast.plan import MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
-from ddpm_fast.samplers import INVARIANT_CHUNK, DDIMSampler, DDPMSampler, DPMSolverSampler, RunOptions, to_uint8
-from ddpm_fast.schedule import NoiseSchedule
-from ddpm_fast.solvers import DEISSampler, HeunSampler, IPNDMSampler, PLMSSampler, UniPCSampler
+from ddpm_fast.samplers import INVARIANT_CHUNK, RunOptions, SamplerRequest, to_uint8
+from ddpm_fast.schedule import SPACINGS, openai_timesteps
+from ddpm_fast.solvers import SAMPLERS
 from ddpm_fast.unet import compile_model
 
 # A final sample this far outside [-1, 1] is a failure, like a non-finite one (unclipped solvers overshoot a
 # little; orders of magnitude mean a broken model or setting).
 MAX_SAMPLE_MAGNITUDE = 100.0
-# Default steps per sampler (ddpm: every timestep of the schedule), and the default sampler: the cheapest point
-# of the measured quality-vs-time front whose quality matches the old default, DDIM with 100 steps
-# (benchmarks/test_front_bench.py, RESULTS.md): UniPC-2, 5 steps on the embedded digits model; 10 on other
-# checkpoints, where published CIFAR-10 figures put UniPC at 10 evaluations past DDIM at 100.
-DEFAULT_STEPS = {"ddpm": None, "ddim": 100, "dpm++": 20, "dpm++sde": 20, "unipc": 10, "deis": 10, "plms": 20,
-                 "heun": 10, "ipndm": 10}
+# The default sampler: the cheapest point of the measured quality-vs-time front whose quality matches the old
+# default, DDIM with 100 steps (benchmarks/test_front_bench.py, RESULTS.md): UniPC-2, 5 steps on the embedded
+# digits model; its own default (10) on other checkpoints, where published CIFAR-10 figures put UniPC at 10
+# evaluations past DDIM at 100. Every other default comes from the sampler's class (samplers.SAMPLERS).
 DEFAULT_SAMPLER = "unipc"
 EMBEDDED_UNIPC_STEPS = 5
-COMPILED = {"unipc": UniPCSampler, "deis": DEISSampler, "plms": PLMSSampler, "heun": HeunSampler,
-            "ipndm": IPNDMSampler}
-ORDERS = {"dpm++": 3, "dpm++sde": 3, "unipc": 3, "deis": 3, "ipndm": 4}  # the highest --order of each
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
+# The flags only some samplers read, and the name each sampler class declares them by (Sampler.cli_options).
+SAMPLER_FLAGS = {"eta": "--eta", "variance": "--variance", "timestep_respacing": "--timestep-respacing"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.sample", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
+    steps = ", ".join(f"{c.default_steps} for {n}" for n, c in SAMPLERS.items() if c.default_steps)
+    orders = "; ".join(f"{n} {min(c.orders)}-{max(c.orders)} (default {c.default_order})"
+                       for n, c in SAMPLERS.items() if c.orders)
+    spacings: dict[str, list[str]] = {}
+    for n, c in SAMPLERS.items():
+        spacings.setdefault(c.default_spacing, []).append(n)
+    spacing = ", ".join(f"{s} for {'/'.join(names)}" for s, names in spacings.items())
     p.add_argument("--checkpoint", default=None,
                    help="a diffusers/ddpm_fast model folder, a pytorch_diffusion .ckpt, a ddpm_fast.train "
                         "checkpoint.pt, or an openai .pt with --openai-flags (default: the embedded digits model)")
@@ -62,20 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which openai repository --openai-flags come from (their defaults differ)")
     p.add_argument("--timestep-respacing", default=None, metavar="SPEC",
                    help="openai's respacing string for ddim/ddpm: 'ddim25', '250' or '10,15,20' (instead of --steps)")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(DEFAULT_STEPS),
-                   help="ddpm: ancestral; ddim; dpm++: multistep DPM-Solver++ (ODE), dpm++sde: its SDE variant; "
-                        "unipc: UniPC (bh2); deis: DEIS log-rho; plms: PNDM's PLMS (steps + 1 model calls); heun: "
-                        "Heun (2 steps - 1 model calls); ipndm: variable-step iPNDM")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS),
+                   help="; ".join(f"{n}: {c.cli_help}" if c.cli_help else n for n, c in SAMPLERS.items()))
     p.add_argument("--steps", type=int, default=None,
-                   help="reverse steps (default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_STEPS.items() if v)
-                        + f", every timestep for ddpm; unipc on the embedded model: {EMBEDDED_UNIPC_STEPS})")
-    p.add_argument("--order", type=int, default=None, choices=[1, 2, 3, 4],
-                   help="solver order: dpm++ / dpm++sde / unipc / deis 1-3 (default 2), ipndm 1-4 (default 4)")
+                   help=f"reverse steps (default: {steps}, every timestep for ddpm; unipc on the embedded model: "
+                        f"{EMBEDDED_UNIPC_STEPS})")
+    p.add_argument("--order", type=int, default=None,
+                   choices=sorted({o for c in SAMPLERS.values() for o in c.orders}),
+                   help=f"solver order: {orders}")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default 0: deterministic; 1: DDPM-like); ddim only")
-    p.add_argument("--spacing", default=None, choices=["leading", "trailing", "linspace"],
-                   help="timestep spacing (default: leading for ddim/ddpm/plms, linspace for the others, as "
-                        "diffusers)")
+    p.add_argument("--spacing", default=None, choices=list(SPACINGS),
+                   help=f"timestep spacing (default: {spacing}, as diffusers)")
     p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned_range"],
                    help="DDPM sigma^2: posterior variance (fixed_small), beta (fixed_large) or the model's own "
                         "(learned_range); default: learned_range for a learned-sigma model, else what the "
@@ -132,7 +133,8 @@ def run(args) -> str | None:
 
 def _run(args, dist_ctx) -> str | None:
     notes: list[str] = []
-    model, schedule = _load(args, dist_ctx.device)
+    model, schedule = load_model(args.checkpoint, openai_flags=args.openai_flags, openai_repo=args.openai_repo,
+                                 device=dist_ctx.device, prog="ddpm_fast.sample")
     if dist_ctx.rank == 0:
         _check_targets(args, model.config)
     sampler = _build_sampler(args, schedule, model.config)  # before the fast copy: a bad setting fails now
@@ -154,29 +156,6 @@ def _run(args, dist_ctx) -> str | None:
     print(f"{n} images, {kind} {sampler.num_steps} steps, {ran} on {dist_ctx.device} ({args.engine}), "
           f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
     return npz
-
-
-def _load(args, device):
-    path = args.checkpoint or DEFAULT_MODEL
-    if not os.path.exists(path):
-        what = "the embedded model is missing from this install" if args.checkpoint is None else "no such file"
-        raise CheckpointError(f"{path}: {what}")
-    if args.openai_flags is not None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            model, schedule = load_openai(path, args.openai_flags, args.openai_repo, device=device)
-        for w in caught:
-            print(f"ddpm_fast.sample: note: {w.message}", file=sys.stderr)
-    else:
-        used = resolve_model_path(path)
-        if os.path.isdir(path) and os.path.normpath(used) != os.path.normpath(path):
-            print(f"ddpm_fast.sample: {path} is a training run: sampling {used} (its newest state)", file=sys.stderr)
-        model, schedule = load_pretrained(used, device=device), None
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # up front: sampling would only turn these into NaN images
-        raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"
-                              + (f" and {len(bad) - 4} more tensors" if len(bad) > 4 else ""))
-    return model, schedule or load_schedule(path) or NoiseSchedule.linear(1000)
 
 
 def _prepare_model(args, model, device, notes: list[str]):
@@ -210,38 +189,18 @@ def _prepare_model(args, model, device, notes: list[str]):
 
 
 def _build_sampler(args, schedule, config):
-    openai = isinstance(config, ADMConfig)
     kept = None
     if args.timestep_respacing is not None:
         kept = openai_timesteps(schedule.num_timesteps, args.timestep_respacing)
-    if args.sampler == "ddim":
-        # openai's DDIM recomputes eps from the clipped x_0; their checkpoints are sampled that way.
-        steps = None if kept is not None else args.steps or min(100, schedule.num_timesteps)
-        return DDIMSampler(schedule, steps, eta=args.eta or 0.0, spacing=args.spacing or "leading",
-                           use_clipped_model_output=openai, timesteps=kept)
-    embedded = args.sampler == "unipc" and args.checkpoint is None
-    default = EMBEDDED_UNIPC_STEPS if embedded else DEFAULT_STEPS[args.sampler]
-    steps = args.steps or min(default or 1, schedule.num_timesteps)
-    if args.sampler in ("dpm++", "dpm++sde"):
-        return DPMSolverSampler(schedule, steps, order=args.order or 2,
-                                algorithm="sde-dpmsolver++" if args.sampler == "dpm++sde" else "dpmsolver++",
-                                spacing=args.spacing or "linspace")
-    if args.sampler in COMPILED:
-        kw = {} if args.order is None else {"order": args.order}
-        return COMPILED[args.sampler](schedule, steps, spacing=args.spacing or (
-            "leading" if args.sampler == "plms" else "linspace"), **kw)
-    if kept is not None:
-        schedule = schedule.respace(kept)
-    elif args.steps and args.steps != schedule.num_timesteps:
-        schedule = schedule.respace(schedule.space_timesteps(args.steps, args.spacing or "leading"))
-    variance = args.variance
-    if variance is None and config.learn_sigma:
-        variance = "learned_range"
-    elif variance is None:
-        variance = "fixed_large" if openai and not config.sigma_small else "fixed_small"
-    if variance == "learned_range" and not config.learn_sigma:
-        raise ValueError("--variance learned_range needs a learned-sigma model (this one outputs eps only)")
-    return DDPMSampler(schedule, variance=variance)
+    cls = SAMPLERS[args.sampler]
+    steps = args.steps
+    if steps is None and args.sampler == "unipc" and args.checkpoint is None:
+        steps = min(EMBEDDED_UNIPC_STEPS, schedule.num_timesteps)
+    request = SamplerRequest(steps=cls.resolve_steps(steps, schedule.num_timesteps), spacing=args.spacing,
+                             order=args.order, eta=args.eta, variance=args.variance, timesteps=kept,
+                             openai=family_of(config).openai_sampling, learn_sigma=config.learn_sigma,
+                             sigma_small=bool(getattr(config, "sigma_small", False)))
+    return cls.from_request(schedule, request)
 
 
 def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> torch.Tensor:
@@ -341,20 +300,22 @@ def main(argv=None) -> int:
         parser.error("--num-samples and --batch-size must be positive")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be positive")
-    if args.eta is not None and args.sampler != "ddim":
-        parser.error(f"--eta applies to --sampler ddim only (--sampler {args.sampler} ignores it)")
-    if args.variance is not None and args.sampler != "ddpm":
-        parser.error(f"--variance applies to --sampler ddpm only (--sampler {args.sampler} ignores it)")
-    if args.timestep_respacing is not None and (args.sampler not in ("ddim", "ddpm") or args.steps is not None
+    cls = SAMPLERS[args.sampler]
+    for option, flag in SAMPLER_FLAGS.items():
+        takers = " / ".join(n for n, c in SAMPLERS.items() if option in c.cli_options)
+        if option != "timestep_respacing" and getattr(args, option) is not None and option not in cls.cli_options:
+            parser.error(f"{flag} applies to --sampler {takers} only (--sampler {args.sampler} ignores it)")
+    if args.timestep_respacing is not None and ("timestep_respacing" not in cls.cli_options or args.steps is not None
                                                 or args.spacing is not None):
-        parser.error("--timestep-respacing picks the steps of --sampler ddim / ddpm; it replaces --steps and "
-                     "--spacing")
+        takers = " / ".join(n for n, c in SAMPLERS.items() if "timestep_respacing" in c.cli_options)
+        parser.error(f"--timestep-respacing picks the steps of --sampler {takers}; it replaces --steps and --spacing")
     if args.openai_flags is not None and args.checkpoint is None:
         parser.error("--openai-flags describes an openai .pt: give it with --checkpoint")
-    if args.order is not None and args.sampler not in ORDERS:
-        parser.error(f"--order applies to --sampler {' / '.join(ORDERS)} only (--sampler {args.sampler} has none)")
-    if args.order is not None and args.order > ORDERS[args.sampler]:
-        parser.error(f"--order of --sampler {args.sampler} is 1 to {ORDERS[args.sampler]}, got {args.order}")
+    if args.order is not None and not cls.orders:
+        takers = " / ".join(n for n, c in SAMPLERS.items() if c.orders)
+        parser.error(f"--order applies to --sampler {takers} only (--sampler {args.sampler} has none)")
+    if args.order is not None and args.order not in cls.orders:
+        parser.error(f"--order of --sampler {args.sampler} is {min(cls.orders)} to {max(cls.orders)}, got {args.order}")
     if args.eta is not None and not 0 <= args.eta <= 1:
         parser.error("--eta must lie in [0, 1]")
     if args.guidance_scale is not None and not abs(args.guidance_scale) <= MAX_GUIDANCE_SCALE:

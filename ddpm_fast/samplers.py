@@ -1,5 +1,5 @@
-"""Samplers: DDPM ancestral (Ho et al. 2020), DDIM (Song et al. 2021) and multistep DPM-Solver++ (Lu et al.
-2022), with classifier-free guidance.
+"""Samplers: the Sampler base and its registry, DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021),
+with classifier-free guidance. The multistep solvers (DPM-Solver++, UniPC, ...) are in solvers.py.
 
 Each sampler reduces to a float64 coefficient table, one row per kept timestep, in the column
 order of ops.COEF_COLUMNS; a step is then ops.reverse_step on that table (the torch reference, Triton, or
@@ -10,22 +10,86 @@ RunOptions: built once, stepped in place by every loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.ops.reverse_step import NUM_COEFS, PUSH_SLOT, PUSH_X0, SIGMA, SLOT0
+from ddpm_fast.ops.reverse_step import NUM_COEFS, SIGMA
 from ddpm_fast.plan import INVARIANT_CHUNK, RunOptions, SamplingPlan, model_eps
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
-__all__ = ["INVARIANT_CHUNK", "DDIMSampler", "DDPMSampler", "DPMSolverSampler", "RunOptions", "SamplingPlan",
-           "model_eps", "to_uint8"]
+__all__ = ["INVARIANT_CHUNK", "SAMPLERS", "DDIMSampler", "DDPMSampler", "RunOptions", "Sampler", "SamplerRequest",
+           "SamplingPlan", "model_eps", "to_uint8"]
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+# CLI name -> sampler class, filled by every class that declares a ``cli_name`` (see Sampler): the sample
+# command builds --sampler, --order, the defaults and the help from it, so a new solver is its class alone.
+SAMPLERS: dict[str, type[Sampler]] = {}
 
 
-class _Sampler:
+@dataclass(frozen=True)
+class SamplerRequest:
+    """What a command asks of a sampler, before any sampler is built: ``steps`` None means the sampler's own
+    default (every timestep for ddpm); ``timesteps`` are kept timesteps of an openai respacing string;
+    ``openai`` says the model follows openai's sampling conventions (clipped DDIM output, beta variance);
+    ``learn_sigma`` / ``sigma_small`` describe its variance output."""
+
+    steps: int | None = None
+    spacing: str | None = None
+    order: int | None = None
+    eta: float | None = None
+    variance: str | None = None
+    timesteps: list[int] | None = None
+    openai: bool = False
+    learn_sigma: bool = False
+    sigma_small: bool = False
+
+
+class Sampler:
+    """The base of every sampler: a coefficient table and the steps that read it.
+
+    A subclass that sets ``cli_name`` registers itself in SAMPLERS, and declares there what the CLI shows:
+    ``default_steps`` (None: every timestep of the schedule), the ``orders`` it takes (with
+    ``default_order``), its ``default_spacing``, a one-line ``cli_help``, and ``cli_options``, the further
+    flags it reads ("eta", "variance", "timestep_respacing"). ``from_request`` builds it from a
+    SamplerRequest; the default passes steps, spacing and order to the constructor.
+    """
+
     history_depth = 0  # ring slots of earlier model outputs a step reads (multistep solvers: 1 to 3)
     learned_variance = False  # whether a step reads the model's variance value v (learned_range)
+    cli_name: str | None = None
+    cli_help = ""
+    default_steps: int | None = 10
+    orders: tuple[int, ...] = ()
+    default_order: int | None = None
+    default_spacing = "linspace"
+    cli_options: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("cli_name")
+        if name is None:
+            return
+        taken = SAMPLERS.get(name)
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"sampler name {name!r} is taken by {taken.__module__}.{taken.__qualname__}")
+        if cls.orders and cls.default_order not in cls.orders:
+            raise ValueError(f"{cls.__qualname__}: default_order {cls.default_order!r} is not one of {cls.orders}")
+        SAMPLERS[name] = cls
+
+    @classmethod
+    def from_request(cls, schedule: NoiseSchedule, request: SamplerRequest) -> Sampler:
+        """The sampler a command asked for (steps already resolved to a number, see resolve_steps)."""
+        kw = {} if request.order is None else {"order": request.order}
+        return cls(schedule, request.steps, spacing=request.spacing or cls.default_spacing, **kw)
+
+    @classmethod
+    def resolve_steps(cls, steps: int | None, num_timesteps: int) -> int | None:
+        """--steps, else the sampler's default, at most the schedule's length (None: every timestep)."""
+        if steps is not None:
+            return steps
+        return None if cls.default_steps is None else min(cls.default_steps, num_timesteps)
 
     def __init__(self, schedule: NoiseSchedule, coefs: torch.Tensor, clip_denoised: bool, timesteps=None):
         """``coefs``: one row per timestep of ``schedule`` (ascending), or, with ``timesteps`` (one per model
@@ -128,7 +192,7 @@ class _Sampler:
         return self.plan(model, shape, run, device=device, **options).run(progress=progress)
 
 
-class DDPMSampler(_Sampler):
+class DDPMSampler(Sampler):
     """Ancestral sampling with sigma_t^2 = posterior variance (fixed_small), beta_t (fixed_large), or learned
     (learned_range, Improved DDPM: log sigma^2 = frac log beta_t + (1 - frac) log beta-tilde_t (clipped), with
     frac = (v + 1) / 2 from the model's second output half, as improved-diffusion computes it).
@@ -136,6 +200,12 @@ class DDPMSampler(_Sampler):
     Runs on any schedule, full or respaced (NoiseSchedule.respace, or openai_timesteps) for shortened DDPM:
     a respaced schedule's betas and posterior variances are those of the kept steps.
     """
+
+    cli_name = "ddpm"
+    cli_help = "ancestral"
+    default_steps = None
+    default_spacing = "leading"
+    cli_options = frozenset({"variance", "timestep_respacing"})
 
     def __init__(self, schedule: NoiseSchedule, variance: str = "fixed_small", clip_denoised: bool = True):
         if variance not in VARIANCES:
@@ -155,8 +225,25 @@ class DDPMSampler(_Sampler):
         self.learned_variance = variance == "learned_range"
         super().__init__(schedule, coefs, clip_denoised)
 
+    @classmethod
+    def from_request(cls, schedule: NoiseSchedule, request: SamplerRequest) -> DDPMSampler:
+        """Shortened DDPM runs on the respaced schedule; the variance defaults to the model's own (learned
+        sigma), else to what its family samples with (openai: beta unless sigma_small; others the posterior's)."""
+        if request.timesteps is not None:
+            schedule = schedule.respace(request.timesteps)
+        elif request.steps and request.steps != schedule.num_timesteps:
+            schedule = schedule.respace(schedule.space_timesteps(request.steps, request.spacing or cls.default_spacing))
+        variance = request.variance
+        if variance is None and request.learn_sigma:
+            variance = "learned_range"
+        elif variance is None:
+            variance = "fixed_large" if request.openai and not request.sigma_small else "fixed_small"
+        if variance == "learned_range" and not request.learn_sigma:
+            raise ValueError("--variance learned_range needs a learned-sigma model (this one outputs eps only)")
+        return cls(schedule, variance=variance)
 
-class DDIMSampler(_Sampler):
+
+class DDIMSampler(Sampler):
     """DDIM with eta (0: deterministic; 1: DDPM-like noise) on ``num_steps`` respaced timesteps, or on the
     given ``timesteps`` (e.g. ``openai_timesteps(T, "ddim25")``).
 
@@ -164,6 +251,12 @@ class DDIMSampler(_Sampler):
     openai's ddim_sample does (x_prev = sqrt(abar_prev) x0c + c_eps (a x_t - x0c) / b): still linear in x_t and
     x0c, so the same fused step with other weights. The last step always lands on alpha_bar_prev = 1.
     """
+
+    cli_name = "ddim"
+    cli_help = "DDIM"
+    default_steps = 100
+    default_spacing = "leading"
+    cli_options = frozenset({"eta", "timestep_respacing"})
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, eta: float = 0.0,
                  spacing: str = "leading", clip_denoised: bool = True, use_clipped_model_output: bool = False,
@@ -191,157 +284,12 @@ class DDIMSampler(_Sampler):
         self.use_clipped_model_output = bool(use_clipped_model_output)
         super().__init__(s, coefs, clip_denoised)
 
-
-DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
-DPM_SOLVER_TYPES = ("midpoint", "heun")
-
-
-def dpm_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "linspace") -> list[int]:
-    """Descending model timesteps of a ``num_steps`` DPM-Solver run, as diffusers' DPMSolverMultistepScheduler
-    spaces them (its own conventions, not DDIM's: 'leading' divides by num_steps + 1)."""
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
-    big_t = int(num_train_timesteps)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= big_t:
-        raise ValueError(f"num_steps must be an int in [1, {big_t}], got {num_steps!r}")
-    if spacing == "linspace":
-        ts = torch.linspace(0, big_t - 1, num_steps + 1, dtype=torch.float64).round().flip(0)[:-1]
-    elif spacing == "leading":
-        ts = (torch.arange(0, num_steps + 1, dtype=torch.float64) * (big_t // (num_steps + 1))).flip(0)[:-1]
-    else:
-        ts = torch.arange(big_t, 0, -big_t / num_steps, dtype=torch.float64).round() - 1
-    ts = [int(t) for t in ts]
-    if len(set(ts)) != len(ts) or min(ts) < 0:
-        raise ValueError(f"{num_steps} steps with spacing {spacing!r} repeat a timestep of a {big_t}-step schedule; "
-                         "take fewer steps or another spacing")
-    return ts
-
-
-class DPMSolverSampler(_Sampler):
-    """Multistep DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095): data prediction, order 1, 2 or 3;
-    ``algorithm="sde-dpmsolver++"`` is its SDE variant (fresh noise each step).
-
-    The same timesteps and updates as diffusers' DPMSolverMultistepScheduler with final_sigmas_type="zero"
-    (its default): the first steps warm up at lower order, the last step is first order (it lands on the
-    data prediction), and with ``lower_order_final`` runs under 15 steps also take their second-to-last
-    step at order <= 2. Every step is one ``ops.reverse_step`` whose table row weighs x_t, this step's data
-    prediction and the previous one or two (the plan's ring slots): the update is the one fused
-    kernel, and the graph engine captures it like any other step. ``clip_denoised`` clamps each data
-    prediction to [-1, 1] (off by default, as in diffusers).
-    """
-
-    def __init__(self, schedule: NoiseSchedule, num_steps: int = 20, order: int = 2, algorithm: str = "dpmsolver++",
-                 solver_type: str = "midpoint", lower_order_final: bool = True, spacing: str = "linspace",
-                 clip_denoised: bool = False):
-        if order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-        if algorithm not in DPM_ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {DPM_ALGORITHMS}")
-        if solver_type not in DPM_SOLVER_TYPES:
-            raise ValueError(f"unknown solver_type {solver_type!r}; choose one of {DPM_SOLVER_TYPES}")
-        if not bool(torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps))):
-            raise ValueError("DPMSolverSampler takes the full training schedule (it picks its own timesteps)")
-        ts = dpm_timesteps(schedule.num_timesteps, num_steps, spacing)
-        self.order, self.algorithm, self.solver_type = int(order), algorithm, solver_type
-        self.lower_order_final, self.spacing = bool(lower_order_final), spacing
-        self.step_orders = self._orders(len(ts))
-        self.history_depth = max(self.step_orders) - 1
-        rows = ring_rows(self._rows(schedule.alphas_cumprod, ts), self.history_depth, push=PUSH_X0)
-        # _Sampler keeps rows in ascending timestep order (row j <-> timestep_map[j]): steps run descending.
-        super().__init__(schedule.respace(ts), rows.flip(0), clip_denoised)
-
-    def _orders(self, n: int) -> list[int]:
-        """Each step's order, as diffusers chooses it (warm-up, lower_order_final, final_sigmas_type='zero')."""
-        orders = []
-        for i in range(n):
-            final = i == n - 1  # the last step lands on sigma = 0: always first order
-            second = i == n - 2 and self.lower_order_final and n < 15
-            if self.order == 1 or i < 1 or final:
-                orders.append(1)
-            elif self.order == 2 or i < 2 or second:
-                orders.append(2)
-            else:
-                orders.append(3)
-        return orders
-
-    def _rows(self, alphas_cumprod: torch.Tensor, ts: list[int]) -> torch.Tensor:
-        """float64 (n, 8) rows in step order: x0_hat = a x - b eps, then x_next = c_xt x + c_x0 x0_hat + w_1 h1 +
-        w_2 h2 + sigma z, where h1, h2 are the data predictions of the previous two steps (lags; see ring_rows)."""
-        acp = alphas_cumprod.double()[ts]
-        # diffusers' variables: sigma = sqrt((1 - abar) / abar), alpha_t = 1/sqrt(1 + sigma^2) = sqrt(abar),
-        # sigma_t = sqrt(1 - abar), lambda = log(alpha_t / sigma_t); the end point has sigma_t = 0.
-        alpha = torch.cat([acp.sqrt(), acp.new_ones(1)])
-        sig = torch.cat([(1 - acp).sqrt(), acp.new_zeros(1)])
-        lam = alpha.log() - sig.log()  # +inf at the end point
-        sde = self.algorithm == "sde-dpmsolver++"
-        rows = []
-        for i, k in enumerate(self.step_orders):
-            a_t, s_t, s_0 = alpha[i + 1], sig[i + 1], sig[i]
-            h = lam[i + 1] - lam[i]
-            em = torch.exp(-h)  # 0 at the end point
-            m = torch.zeros(3, dtype=torch.float64)  # weights of (x0_hat, h1, h2)
-            if sde:
-                c_xt, phi, noise = s_t / s_0 * em, a_t * (1 - em * em), s_t * (1 - em * em).sqrt()
-            else:
-                c_xt, phi, noise = s_t / s_0, a_t * (1 - em), torch.zeros((), dtype=torch.float64)
-            m[0] = phi  # the D0 term
-            if k >= 2:
-                r0 = (lam[i] - lam[i - 1]) / h
-                d1_0 = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / r0
-                if k == 2:
-                    d1, d2 = d1_0, None
-                else:
-                    r1 = (lam[i - 1] - lam[i - 2]) / h
-                    d1_1 = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) / r1
-                    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-                    d2 = (d1_0 - d1_1) / (r0 + r1)
-                if k == 2 and self.solver_type == "midpoint":
-                    w1 = 0.5 * phi
-                elif sde:
-                    w1 = a_t * ((1 - em * em) / (-2 * h) + 1)
-                else:
-                    w1 = a_t * ((em - 1) / h + 1)
-                m = m + w1 * d1
-                if d2 is not None and sde:
-                    m = m + a_t * ((1 - em * em - 2 * h) / (2 * h) ** 2 - 0.5) * d2
-                elif d2 is not None:
-                    m = m - a_t * ((em - 1 + h) / h**2 - 0.5) * d2
-            a0, s0_ = alpha[i], sig[i]
-            rows.append(torch.stack([1 / a0, s0_ / a0, m[0], c_xt, torch.zeros((), dtype=torch.float64),
-                                     noise, m[1], m[2]]))
-        return torch.stack(rows)
-
-    def step(self, *args, **kwargs):
-        raise TypeError("DPMSolverSampler is a multistep solver: a step needs the previous steps' data predictions; "
-                        "run it through plan() / sample()")
-
-
-def ring_rows(rows: torch.Tensor, depth: int, push: int, kept=None) -> torch.Tensor:
-    """Rows in step order whose columns 6.. weigh earlier kept outputs by lag (6: the newest kept before this
-    step, 7: the one before, ...) -> rows of the full table, whose coef_slot columns weigh ring slots. Each kept
-    output (``kept[i]``, default every step; ``push``: the PUSH_X0 or PUSH_EPS column) goes into the next slot
-    in turn, i.e. the oldest one. Lags beyond ``depth`` must weigh 0 (the ring holds ``depth`` outputs). The one
-    place that lays out the ring: DPM-Solver++'s rows and every compiled solver's (solvers.compile_rows)."""
-    n = rows.shape[0]
-    kept = [True] * n if kept is None else list(kept)
-    lags = rows[:, SLOT0:]
-    if lags.shape[1] > depth and bool((lags[:, depth:] != 0).any()):
-        raise ValueError(f"a row weighs an output older than the ring's {depth} slots")
-    out = torch.zeros(n, NUM_COEFS, dtype=rows.dtype)
-    out[:, :SLOT0] = rows[:, :SLOT0]
-    slots: list[int] = []  # the slot of each output kept so far, oldest first
-    for i in range(n):
-        for lag in range(1, min(depth, lags.shape[1]) + 1):
-            if lag <= len(slots):
-                out[i, SLOT0 + slots[-lag]] += lags[i, lag - 1]
-            elif lags[i, lag - 1] != 0:
-                raise ValueError(f"step {i} weighs the output kept {lag} back, but only {len(slots)} are kept")
-        if depth and kept[i]:
-            slot = len(slots) % depth
-            out[i, push] = 1.0
-            out[i, PUSH_SLOT] = slot + 1
-            slots.append(slot)
-    return out
+    @classmethod
+    def from_request(cls, schedule: NoiseSchedule, request: SamplerRequest) -> DDIMSampler:
+        """openai's DDIM recomputes eps from the clipped x_0: their checkpoints are sampled that way."""
+        steps = None if request.timesteps is not None else request.steps
+        return cls(schedule, steps, eta=request.eta or 0.0, spacing=request.spacing or cls.default_spacing,
+                   use_clipped_model_output=request.openai, timesteps=request.timesteps)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

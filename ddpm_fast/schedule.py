@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -222,6 +223,102 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading"
                          "noise it starts from); use spacing 'trailing' (its one step starts at t=T-1, as "
                          "diffusers' trailing does) or more steps")
     return ts
+
+
+def dpm_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "linspace") -> list[int]:
+    """Descending model timesteps of a ``num_steps`` DPM-Solver run, as diffusers' DPMSolverMultistepScheduler
+    spaces them (its own conventions, not DDIM's: 'leading' divides by num_steps + 1)."""
+    _check_spacing(spacing)
+    big_t = int(num_train_timesteps)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= big_t:
+        raise ValueError(f"num_steps must be an int in [1, {big_t}], got {num_steps!r}")
+    if spacing == "linspace":
+        ts = torch.linspace(0, big_t - 1, num_steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+    elif spacing == "leading":
+        ts = (torch.arange(0, num_steps + 1, dtype=torch.float64) * (big_t // (num_steps + 1))).flip(0)[:-1]
+    else:
+        ts = torch.arange(big_t, 0, -big_t / num_steps, dtype=torch.float64).round() - 1
+    ts = [int(t) for t in ts]
+    if len(set(ts)) != len(ts) or min(ts) < 0:
+        raise ValueError(f"{num_steps} steps with spacing {spacing!r} repeat a timestep of a {big_t}-step schedule; "
+                         "take fewer steps or another spacing")
+    return ts
+
+
+def plms_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
+    """The model timesteps of a ``num_steps`` PLMS run, as diffusers' PNDMScheduler(skip_prk_steps=True) lays
+    them out: num_steps + 1 evaluations, the second at the first one's successor (its Heun-like warm-up)."""
+    _check_spacing(spacing)
+    big_t, n = int(num_train_timesteps), num_steps
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= big_t:
+        raise ValueError(f"num_steps must be an int in [1, {big_t}], got {n!r}")
+    if spacing == "linspace":
+        base = np.linspace(0, big_t - 1, n).round().astype(np.int64)
+    elif spacing == "leading":
+        base = (np.arange(0, n) * (big_t // n)).round().astype(np.int64)
+    else:
+        base = np.round(np.arange(big_t, 0, -big_t / n))[::-1].astype(np.int64) - 1
+    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+    if len(set(base.tolist())) != len(base) or int(base.min()) < 0:
+        raise ValueError(f"{n} steps with spacing {spacing!r} repeat a timestep of a {big_t}-step schedule")
+    return [int(t) for t in ts]
+
+
+def heun_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+    """The (float) timesteps of a ``num_steps`` Heun run before its stages are laid out, as diffusers'
+    HeunDiscreteScheduler spaces them."""
+    _check_spacing(spacing)
+    big_t, n = int(num_train_timesteps), num_steps
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= big_t:
+        raise ValueError(f"num_steps must be an int in [1, {big_t}], got {n!r}")
+    if spacing == "linspace":
+        return np.linspace(0, big_t - 1, n, dtype=np.float64)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float64)
+    return np.arange(big_t, 0, -big_t / n).round().astype(np.float64) - 1
+
+
+def openai_timesteps(num_timesteps: int, section_counts) -> list[int]:
+    """The timesteps openai's space_timesteps keeps, ascending: ``"ddimN"`` (a stride that gives exactly N),
+    ``"250"`` or ``"10,15,20"`` (the schedule cut into equal sections, each given that many evenly
+    strided steps, first and last included). An int or a list of ints means the same as the string."""
+    if isinstance(section_counts, str):
+        text = section_counts.strip()
+        if text.startswith("ddim"):
+            try:
+                desired = int(text[len("ddim"):])
+            except ValueError:
+                raise ValueError(f"respacing {section_counts!r}: expected ddimN, N an integer") from None
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"respacing {section_counts!r}: no integer stride gives exactly {desired} of "
+                             f"{num_timesteps} steps")
+        try:
+            counts = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"respacing {section_counts!r}: expected ddimN or comma-separated integers") from None
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        counts = [int(x) for x in section_counts]
+    if not counts or any(c < 1 for c in counts):
+        raise ValueError(f"respacing {section_counts!r}: each section needs at least one step")
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, steps = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"respacing {section_counts!r}: cannot take {count} steps from a section of {size}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        steps += [start + round(j * stride) for j in range(count)]
+        start += size
+    return sorted(set(steps))
+
+
+def _check_spacing(spacing) -> None:
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
 
 
 MAX_TIMESTEPS = 1_000_000  # diffusion processes use 1000 to 4000; each table costs 8 bytes a step

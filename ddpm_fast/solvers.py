@@ -1,4 +1,5 @@
-"""The open solver set: UniPC, DEIS, PLMS, iPNDM and Heun, each compiled into rows of the one fused step.
+"""The open solver set: DPM-Solver++, UniPC, DEIS, PLMS, iPNDM and Heun, each compiled into rows of the one fused
+step.
 
 A solver is written once, as its own update, on symbols: ``Trace`` hands it float64 vectors that stand for
 x_T and for each model evaluation's output (in the solver's form, x0 or eps), and every quantity the
@@ -9,8 +10,10 @@ keeps (UniPC's state before the corrector, Heun's state before its Euler stage) 
 own: they are combinations of x_t and earlier outputs, which the solve finds. A step the ring cannot
 express is an error at construction, not a wrong sample.
 
-So adding a solver is one ``_trace`` method and its test: the kernels (torch reference, Triton, C++, CUDA),
-the plan, the graph engine, guidance and the fast path are the ones every sampler uses.
+So adding a solver is one class and its test: a CompiledSampler subclass that traces its update and declares
+its CLI name, default steps, orders and spacing (samplers.Sampler); the sample command, the kernels (torch
+reference, Triton, C++, CUDA), the plan, the graph engine, guidance and the fast path are the ones every
+sampler uses.
 """
 
 from __future__ import annotations
@@ -20,23 +23,25 @@ import math
 import numpy as np
 import torch
 
-from ddpm_fast.ops.reverse_step import COEF_COLUMNS, MAX_HISTORY, PUSH_EPS, PUSH_X0, SLOT0
-from ddpm_fast.samplers import _Sampler, dpm_timesteps, ring_rows
-from ddpm_fast.schedule import SPACINGS, NoiseSchedule
+from ddpm_fast.ops.reverse_step import COEF_COLUMNS, MAX_HISTORY, NUM_COEFS, PUSH_EPS, PUSH_SLOT, PUSH_X0, SLOT0
+from ddpm_fast.samplers import SAMPLERS, Sampler
+from ddpm_fast.schedule import SPACINGS, NoiseSchedule, dpm_timesteps, heun_timesteps, plms_timesteps
 
-__all__ = ["DEISSampler", "HeunSampler", "IPNDMSampler", "PLMSSampler", "Trace", "UniPCSampler", "compile_rows"]
+__all__ = ["SAMPLERS", "CompiledSampler", "DEISSampler", "DPMSolverSampler", "DPMSolverSDESampler", "HeunSampler",
+           "IPNDMSampler", "PLMSSampler", "Trace", "UniPCSampler", "compile_rows", "ring_rows"]
 
 FORMS = ("x0", "eps")
 COL = {name: i for i, name in enumerate(COEF_COLUMNS)}
 
 
 class Trace:
-    """A solver run on symbols. Vectors have one entry per symbol: x_T, then each evaluation's output."""
+    """A solver run on symbols. Vectors have one entry per symbol: x_T, then each evaluation's output, then (a
+    ``noisy`` trace: SDE solvers) the fresh noise each step draws after its evaluation."""
 
-    def __init__(self, evals: int, form: str):
+    def __init__(self, evals: int, form: str, noisy: bool = False):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        self.form, self.evals = form, int(evals)
+        self.form, self.evals, self.noisy = form, int(evals), bool(noisy)
         self.inputs: list[np.ndarray] = []  # the model input of evaluation j
         self.scales: list[tuple[float, float]] = []  # its (alpha, sigma): x_t = alpha x0 + sigma eps
         self.timesteps: list[float] = []  # the model timestep of evaluation j
@@ -44,9 +49,15 @@ class Trace:
         self.final: np.ndarray | None = None
 
     def symbol(self, k: int) -> np.ndarray:
-        v = np.zeros(self.evals + 1)
+        v = np.zeros(1 + self.evals * (2 if self.noisy else 1))
         v[k] = 1.0
         return v
+
+    def noise(self) -> np.ndarray:
+        """The N(0, I) noise of the step after the latest evaluation (the fused step's sigma column weighs it)."""
+        if not self.noisy or not self.inputs:
+            raise RuntimeError("noise() needs a Trace(noisy=True) and an evaluation before it")
+        return self.symbol(self.evals + len(self.inputs))
 
     def start(self) -> np.ndarray:
         """x_T, the first model input."""
@@ -72,10 +83,38 @@ class Trace:
         self.final = np.asarray(x, dtype=np.float64)
 
 
+def ring_rows(rows: torch.Tensor, depth: int, push: int, kept=None) -> torch.Tensor:
+    """Rows in step order whose columns 6.. weigh earlier kept outputs by lag (6: the newest kept before this
+    step, 7: the one before, ...) -> rows of the full table, whose coef_slot columns weigh ring slots. Each kept
+    output (``kept[i]``, default every step; ``push``: the PUSH_X0 or PUSH_EPS column) goes into the next slot
+    in turn, i.e. the oldest one. Lags beyond ``depth`` must weigh 0 (the ring holds ``depth`` outputs). The one
+    place that lays out the ring."""
+    n = rows.shape[0]
+    kept = [True] * n if kept is None else list(kept)
+    lags = rows[:, SLOT0:]
+    if lags.shape[1] > depth and bool((lags[:, depth:] != 0).any()):
+        raise ValueError(f"a row weighs an output older than the ring's {depth} slots")
+    out = torch.zeros(n, NUM_COEFS, dtype=rows.dtype)
+    out[:, :SLOT0] = rows[:, :SLOT0]
+    slots: list[int] = []  # the slot of each output kept so far, oldest first
+    for i in range(n):
+        for lag in range(1, min(depth, lags.shape[1]) + 1):
+            if lag <= len(slots):
+                out[i, SLOT0 + slots[-lag]] += lags[i, lag - 1]
+            elif lags[i, lag - 1] != 0:
+                raise ValueError(f"step {i} weighs the output kept {lag} back, but only {len(slots)} are kept")
+        if depth and kept[i]:
+            slot = len(slots) % depth
+            out[i, push] = 1.0
+            out[i, PUSH_SLOT] = slot + 1
+            slots.append(slot)
+    return out
+
+
 def compile_rows(trace: Trace, depth: int) -> torch.Tensor:
     """One float64 row of ops.COEF_COLUMNS per evaluation: the next input (or the result) as c_xt x_t +
-    c_out out_j + sum_k coef_slot_k H_k, with out_j pushed into the oldest of ``depth`` ring slots when kept
-    (samplers.ring_rows lays out the ring)."""
+    c_out out_j + sum_k coef_slot_k H_k (+ sigma z_j, a noisy trace), with out_j pushed into the oldest of
+    ``depth`` ring slots when kept (ring_rows lays out the ring)."""
     n = len(trace.inputs)
     if n != trace.evals or trace.final is None:
         raise RuntimeError(f"the solver made {n} of its {trace.evals} evaluations or did not finish")
@@ -86,7 +125,8 @@ def compile_rows(trace: Trace, depth: int) -> torch.Tensor:
     for j in range(n):
         x, target = trace.inputs[j], trace.inputs[j + 1] if j + 1 < n else trace.final
         held = [k for k in range(j) if trace.kept[k]][::-1][:depth]  # what the ring holds, newest first
-        basis = np.stack([x, trace.symbol(j + 1)] + [trace.symbol(k + 1) for k in held], axis=1)
+        noise = [trace.symbol(trace.evals + j + 1)] if trace.noisy else []
+        basis = np.stack([x, trace.symbol(j + 1)] + [trace.symbol(k + 1) for k in held] + noise, axis=1)
         coef, *_ = np.linalg.lstsq(basis, target, rcond=None)
         miss = np.abs(basis @ coef - target).max()
         if not miss <= 1e-9 * max(1.0, np.abs(target).max()):
@@ -97,11 +137,13 @@ def compile_rows(trace: Trace, depth: int) -> torch.Tensor:
         rows[j, COL["sqrt_recipm1_alphas_cumprod"]] = sigma / alpha
         rows[j, COL["coef_xt"]] = coef[0]
         rows[j, out_col] = coef[1]
-        rows[j, SLOT0:SLOT0 + len(held)] = torch.from_numpy(coef[2:])
+        rows[j, SLOT0:SLOT0 + len(held)] = torch.from_numpy(coef[2:2 + len(held)])
+        if trace.noisy:
+            rows[j, COL["sigma"]] = coef[-1]
     return ring_rows(rows, depth, PUSH_X0 if trace.form == "x0" else PUSH_EPS, trace.kept)
 
 
-class _CompiledSampler(_Sampler):
+class CompiledSampler(Sampler):
     """A solver whose table has one row per model evaluation, in run order (see the module docstring)."""
 
     form = "x0"
@@ -148,7 +190,122 @@ def _check_order(order, orders) -> int:
     return int(order)
 
 
-class UniPCSampler(_CompiledSampler):
+DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+DPM_SOLVER_TYPES = ("midpoint", "heun")
+
+
+class DPMSolverSampler(CompiledSampler):
+    """Multistep DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095): data prediction, order 1, 2 or 3;
+    ``algorithm="sde-dpmsolver++"`` is its SDE variant (fresh noise each step).
+
+    The same timesteps and updates as diffusers' DPMSolverMultistepScheduler with final_sigmas_type="zero"
+    (its default): the first steps warm up at lower order, the last step is first order (it lands on the
+    data prediction), and with ``lower_order_final`` runs under 15 steps also take their second-to-last
+    step at order <= 2. ``clip_denoised`` clamps each data prediction to [-1, 1] (off by default, as in
+    diffusers).
+    """
+
+    cli_name = "dpm++"
+    cli_help = "multistep DPM-Solver++ (ODE)"
+    default_steps = 20
+    orders = (1, 2, 3)
+    default_order = 2
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int = 20, order: int = 2, algorithm: str = "dpmsolver++",
+                 solver_type: str = "midpoint", lower_order_final: bool = True, spacing: str = "linspace",
+                 clip_denoised: bool = False):
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        self.order = int(order)
+        _check("algorithm", algorithm, DPM_ALGORITHMS)
+        _check("solver_type", solver_type, DPM_SOLVER_TYPES)
+        if not bool(torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps))):
+            raise ValueError("DPMSolverSampler takes the full training schedule (it picks its own timesteps)")
+        ts = dpm_timesteps(schedule.num_timesteps, num_steps, spacing)
+        self.algorithm, self.solver_type = algorithm, solver_type
+        self.lower_order_final, self.spacing = bool(lower_order_final), spacing
+        self.step_orders = self._orders(len(ts))
+        acp = schedule.alphas_cumprod.double()[ts]
+        # diffusers' variables: sigma = sqrt((1 - abar) / abar), alpha_t = 1/sqrt(1 + sigma^2) = sqrt(abar),
+        # sigma_t = sqrt(1 - abar), lambda = log(alpha_t / sigma_t); the end point has sigma_t = 0.
+        alpha = torch.cat([acp.sqrt(), acp.new_ones(1)])
+        sig = torch.cat([(1 - acp).sqrt(), acp.new_zeros(1)])
+        lam = (alpha.log() - sig.log()).tolist()  # +inf at the end point
+        alpha, sig = alpha.tolist(), sig.tolist()
+        sde = algorithm == "sde-dpmsolver++"
+        tr = Trace(len(ts), "x0", noisy=sde)
+        x, outs = tr.start(), []
+        for i, k in enumerate(self.step_orders):
+            m, _ = tr.evaluate(x, ts[i], alpha[i], sig[i])
+            outs.append(m)
+            c_xt, weights, noise = self._update(alpha, sig, lam, i, k, sde)
+            x = c_xt * x + sum((w * outs[-(j + 1)] for j, w in enumerate(weights) if w), np.zeros_like(x))
+            if sde:
+                x = x + noise * tr.noise()
+        tr.finish(x)
+        self._compile(schedule, tr, max(self.step_orders) - 1, clip_denoised)
+
+    def _orders(self, n: int) -> list[int]:
+        """Each step's order, as diffusers chooses it (warm-up, lower_order_final, final_sigmas_type='zero')."""
+        orders = []
+        for i in range(n):
+            final = i == n - 1  # the last step lands on sigma = 0: always first order
+            second = i == n - 2 and self.lower_order_final and n < 15
+            if self.order == 1 or i < 1 or final:
+                orders.append(1)
+            elif self.order == 2 or i < 2 or second:
+                orders.append(2)
+            else:
+                orders.append(3)
+        return orders
+
+    def _update(self, alpha, sig, lam, i: int, k: int, sde: bool):
+        """(weight of x_t, weights of this step's data prediction and the previous one or two, noise scale) of
+        step i at order k: diffusers' multistep_dpm_solver_{first,second,third}_order_update."""
+        a_t, s_t, s_0 = alpha[i + 1], sig[i + 1], sig[i]
+        h = lam[i + 1] - lam[i]
+        em = math.exp(-h)  # 0 at the end point
+        if sde:
+            c_xt, phi, noise = s_t / s_0 * em, a_t * (1 - em * em), s_t * math.sqrt(1 - em * em)
+        else:
+            c_xt, phi, noise = s_t / s_0, a_t * (1 - em), 0.0
+        m = np.array([phi, 0.0, 0.0])  # the D0 term
+        if k >= 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d1_0 = np.array([1.0, -1.0, 0.0]) / r0
+            d2 = None
+            if k == 2:
+                d1 = d1_0
+            else:
+                r1 = (lam[i - 1] - lam[i - 2]) / h
+                d1_1 = np.array([0.0, 1.0, -1.0]) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+            if k == 2 and self.solver_type == "midpoint":
+                w1 = 0.5 * phi
+            elif sde:
+                w1 = a_t * ((1 - em * em) / (-2 * h) + 1)
+            else:
+                w1 = a_t * ((em - 1) / h + 1)
+            m = m + w1 * d1
+            if d2 is not None and sde:
+                m = m + a_t * ((1 - em * em - 2 * h) / (2 * h) ** 2 - 0.5) * d2
+            elif d2 is not None:
+                m = m - a_t * ((em - 1 + h) / h**2 - 0.5) * d2
+        return c_xt, m.tolist(), noise
+
+
+class DPMSolverSDESampler(DPMSolverSampler):
+    """DPM-Solver++'s SDE variant under its own CLI name: DPMSolverSampler(algorithm="sde-dpmsolver++")."""
+
+    cli_name = "dpm++sde"
+    cli_help = "its SDE variant"
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int = 20, order: int = 2, **kwargs):
+        super().__init__(schedule, num_steps, order, algorithm="sde-dpmsolver++", **kwargs)
+
+
+class UniPCSampler(CompiledSampler):
     """UniPC (Zhao et al. 2023, arXiv 2302.04867): the unified predictor-corrector, data prediction, B(h) as
     ``solver_type`` bh1 or bh2, orders 1 to 3, the corrector after every evaluation but the first.
 
@@ -158,6 +315,11 @@ class UniPCSampler(_CompiledSampler):
     step, B(h) is infinite at the last step (diffusers returns NaN there): that setting is refused; with
     lower_order_final (the default) the last step is first order and its limit, the data prediction, is taken.
     """
+
+    cli_name = "unipc"
+    cli_help = "UniPC (bh2)"
+    orders = (1, 2, 3)
+    default_order = 2
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 10, order: int = 2, solver_type: str = "bh2",
                  lower_order_final: bool = True, final_sigmas_type: str = "zero", spacing: str = "linspace",
@@ -235,12 +397,16 @@ class UniPCSampler(_CompiledSampler):
         return x_new - a_t * sum((r * d for r, d in zip(b_rho, d1s, strict=True)), np.zeros_like(x))
 
 
-class DEISSampler(_CompiledSampler):
+class DEISSampler(CompiledSampler):
     """DEIS (Zhang & Chen 2023, arXiv 2204.13902), log-rho multistep, orders 1 to 3, on eps: the same timesteps and
     updates as diffusers' DEISMultistepScheduler (algorithm_type 'deis'; the last step lands on the first training
     timestep's noise level, as diffusers does; lower_order_final under 15 steps)."""
 
     form = "eps"
+    cli_name = "deis"
+    cli_help = "DEIS log-rho"
+    orders = (1, 2, 3)
+    default_order = 2
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 10, order: int = 2, lower_order_final: bool = True,
                  spacing: str = "linspace"):
@@ -298,32 +464,17 @@ class DEISSampler(_CompiledSampler):
         return a_t * total
 
 
-def plms_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
-    """The model timesteps of a ``num_steps`` PLMS run, as diffusers' PNDMScheduler(skip_prk_steps=True) lays
-    them out: num_steps + 1 evaluations, the second at the first one's successor (its Heun-like warm-up)."""
-    _check("spacing", spacing, SPACINGS)
-    big_t, n = int(num_train_timesteps), num_steps
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= big_t:
-        raise ValueError(f"num_steps must be an int in [1, {big_t}], got {n!r}")
-    if spacing == "linspace":
-        base = np.linspace(0, big_t - 1, n).round().astype(np.int64)
-    elif spacing == "leading":
-        base = (np.arange(0, n) * (big_t // n)).round().astype(np.int64)
-    else:
-        base = np.round(np.arange(big_t, 0, -big_t / n))[::-1].astype(np.int64) - 1
-    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
-    if len(set(base.tolist())) != len(base) or int(base.min()) < 0:
-        raise ValueError(f"{n} steps with spacing {spacing!r} repeat a timestep of a {big_t}-step schedule")
-    return [int(t) for t in ts]
-
-
-class PLMSSampler(_CompiledSampler):
+class PLMSSampler(CompiledSampler):
     """PLMS (pseudo linear multistep, Liu et al. 2022, arXiv 2202.09778): fourth-order Adams-Bashforth on eps with
     the DDIM transfer, warmed up as diffusers' PNDMScheduler(skip_prk_steps=True) does (its second evaluation
     averages the first two outputs). ``num_steps`` steps make num_steps + 1 model evaluations; the last lands on
     the first training timestep's noise level (set_alpha_to_one=False), as diffusers'."""
 
     form = "eps"
+    cli_name = "plms"
+    cli_help = "PNDM's PLMS (steps + 1 model calls)"
+    default_steps = 20
+    default_spacing = "leading"
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 50, spacing: str = "leading"):
         self.spacing = spacing
@@ -357,21 +508,7 @@ class PLMSSampler(_CompiledSampler):
         self._compile(schedule, tr, min(3, len(ts) - 1), False)
 
 
-def heun_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
-    """The (float) timesteps of a ``num_steps`` Heun run before its stages are laid out, as diffusers'
-    HeunDiscreteScheduler spaces them."""
-    _check("spacing", spacing, SPACINGS)
-    big_t, n = int(num_train_timesteps), num_steps
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= big_t:
-        raise ValueError(f"num_steps must be an int in [1, {big_t}], got {n!r}")
-    if spacing == "linspace":
-        return np.linspace(0, big_t - 1, n, dtype=np.float64)[::-1].copy()
-    if spacing == "leading":
-        return (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float64)
-    return np.arange(big_t, 0, -big_t / n).round().astype(np.float64) - 1
-
-
-class HeunSampler(_CompiledSampler):
+class HeunSampler(CompiledSampler):
     """Heun's second-order method on the probability-flow ODE in sigma space (Karras et al. 2022, no churn): each
     step an Euler stage and a trapezoidal correction, so 2 num_steps - 1 model evaluations (the last step is Euler
     alone, landing on sigma = 0). The same timesteps (fractional ones included: the model is evaluated between
@@ -379,6 +516,8 @@ class HeunSampler(_CompiledSampler):
     table: the correction reads the Euler stage's output from the ring."""
 
     form = "eps"
+    cli_name = "heun"
+    cli_help = "Heun (2 steps - 1 model calls)"
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 10, spacing: str = "linspace"):
         self.spacing = spacing
@@ -402,7 +541,7 @@ class HeunSampler(_CompiledSampler):
         self._compile(schedule, tr, 1, False)
 
 
-class IPNDMSampler(_CompiledSampler):
+class IPNDMSampler(CompiledSampler):
     """Variable-step iPNDM (Zhang & Chen 2023; the improved PNDM of DEIS): Adams-Bashforth on the probability-flow
     ODE d(x / alpha) / d sigma = eps in VE sigma, of order min(order, step + 1), its weights the integrals of the
     Lagrange basis through the last ``order`` sigmas over the step (so they follow an uneven grid). Timesteps as
@@ -410,6 +549,10 @@ class IPNDMSampler(_CompiledSampler):
     float64 implementation and measure its order of convergence."""
 
     form = "eps"
+    cli_name = "ipndm"
+    cli_help = "variable-step iPNDM"
+    orders = (1, 2, 3, 4)
+    default_order = 4
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 10, order: int = 4, spacing: str = "linspace"):
         self.order = _check_order(order, (1, 2, 3, 4))

@@ -24,13 +24,13 @@ norm1 reads the two in place (ops.group_norm_silu_cat) and the 1x1 shortcut is o
 concatenation is never made; elsewhere the block concatenates. FastUNet makes every ResBlock's time projection in
 one GEMM; each block is given its column slice of it when the FastUNet is built. The folded parameters (summed
 biases, stacked weights) are derived from the same parameters, cached while no gradient is recorded and rebuilt when
-a source changes (see ``_folded``). ``to_fast(fold=False)`` keeps the reference blocks' plain structure (SDPA attention
-only).
+a source changes (see ``fast.folded``). ``to_fast(fold=False)`` keeps the reference blocks' plain structure (SDPA
+attention only). What both families share (the input checks, the folds, the decoder join, the upsampler, the fast
+model's base) is in fast.py.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -39,83 +39,20 @@ from torch import nn
 
 from ddpm_fast import ops
 from ddpm_fast.config import UNetConfig
-
-_FREQS: dict[tuple, torch.Tensor] = {}
-
-
-def _sinusoid_freqs(half: int, freq_shift: float, max_period: float, device: torch.device) -> torch.Tensor:
-    """exp(-log(max_period) * i / (half - freq_shift)), made once per device (four launches fewer per step)."""
-    if torch.compiler.is_compiling():  # a constant of the compiled graph
-        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device)
-                         / (half - freq_shift))
-    key = (half, float(freq_shift), float(max_period), device)
-    freqs = _FREQS.get(key)
-    if freqs is None:
-        with torch.inference_mode(False), torch.no_grad():
-            exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device)
-            freqs = torch.exp(exponent / (half - freq_shift))
-        if not _capturing():
-            _FREQS[key] = freqs
-    return freqs
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1,
-                       max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (N,) -> (N, dim), fp32, in the layout of the DDPM/diffusers code; t integer or float
-    (the embedding is defined between steps: fractional t as diffusers' schedulers evaluate it)."""
-    half = dim // 2
-    args = t.float()[:, None] * _sinusoid_freqs(half, freq_shift, max_period, t.device)[None, :]
-    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
-    emb = torch.cat(parts, dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-def _capturing() -> bool:
-    """Inside CUDA-graph capture value checks would synchronize; the engine validates before capture."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool, add: torch.Tensor | None = None,
-          skip: torch.Tensor | None = None) -> torch.Tensor:
-    """norm (+ SiLU) of x, or of torch.cat([x, skip], 1) read in place (ops.group_norm_silu_cat)."""
-    if skip is not None:
-        return ops.group_norm_silu_cat(x, skip, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
-    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
-
-
-def _folded(module: nn.Module, name: str, fn, *sources: torch.Tensor) -> torch.Tensor:
-    """``fn(*sources)``, a parameter derived from others (summed biases, stacked weights).
-
-    Under autograd it is recomputed each call so gradients reach the sources. Otherwise it is cached on
-    the module, keyed by each source's storage and version counter (in-place updates: optimizer steps,
-    load_state_dict, bump it); the cache holds the sources' storage, so an address is never reused under
-    it. During CUDA-graph capture a stale entry is recomputed inside the graph and not stored. Sources made under
-    torch.inference_mode have no version counter to key by: recomputed on every call.
-    """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
-        return fn(*sources)  # compiled: part of the graph (Inductor fuses it); autograd: gradients reach sources
-    if any(s.is_inference() for s in sources):
-        return fn(*sources)
-    key = tuple((s.data_ptr(), s._version, s.dtype, s.shape) for s in sources)
-    cache = module.__dict__.setdefault("_folded_cache", {})
-    hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():  # a cache made under inference_mode must serve autograd
-        value = fn(*sources)
-    if not _capturing():
-        cache[name] = (key, tuple(s.detach() for s in sources), value)
-    return value
-
-
-class _Folding(nn.Module):
-    """A block whose fast form uses parameters derived by ``_folded``; moving or casting drops them."""
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_folded_cache", None)
-        return super()._apply(fn, *args, **kwargs)
+from ddpm_fast.fast import (
+    FastDenoiser,
+    FastUpsample,
+    Folding,
+    cat,
+    check_x_and_t,
+    decoder_block,
+    fast_form,
+    folded,
+    group_norm,
+    join,
+    shortcut,
+    timestep_embedding,
+)
 
 
 class ResnetBlock(nn.Module):
@@ -131,15 +68,11 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """``temb``: SiLU of the time embedding, the input of time_emb_proj."""
-        h = self.conv1(_norm(self.norm1, x, silu=True))
-        h = _norm(self.norm2, h, silu=True, add=self.time_emb_proj(temb))
+        h = self.conv1(group_norm(self.norm1, x, silu=True))
+        h = group_norm(self.norm2, h, silu=True, add=self.time_emb_proj(temb))
         h = self.conv2(self.dropout(h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
-
-
-def _cat(*tensors: torch.Tensor) -> torch.Tensor:
-    return torch.cat(tensors)
 
 
 class AttentionBlock(nn.Module):
@@ -162,7 +95,7 @@ class AttentionBlock(nn.Module):
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hgt, wid = x.shape
-        return _norm(self.group_norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)
+        return group_norm(self.group_norm, x, silu=False).reshape(n, c, hgt * wid).transpose(1, 2)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         n, hw, c = t.shape
@@ -205,34 +138,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _upsampled_conv_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """The (Cin, Cout, 4, 4) kernel of a stride-2 transposed convolution (padding 1) equal to a 3x3 convolution
-    (padding 1, ``weight`` (Cout, Cin, 3, 3)) of the 2x nearest-upsampled input.
-
-    Output row 2i reads upsampled rows 2i-1, 2i, 2i+1, that is input rows i-1 (tap 0) and i (taps 1 + 2);
-    row 2i+1 reads input rows i (taps 0 + 1) and i+1 (tap 2); per axis the transposed kernel is
-    [w2, w1 + w2, w0 + w1, w0]. Each output pixel then costs 2x2 taps instead of 3x3 (2.25x fewer
-    multiply-adds) and no upsampled copy of the input is made. Summed in fp32 (or wider), cast back to the
-    weight's dtype.
-    """
-    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    for axis in (2, 3):
-        w0, w1, w2 = w.unbind(axis)
-        w = torch.stack([w2, w1 + w2, w0 + w1, w0], axis)
-    return w.transpose(0, 1).to(weight.dtype)
-
-
-def upsampled_conv(module: nn.Module, x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv`` (3x3, padding 1; ``bias`` in place of its own) of x upsampled 2x (nearest): where ops.conv3x3 runs
-    Winograd (a CPU, fp32), by it, reading the upsampled image in place (4x fewer multiply-adds than the direct
-    convolution); elsewhere as one transposed convolution over x (see ``_upsampled_conv_kernel``, cached on
-    ``module`` by ``_folded``; 2.25x fewer)."""
-    if ops.uses_winograd(x, conv.weight):
-        return ops.conv3x3(x, conv.weight, bias, upsample=True)
-    kernel = _folded(module, "upsampled_conv_kernel", _upsampled_conv_kernel, conv.weight)
-    return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
-
-
 class _Level(nn.Module):
     """One resolution level: resnets, optional attentions after each, optional resampler."""
 
@@ -240,65 +145,6 @@ class _Level(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList()
         self.attentions = nn.ModuleList()
-
-
-FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def fast_form(model: nn.Module, fast_class, dtype: torch.dtype, fold: bool, copy_model: bool) -> nn.Module:
-    """``fast_class(model or a copy of it, dtype, fold)``: what a reference model's ``to_fast`` returns. Without
-    a copy the fast model takes the reference's modules over (cast and regrouped in place), so the reference
-    is marked used up: calling it raises instead of running a half-converted model."""
-    if dtype not in FAST_DTYPES:
-        raise ValueError(f"to_fast: dtype must be one of {FAST_DTYPES}, got {dtype}")
-    if copy_model:
-        return fast_class(copy.deepcopy(model), dtype, fold=fold)
-    fast = fast_class(model, dtype, fold=fold)
-    name = type(model).__name__
-
-    def used_up(*args, **kwargs):
-        raise RuntimeError(f"this {name} was converted by to_fast(copy=False): its modules now belong to the fast "
-                           "model; run that one (or call to_fast with copy=True to keep the reference)")
-
-    model.forward = used_up
-    return fast
-
-
-def _paired_sums(*tensors: torch.Tensor) -> torch.Tensor:
-    """cat(a0 + b0, a1 + b1, ...) of tensors given as a0, b0, a1, b1, ..."""
-    return torch.cat([a + b for a, b in zip(tensors[::2], tensors[1::2], strict=True)])
-
-
-def check_x_and_t(model, name: str, x, t, weight: torch.Tensor, in_channels: int, levels: int):
-    """(N, t (N,) on x's device, integer or float): x and t as a U-Net's forward takes them, each problem one
-    error naming ``name``. The reference computes in its weights' dtype, as asked; a fast form (compute_dtype)
-    casts x."""
-    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
-        desc = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name}: x must be a floating (N, C, H, W) tensor, got {desc}")
-    if x.device != weight.device:
-        raise ValueError(f"{name}: x is on {x.device}, the model on {weight.device}")
-    if model.compute_dtype is None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(f"{name}: x is {x.dtype}, the model's weights are {weight.dtype}; pass x.to({weight.dtype})"
-                         " or convert the model (model.to(dtype), model.to_fast(dtype))")
-    n, c, h, w = x.shape
-    if c != in_channels:
-        raise ValueError(f"{name}: x has {c} channels, the model takes {in_channels}")
-    factor = 2 ** (levels - 1)
-    if h % factor or w % factor:
-        raise ValueError(f"{name}: H and W ({h}x{w}) must be divisible by {factor}")
-    t = torch.as_tensor(t)
-    if t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name}: t must be a tensor of diffusion steps (integer, or float for steps between "
-                         f"them), got {t.dtype}")
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise ValueError(f"{name}: t must have shape ({n},) (or be a scalar), got {tuple(t.shape)}")
-    t = t.to(x.device)
-    if t.is_floating_point():  # the sinusoidal embedding is defined between steps (Heun evaluates there)
-        torch._assert_async(torch.isfinite(t).all(), f"{name}: t holds a non-finite step")  # no host read
-    return n, t
 
 
 class UNet(nn.Module):
@@ -318,7 +164,8 @@ class UNet(nn.Module):
         self.time_embedding = nn.Module()
         self.time_embedding.linear_1 = nn.Linear(ch, temb)
         self.time_embedding.linear_2 = nn.Linear(temb, temb)
-        self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes else None
+        # registered even when None, so the fast form (fast.FastDenoiser) takes it over with the other children
+        self.register_module("class_embedding", nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes else None)
 
         def block(cin, cout):
             return ResnetBlock(cin, cout, temb, groups, eps, cfg.dropout)
@@ -469,7 +316,7 @@ class UNet(nn.Module):
     def decode_shallow(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         """The last up level on the deep features and encode_shallow's skips, then the output head."""
         h = self._up_level(self.up_blocks[-1], h, list(skips), temb)
-        return self._head(_norm(self.conv_norm_out, h, silu=True))
+        return self._head(group_norm(self.conv_norm_out, h, silu=True))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """conv_out."""
@@ -477,17 +324,12 @@ class UNet(nn.Module):
 
     def _up_level(self, lvl, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         for j, res in enumerate(lvl.resnets):
-            h = self._decoder_block(res, h, skips.pop(), temb)
+            h = decoder_block(res, h, skips.pop(), temb)
             if len(lvl.attentions):
                 h = lvl.attentions[j](h)
         for up in lvl.upsamplers:
             h = up(h)
         return h
-
-    @staticmethod
-    def _decoder_block(res: nn.Module, h: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """A decoder ResBlock on its input and the skip it joins."""
-        return res(torch.cat([h, skip], dim=1), temb)
 
     def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True, copy: bool = True) -> FastUNet:
         """The fast path: a FastUNet built from a copy of this model (this one is left untouched).
@@ -508,7 +350,7 @@ class UNet(nn.Module):
 # ---- the fast path ------------------------------------------------------------------------------
 
 
-class FastResnetBlock(_Folding, ResnetBlock):
+class FastResnetBlock(Folding, ResnetBlock):
     """A ResnetBlock's fast form: its submodules (the same parameters), with conv1's bias folded into the
     time-embedding add of norm2 and conv2's (+ the shortcut's) bias and the residual add in one residual_add.
 
@@ -524,54 +366,33 @@ class FastResnetBlock(_Folding, ResnetBlock):
         self.conv_shortcut = block.conv_shortcut
         self.time_slice = time_slice
 
+    joins_skip = True  # a decoder block is given its skip beside its input (fast.decoder_block)
+
+    def time_weight(self) -> torch.Tensor:
+        return self.time_emb_proj.weight
+
+    def time_bias(self) -> list[torch.Tensor]:
+        """The sources of this block's bias in the time GEMM: its projection's and conv1's (see forward)."""
+        return [self.time_emb_proj.bias, self.conv1.bias]
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The block on x, or (a decoder block) on torch.cat([x, skip], 1). Where ``ops.joins_in_place`` the
         concatenation is never made: norm1 reads both in place (ops.group_norm_silu_cat) and the 1x1 shortcut
         is two GEMMs, one per input, summed."""
-        x, skip = _join(x, skip, self.conv_shortcut is not None)
+        x, skip = join(x, skip, self.conv_shortcut is not None)
         # norm2(conv1(a) + b1 + proj(temb)) = norm2(conv1_nobias(a) + (proj(temb) with bias + b1)).
         if self.time_slice is not None:
             temb_add = temb[:, self.time_slice[0]:self.time_slice[1]]
         else:
-            temb_bias = _folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
+            temb_bias = folded(self, "temb_bias", torch.add, self.time_emb_proj.bias, self.conv1.bias)
             temb_add = F.linear(temb, self.time_emb_proj.weight, temb_bias)
-        h = ops.conv3x3(_norm(self.norm1, x, silu=True, skip=skip), self.conv1.weight)
-        h = _norm(self.norm2, h, silu=True, add=temb_add)
+        h = ops.conv3x3(group_norm(self.norm1, x, silu=True, skip=skip), self.conv1.weight)
+        h = group_norm(self.norm2, h, silu=True, add=temb_add)
         h = ops.conv3x3(self.dropout(h), self.conv2.weight)
         if self.conv_shortcut is None:
             return ops.residual_add(h, x, self.conv2.bias)
-        bias = _folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
-        return ops.residual_add(h, _shortcut(self, self.conv_shortcut.weight, x, skip), bias)
-
-
-def _join(x: torch.Tensor, skip: torch.Tensor | None, has_shortcut: bool):
-    """(x, skip) as a decoder block runs on them: kept apart where ops.joins_in_place and the block has a 1x1
-    shortcut, else (torch.cat([x, skip], 1), None) (without a shortcut the residual is the concatenation)."""
-    if skip is not None and not (has_shortcut and ops.joins_in_place(x, skip)):
-        return torch.cat([x, skip], dim=1), None
-    return x, skip
-
-
-def _shortcut(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-    """The bias-free 1x1 convolution ``weight`` of x, or of torch.cat([x, skip], 1) without making it: x's columns
-    of the weight on x plus skip's on skip, over the positions (N*H*W rows: channels_last tensors' own memory)."""
-    if skip is None:
-        return F.conv2d(x, weight, None)
-    wt = _folded(module, "shortcut_t", _matrix_t, weight)
-    n, c, hgt, wid = x.shape
-    out = torch.mm(_positions(x), wt[:c])
-    out.addmm_(_positions(skip), wt[c:])
-    return out.view(n, hgt, wid, -1).permute(0, 3, 1, 2)
-
-
-def _matrix_t(weight: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution's (C_out, C, 1, 1) weight as the (C, C_out) matrix that multiplies positions' rows."""
-    return weight.reshape(weight.shape[0], -1).t().contiguous()
-
-
-def _positions(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N*H*W, C), each position's channels a row (a view of a channels_last tensor)."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        bias = folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
+        return ops.residual_add(h, shortcut(self, self.conv_shortcut.weight, x, skip), bias)
 
 
 def _qkv_out_weight(wq, wk, wv, wo):
@@ -583,7 +404,7 @@ def _qkv_out_bias(bq, bk, bv, wo, bo):
     return torch.cat((bq, bk, (wo.double() @ bv.double() + bo.double()).to(bv.dtype)))
 
 
-class FastAttentionBlock(_Folding, AttentionBlock):
+class FastAttentionBlock(Folding, AttentionBlock):
     """An AttentionBlock's fast form: SDPA (flash/memory-efficient kernels on a GPU); with ``fold``, q/k/v
     from one GEMM over stacked weights, and with one head the output projection folded into v: each row of
     softmax(q k^T) sums to 1, so softmax(q k^T) (v W_o^T + b_o) = (softmax(q k^T) v) W_o^T + b_o, and
@@ -605,99 +426,40 @@ class FastAttentionBlock(_Folding, AttentionBlock):
         h = self._tokens(x)
         if self.heads == 1:
             out = self.to_out[0]
-            w = _folded(self, "qkv_weight", _qkv_out_weight, self.to_q.weight, self.to_k.weight, self.to_v.weight,
+            w = folded(self, "qkv_weight", _qkv_out_weight, self.to_q.weight, self.to_k.weight, self.to_v.weight,
                         out.weight)
-            b = _folded(self, "qkv_bias", _qkv_out_bias, self.to_q.bias, self.to_k.bias, self.to_v.bias,
+            b = folded(self, "qkv_bias", _qkv_out_bias, self.to_q.bias, self.to_k.bias, self.to_v.bias,
                         out.weight, out.bias)
             q, k, v = (t.unsqueeze(1) for t in F.linear(h, w, b).split(x.shape[1], dim=-1))
             n, c, hgt, wid = x.shape
             return x + self._attend(q, k, v).squeeze(1).transpose(1, 2).reshape(n, c, hgt, wid)
-        w = _folded(self, "qkv_weight", _cat, self.to_q.weight, self.to_k.weight, self.to_v.weight)
-        b = _folded(self, "qkv_bias", _cat, self.to_q.bias, self.to_k.bias, self.to_v.bias)
+        w = folded(self, "qkv_weight", cat, self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        b = folded(self, "qkv_bias", cat, self.to_q.bias, self.to_k.bias, self.to_v.bias)
         q, k, v = (self._heads(t) for t in F.linear(h, w, b).split(x.shape[1], dim=-1))
         return self._out(x, self._attend(q, k, v))
 
 
-class FastUpsample(_Folding, Upsample):
-    """An Upsample's fast form (the same conv): the nearest upsampling and the 3x3 convolution in one call over the
-    low-resolution input, no upsampled copy (``upsampled_conv``: Winograd reading the upsampled image in place on
-    a CPU in fp32, else one transposed convolution). ADM's upsampler with a conv (adm._Resample) takes the same
-    form."""
-
-    def __init__(self, block: nn.Module):
-        nn.Module.__init__(self)
-        self.conv = block.conv
-
-    def forward(self, x):
-        return upsampled_conv(self, x, self.conv, self.conv.bias)
-
-
-class FastUNet(_Folding, UNet):
-    """The fast path of a UNet (see the module docstring): built from a reference UNet, whose modules it
-    takes over (so ``model`` should be a copy: UNet.to_fast makes one), cast to ``dtype`` channels_last.
-
-    With ``fold``, every ResBlock becomes a FastResnetBlock given its column slice of one time GEMM
-    (all blocks' time_emb_proj weights stacked, biases summed with conv1's): one launch instead of one
-    per block. Slices are assigned here, by block, so no call order is assumed. Every Upsample becomes a
-    FastUpsample: one transposed convolution, 2.25x fewer multiply-adds than upsampling and convolving.
+class FastUNet(FastDenoiser, UNet):
+    """The fast path of a UNet (see the module docstring and fast.FastDenoiser): every ResBlock a FastResnetBlock
+    given its column slice of one time GEMM (all blocks' time_emb_proj weights stacked, biases summed with
+    conv1's), every attention block a FastAttentionBlock, every Upsample a FastUpsample (one transposed
+    convolution, 2.25x fewer multiply-adds than upsampling and convolving). ``fold=False``: SDPA attention only.
     """
 
-    def __init__(self, model: UNet, dtype: torch.dtype, fold: bool = True):
-        if dtype not in FAST_DTYPES:
-            raise ValueError(f"FastUNet: dtype must be one of {FAST_DTYPES}, got {dtype}")
-        nn.Module.__init__(self)
-        self.config = model.config
-        for name, child in model.named_children():
-            setattr(self, name, child)
-        self.class_embedding = model.class_embedding
-        self.fold = bool(fold)
-        self._dtype = dtype
-        self._time_blocks: list[FastResnetBlock] = []
-        start = 0
-        for parent in list(self.modules()):
-            for name, child in parent.named_children():
-                if isinstance(child, ResnetBlock):
-                    if fold:
-                        width = child.time_emb_proj.out_features
-                        child = FastResnetBlock(child, (start, start + width))
-                        self._time_blocks.append(child)
-                        start += width
-                    setattr(parent, name, child)
-                elif isinstance(child, AttentionBlock):
-                    setattr(parent, name, FastAttentionBlock(child, fold))
-                elif type(child) is Upsample and fold:
-                    setattr(parent, name, FastUpsample(child))
-        self.to(dtype=dtype, memory_format=torch.channels_last)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self._dtype
-
-    def time_features(self, t, class_labels, dtype):
-        temb = super().time_features(t, class_labels, dtype)
-        if not self.fold:
-            return temb
-        blocks = self._time_blocks
-        weight = _folded(self, "time_proj_weight", _cat, *(b.time_emb_proj.weight for b in blocks))
-        pairs = [p for b in blocks for p in (b.time_emb_proj.bias, b.conv1.bias)]
-        bias = _folded(self, "time_proj_bias", _paired_sums, *pairs)
-        return F.linear(temb, weight, bias)
-
-    @staticmethod
-    def _decoder_block(res: nn.Module, h: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """A FastResnetBlock is given its skip beside its input and joins them itself."""
-        if isinstance(res, FastResnetBlock):
-            return res(h, temb, skip)
-        return UNet._decoder_block(res, h, skip, temb)
+    def _fast_child(self, child: nn.Module, start: int) -> nn.Module | None:
+        if isinstance(child, ResnetBlock) and self.fold:
+            return FastResnetBlock(child, (start, start + child.time_emb_proj.out_features))
+        if isinstance(child, AttentionBlock):
+            return FastAttentionBlock(child, self.fold)
+        if type(child) is Upsample and self.fold:
+            return FastUpsample(child)
+        return None
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """conv_out by ops.conv3x3: on a CPU in fp32 its few output channels take one GEMM over all nine taps."""
         if not self.fold:
             return self.conv_out(h)
         return ops.conv3x3(h, self.conv_out.weight, self.conv_out.bias)
-
-    def to_fast(self, dtype: torch.dtype = torch.float16, fold: bool = True) -> FastUNet:
-        raise TypeError("to_fast: this model is already a FastUNet; call to_fast on the reference UNet")
 
 
 def compile_model(model: UNet, **options) -> nn.Module:

@@ -66,7 +66,7 @@ def cpu_loops(request):
 
     native = ops.extension()
     if native is None:
-        pytest.skip("the extension ddpm_fast._C is not built")
+        pytest.skip("the extension ddpm_fast.ops._C is not built")
     before = native.cpu_avx512()
     if request.param == "avx512" and not before:
         pytest.skip("this CPU has no AVX-512F (or its loops were turned off)")

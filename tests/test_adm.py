@@ -14,7 +14,8 @@ from peers.openai_cases import CASES, inputs, random_state_dict, read_fixture
 
 from ddpm_fast import CheckpointError, load_pretrained, ops, save_pretrained
 from ddpm_fast.adm import ADMConfig, ADMUNet, FastADMUNet
-from ddpm_fast.openai import config_from_flags, load_openai, openai_timesteps, parse_flags
+from ddpm_fast.openai import config_from_flags, load_openai, parse_flags
+from ddpm_fast.schedule import openai_timesteps
 
 needs_triton = pytest.mark.skipif(
     ops.backend_unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -243,7 +244,7 @@ def test_float_timesteps(fast):
     a fraction moves the output, and the embedding at fractional t is the float64 formula's."""
     import math
 
-    from ddpm_fast.unet import timestep_embedding
+    from ddpm_fast.fast import timestep_embedding
 
     cfg = ADMConfig(image_size=8, model_channels=32, channel_mult=(1, 2), attention_ds=(2,), num_classes=4,
                     learn_sigma=True, use_scale_shift_norm=True)

@@ -70,7 +70,7 @@ def _to_old_attention_layout(sd, conv):
 def test_old_attention_naming_and_conv_weights(tmp_path, conv):
     from safetensors.torch import save_file
 
-    from ddpm_fast.checkpoint import to_diffusers_config
+    from ddpm_fast.config import to_diffusers_config
 
     cfg = UNetConfig.from_name("tiny")
     model = randomize_(UNet(cfg)).eval()

@@ -427,7 +427,7 @@ import resource, torch
 from ddpm_fast import keep_freed_memory
 print(keep_freed_memory())
 from ddpm_fast.checkpoint import load_pretrained
-from ddpm_fast.sample import DEFAULT_MODEL
+from ddpm_fast.loading import DEFAULT_MODEL
 model = load_pretrained(DEFAULT_MODEL).to_fast(torch.float32, copy=False)
 x, t, labels = torch.randn(64, 1, 16, 16), torch.full((64,), 500), torch.arange(64) % 10
 with torch.no_grad():

@@ -14,7 +14,7 @@ from ddpm_fast.ops import group_norm_silu, group_norm_silu_ref, residual_add, re
 
 _C = ops.extension()
 pytestmark = pytest.mark.skipif(_C is None or not hasattr(_C, "group_norm_silu"),
-                                reason="the extension ddpm_fast._C is not built")
+                                reason="the extension ddpm_fast.ops._C is not built")
 
 TOLS = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
 DTYPES = list(TOLS)

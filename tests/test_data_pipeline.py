@@ -150,7 +150,7 @@ import torch
 import torch.distributed as dist
 from ddpm_fast.data import load_data
 from ddpm_fast.distributed import Dist
-from ddpm_fast.train import Trainer, TrainConfig
+from ddpm_fast.trainer import Trainer, TrainConfig
 
 cfg = TrainConfig(data=sys.argv[1], config="tiny", batch_size=8, workers=1, device="cpu", hflip="off")
 ctx = Dist("cpu")

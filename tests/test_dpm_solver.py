@@ -10,7 +10,9 @@ from conftest import diffusers_peer
 
 from ddpm_fast import DPMSolverSampler, NoiseSchedule
 from ddpm_fast.noise import NoiseKey, randn_like_key
-from ddpm_fast.samplers import dpm_timesteps
+from ddpm_fast.ops.reverse_step import PUSH_X0
+from ddpm_fast.schedule import dpm_timesteps
+from ddpm_fast.solvers import ring_rows
 
 # diffusers' scheduler trips a numpy-2 deprecation in its own set_timesteps: not ours to act on.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -135,3 +137,63 @@ def test_bad_arguments_name_the_problem():
         DPMSolverSampler(sched.respace(range(0, 1000, 10)), 10)
     with pytest.raises(TypeError, match="multistep solver"):
         DPMSolverSampler(sched, 10).step(torch.zeros(1, 3, 4, 4), 999, torch.zeros(1, 3, 4, 4))
+
+
+def _hand_written_rows(sampler, alphas_cumprod, ts):
+    """DPM-Solver++'s table as it was first written, by hand from diffusers' update formulas (rows in step order,
+    earlier data predictions weighed by lag): the trace-compiled sampler must give the same rows."""
+    acp = alphas_cumprod.double()[ts]
+    alpha = torch.cat([acp.sqrt(), acp.new_ones(1)])
+    sig = torch.cat([(1 - acp).sqrt(), acp.new_zeros(1)])
+    lam = alpha.log() - sig.log()
+    sde = sampler.algorithm == "sde-dpmsolver++"
+    rows = []
+    for i, k in enumerate(sampler.step_orders):
+        a_t, s_t, s_0 = alpha[i + 1], sig[i + 1], sig[i]
+        h = lam[i + 1] - lam[i]
+        em = torch.exp(-h)
+        if sde:
+            c_xt, phi, noise = s_t / s_0 * em, a_t * (1 - em * em), s_t * (1 - em * em).sqrt()
+        else:
+            c_xt, phi, noise = s_t / s_0, a_t * (1 - em), torch.zeros((), dtype=torch.float64)
+        m = torch.zeros(3, dtype=torch.float64)
+        m[0] = phi
+        if k >= 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d1_0 = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / r0
+            d2 = None
+            if k == 2:
+                d1 = d1_0
+            else:
+                r1 = (lam[i - 1] - lam[i - 2]) / h
+                d1_1 = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+            if k == 2 and sampler.solver_type == "midpoint":
+                w1 = 0.5 * phi
+            elif sde:
+                w1 = a_t * ((1 - em * em) / (-2 * h) + 1)
+            else:
+                w1 = a_t * ((em - 1) / h + 1)
+            m = m + w1 * d1
+            if d2 is not None and sde:
+                m = m + a_t * ((1 - em * em - 2 * h) / (2 * h) ** 2 - 0.5) * d2
+            elif d2 is not None:
+                m = m - a_t * ((em - 1 + h) / h**2 - 0.5) * d2
+        zero = torch.zeros((), dtype=torch.float64)
+        rows.append(torch.stack([1 / alpha[i], sig[i] / alpha[i], m[0], c_xt, zero, noise, m[1], m[2]]))
+    return ring_rows(torch.stack(rows), sampler.history_depth, push=PUSH_X0)
+
+
+@pytest.mark.parametrize("algorithm,solver_type", [("dpmsolver++", "midpoint"), ("dpmsolver++", "heun"),
+                                                   ("sde-dpmsolver++", "midpoint"), ("sde-dpmsolver++", "heun")])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps,spacing", [(1, "trailing"), (2, "linspace"), (7, "leading"), (20, "linspace")])
+def test_the_traced_solver_has_the_hand_written_rows(algorithm, solver_type, order, steps, spacing):
+    """DPM-Solver++ is a trace like every other solver; its compiled rows are the hand-derived ones."""
+    schedule = NoiseSchedule.cosine(1000)
+    s = DPMSolverSampler(schedule, steps, order=order, algorithm=algorithm, solver_type=solver_type, spacing=spacing)
+    ts = dpm_timesteps(1000, steps, spacing)
+    want = _hand_written_rows(s, schedule.alphas_cumprod, ts)
+    assert s.timesteps.tolist() == ts and s.coefs.dtype == torch.float64
+    assert torch.allclose(s.coefs, want, rtol=1e-11, atol=1e-12), (s.coefs - want).abs().max()

@@ -9,15 +9,16 @@ import torch.nn.functional as F
 
 from ddpm_fast import load_pretrained, load_schedule
 from ddpm_fast import sample as sample_cli
+from ddpm_fast.loading import DEFAULT_MODEL
 
 
 def test_embedded_model_is_small_and_loads():
-    files = os.listdir(sample_cli.DEFAULT_MODEL)
-    size = sum(os.path.getsize(os.path.join(sample_cli.DEFAULT_MODEL, f)) for f in files)
+    files = os.listdir(DEFAULT_MODEL)
+    size = sum(os.path.getsize(os.path.join(DEFAULT_MODEL, f)) for f in files)
     assert size < 5 * 2**20, f"the embedded model should be a few MB at most, is {size / 2**20:.1f} MB"
-    model = load_pretrained(sample_cli.DEFAULT_MODEL)
+    model = load_pretrained(DEFAULT_MODEL)
     assert model.config.num_classes == 10 and model.config.sample_size == 16
-    assert load_schedule(sample_cli.DEFAULT_MODEL) is not None
+    assert load_schedule(DEFAULT_MODEL) is not None
 
 
 @pytest.mark.parametrize("sampler", [[], ["--sampler", "dpm++"], ["--sampler", "dpm++sde", "--order", "3"],

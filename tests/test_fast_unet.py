@@ -23,15 +23,8 @@ from ddpm_fast import (
     ops,
     save_pretrained,
 )
-from ddpm_fast.unet import (
-    AttentionBlock,
-    FastAttentionBlock,
-    FastResnetBlock,
-    FastUpsample,
-    ResnetBlock,
-    Upsample,
-    upsampled_conv,
-)
+from ddpm_fast.fast import FastUpsample, upsampled_conv
+from ddpm_fast.unet import AttentionBlock, FastAttentionBlock, FastResnetBlock, ResnetBlock, Upsample
 
 needs_triton = pytest.mark.skipif(
     ops.backend_unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))

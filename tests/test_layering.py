@@ -11,10 +11,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import ddpm_fast
 
 PACKAGE_DIR = os.path.dirname(ddpm_fast.__file__)
-EXTENSIONS = {"ddpm_fast._C"}  # compiled modules: leaves of the graph
+EXTENSIONS = {"ddpm_fast.ops._C"}  # compiled modules: leaves of the graph
 
 
 def _modules() -> dict[str, str]:
@@ -114,6 +116,47 @@ def test_the_bottom_layers_import_nothing_above_them():
     assert graph["ddpm_fast.base"] == set()
     for mod in ("ddpm_fast.metrics", "ddpm_fast.images"):
         assert graph[mod] <= {"ddpm_fast.fileio", "ddpm_fast.base"}, (mod, graph[mod])
+
+
+# The package's layers, bottom first: a module imports only from its own layer or those below it.
+LAYERS = (
+    ("files, devices and numbers", ("base", "fileio", "distributed", "data", "schedule")),
+    ("small helpers", ("noise", "images", "metrics", "config", "cli")),
+    ("ops", ("ops", "ops.*")),
+    ("model families", ("fast", "unet", "adm", "families")),
+    ("weights in and out", ("checkpoint", "openai")),
+    ("sampling, likelihood and losses", ("plan", "samplers", "solvers", "likelihood", "losses", "engine")),
+    ("library services", ("loading", "trainer")),
+    ("commands", ("sample", "train", "nll", "__main__")),
+)
+
+
+def _layer_of(module: str) -> int:
+    name = module.removeprefix("ddpm_fast").lstrip(".")
+    if not name:
+        return len(LAYERS)  # the package itself re-exports everything
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if name == m or (m.endswith(".*") and name.startswith(m[:-1])):
+                return i
+    raise AssertionError(f"{module} belongs to no layer: place it in tests/test_layering.py's LAYERS")
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    graph = import_graph(_modules())
+    upward = [f"{mod} ({LAYERS[_layer_of(mod)][0]}) imports {dep} ({LAYERS[_layer_of(dep)][0]})"
+              for mod, deps in graph.items() for dep in deps
+              if _layer_of(dep) > _layer_of(mod)]
+    assert not upward, "\n".join(upward)
+    # The compiled extension is the ops layer's own: nothing outside ops/ loads it.
+    loaders = [mod for mod, path in _modules().items() if "import _C" in open(path).read()]
+    assert loaders == ["ddpm_fast.ops.registry"], loaders
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert _layer_of("ddpm_fast.ops.conv3x3") < _layer_of("ddpm_fast.unet") < _layer_of("ddpm_fast.sample")
+    with pytest.raises(AssertionError, match="belongs to no layer"):
+        _layer_of("ddpm_fast.somewhere_new")
 
 
 def test_every_module_imports_alone():

@@ -15,7 +15,8 @@ from peers.openai_cases import random_state_dict
 
 from ddpm_fast import DDIMSampler, DDPMSampler, engine, ops
 from ddpm_fast.adm import ADMUNet
-from ddpm_fast.openai import config_from_flags, openai_timesteps
+from ddpm_fast.openai import config_from_flags
+from ddpm_fast.schedule import openai_timesteps
 
 
 class OpenAIProcess:

@@ -23,9 +23,9 @@ def test_extension_is_built_when_required():
     if os.environ.get("DDPM_FAST_REQUIRE_EXT") != "1":
         pytest.skip("DDPM_FAST_REQUIRE_EXT is not set")
     ext = ops.extension()
-    assert ext is not None, "ddpm_fast._C did not import"
+    assert ext is not None, "ddpm_fast.ops._C did not import"
     if os.environ.get("DDPM_FAST_REQUIRE_CUDA_EXT") == "1":
-        assert ext.with_cuda(), "ddpm_fast._C was built without its CUDA sources"
+        assert ext.with_cuda(), "ddpm_fast.ops._C was built without its CUDA sources"
 
 
 def _table(rows, generator=None, history=0):
@@ -301,7 +301,7 @@ def test_half_out_is_the_result_cast(device, half):
 
 def test_native_rejects_bad_input():
     if not _native_available("cpu"):
-        pytest.skip("ddpm_fast._C not available here")
+        pytest.skip("ddpm_fast.ops._C not available here")
     ext = ops.extension()
     x = torch.randn(2, 3, 4, 4)
     coefs = _table(5)
@@ -414,13 +414,13 @@ def test_package_works_without_the_extension():
 
     code = (
         "import sys, warnings\n"
-        "sys.modules['ddpm_fast._C'] = None  # as if the extension had not been built\n"
+        "sys.modules['ddpm_fast.ops._C'] = None  # as if the extension had not been built\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    import torch, ddpm_fast\n"
         "    from ddpm_fast import ops\n"
         "assert ops.extension() is None\n"
-        "msgs = [str(w.message) for w in caught if 'ddpm_fast._C' in str(w.message)]\n"
+        "msgs = [str(w.message) for w in caught if 'ddpm_fast.ops._C' in str(w.message)]\n"
         "assert len(msgs) == 1, msgs\n"
         "s = ddpm_fast.DDPMSampler(ddpm_fast.NoiseSchedule.linear(10))\n"
         "x = torch.randn(1, 3, 4, 4)\n"

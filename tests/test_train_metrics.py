@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ddpm_fast import train as train_cli
+from ddpm_fast import trainer as trainer_lib
 from ddpm_fast.data import load_data
 from ddpm_fast.distributed import Dist
 from ddpm_fast.metrics import MetricsLog, plot_loss, read_metrics
@@ -66,7 +67,7 @@ def test_metrics_log_unit(tmp_path):
 def _trainer(data, hflip, tmp_path):
     cfg = train_cli.TrainConfig(data=data, config="tiny", batch_size=64, num_timesteps=50, hflip=hflip,
                                 out=str(tmp_path))
-    return train_cli.Trainer(cfg, load_data(data, 8, 3), Dist("cpu"))
+    return trainer_lib.Trainer(cfg, load_data(data, 8, 3), Dist("cpu"))
 
 
 @pytest.mark.parametrize("hflip", ["on", "off"])

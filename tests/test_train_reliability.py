@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ddpm_fast import train as train_cli
+from ddpm_fast import trainer as trainer_lib
 from ddpm_fast.fileio import TEMP_PREFIX
 
 TRAIN = ["--config", "tiny", "--batch-size", "4", "--num-timesteps", "50", "--warmup", "2", "--no-progress"]
@@ -101,12 +102,12 @@ def _image_folder(root, n=24):
 
 def test_workers_are_capped_by_the_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert train_cli.worker_count(-1, folder=True) == (1, [])
-    assert train_cli.worker_count(-1, folder=False) == (0, [])
-    assert train_cli.worker_count(2, folder=True) == (2, [])
-    n, notes = train_cli.worker_count(9, folder=True)
+    assert trainer_lib.worker_count(-1, folder=True) == (1, [])
+    assert trainer_lib.worker_count(-1, folder=False) == (0, [])
+    assert trainer_lib.worker_count(2, folder=True) == (2, [])
+    n, notes = trainer_lib.worker_count(9, folder=True)
     assert n == 2 and notes == ["--workers 9: this machine has 2 CPU cores; using 2 workers"]
-    assert train_cli.max_workers_accepted() == 16
+    assert trainer_lib.max_workers_accepted() == 16
     assert train_cli.TrainConfig(data="digits", workers=16).errors() == []
     assert "far more than" in train_cli.TrainConfig(data="digits", workers=17).errors()[0]
 
@@ -189,7 +190,7 @@ def test_stale_temp_files_are_removed(data, tmp_path, capfd):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     writer = f"{socket.gethostname()}~{int(gone.stdout)}"  # a killed writer of ours: its files are stale
     (out / f"{TEMP_PREFIX}{writer}~abc123~checkpoint.pt").write_bytes(b"partial")
-    (out / "model" / f"{TEMP_PREFIX}{writer}~xyz~{train_cli.CONFIG_NAME}").write_bytes(b"{")
+    (out / "model" / f"{TEMP_PREFIX}{writer}~xyz~{trainer_lib.CONFIG_NAME}").write_bytes(b"{")
     assert train_cli.main(TRAIN + ["--data", data, "--steps", "3", "--out", str(out), "--resume"]) == 0
     assert "removed 2 temporary file(s)" in capfd.readouterr().err
     assert not _temp_files(out)
@@ -212,7 +213,7 @@ def test_diverging_run_saves_nothing_bad(data, tmp_path, capfd):
 
 def test_divergence_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capfd):
     """The loss turns NaN at step 5: checkpoint.pt stays the step-4 state, equal to a healthy run's."""
-    real = train_cli.training_loss
+    real = trainer_lib.training_loss
     calls = []
 
     def loss_turning_nan(*a, **kw):
@@ -225,7 +226,7 @@ def test_divergence_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, 
 
     args = TRAIN + ["--data", data, "--save-every", "2", "--steps", "8"]
     assert train_cli.main(args + ["--steps", "4", "--out", str(tmp_path / "healthy")]) == 0
-    monkeypatch.setattr(train_cli, "training_loss", loss_turning_nan)
+    monkeypatch.setattr(trainer_lib, "training_loss", loss_turning_nan)
     out = tmp_path / "run"
     assert train_cli.main(args + ["--out", str(out)]) == 2
     err = capfd.readouterr().err

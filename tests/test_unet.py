@@ -3,7 +3,7 @@ import torch
 from conftest import diffusers_peer, randomize_
 
 from ddpm_fast import UNet, UNetConfig
-from ddpm_fast.checkpoint import to_diffusers_config
+from ddpm_fast.config import to_diffusers_config
 
 
 @pytest.mark.parametrize("name, count", [("cifar10", 35_746_307), ("celebahq256", 113_673_219),

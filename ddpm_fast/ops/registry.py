@@ -4,7 +4,7 @@ Each op (group_norm_silu, residual_add, q_sample, reverse_step, vb_terms, conv3x
 implementations, named by backend:
 - torch: the pure-PyTorch ``<op>_ref`` in the op's file; the definition of correct, runs anywhere.
 - triton: the op's Triton kernel; on a CUDA device, or on the CPU under TRITON_INTERPRET=1.
-- native: the compiled extension ddpm_fast._C (its CUDA kernels on a GPU, its C++ kernels on a CPU).
+- native: the compiled extension ddpm_fast.ops._C (its CUDA kernels on a GPU, its C++ kernels on a CPU).
 - auto (the default): on a CUDA device native, then triton, then torch, by what the op implements and
   this build has (one warning when it comes down to torch); on a CPU the native C++ kernel where the op
   has one, else torch.
@@ -44,9 +44,9 @@ _FALLBACK_ORDER = ("native", "triton", "torch")
 
 def _load_extension():
     try:
-        from ddpm_fast import _C
+        from ddpm_fast.ops import _C
     except ImportError as exc:
-        warn_once("ext", f"ddpm_fast: the compiled extension ddpm_fast._C is not available ({exc}); "
+        warn_once("ext", f"ddpm_fast: the compiled extension ddpm_fast.ops._C is not available ({exc}); "
                          "native kernels are disabled. Reinstall with `pip install --no-build-isolation .`")
         return None
     return _C
@@ -101,7 +101,7 @@ def _record_launch(path, kernel, args, meta) -> None:
 
 
 def extension():
-    """The compiled module ddpm_fast._C, or None when this install has none."""
+    """The compiled module ddpm_fast.ops._C, or None when this install has none."""
     return _C
 
 
@@ -244,9 +244,9 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1), tensors are on {device}"
         return None
     if _C is None:
-        return "the extension ddpm_fast._C is not built"
+        return "the extension ddpm_fast.ops._C is not built"
     if device.type == "cuda" and not _C.with_cuda():
-        return "ddpm_fast._C was built without its CUDA sources"
+        return "ddpm_fast.ops._C was built without its CUDA sources"
     if device.type not in ("cuda", "cpu"):
         return f"no native kernels for device {device}"
     return None

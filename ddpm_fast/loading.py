@@ -1,0 +1,50 @@
+"""What every command loads a model from: the embedded model, model folders, train runs, .ckpt files, and openai
+.pt files with their flags.
+
+``load_model`` resolves the path (a train run folder samples its newest state), reads the weights without
+running pickled code (checkpoint.py, openai.py), refuses non-finite weights up front, and returns the model
+with the schedule it was trained with (the checkpoint's own, else the linear 1000-step one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
+from ddpm_fast.openai import load_openai
+from ddpm_fast.schedule import NoiseSchedule
+
+__all__ = ["DEFAULT_MODEL", "load_model"]
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
+
+
+def load_model(checkpoint: str | None, *, openai_flags: str | None = None, openai_repo: str = "guided-diffusion",
+               device=None, prog: str = "ddpm_fast"):
+    """(model, schedule) of ``checkpoint`` (None: the embedded digits model) on ``device``; notes (an openai
+    flag's default taken, a train run resolved to its newest state) go to stderr as ``prog: ...``."""
+    path = checkpoint or DEFAULT_MODEL
+    if not os.path.exists(path):
+        what = "the embedded model is missing from this install" if checkpoint is None else "no such file"
+        raise CheckpointError(f"{path}: {what}")
+    schedule = None
+    if openai_flags is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            model, schedule = load_openai(path, openai_flags, openai_repo, device=device)
+        for w in caught:
+            print(f"{prog}: note: {w.message}", file=sys.stderr)
+    else:
+        used = resolve_model_path(path)
+        if os.path.isdir(path) and os.path.normpath(used) != os.path.normpath(path):
+            print(f"{prog}: {path} is a training run: sampling {used} (its newest state)", file=sys.stderr)
+        model = load_pretrained(used, device=device)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # up front: sampling would only turn these into NaN images
+        raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"
+                              + (f" and {len(bad) - 4} more tensors" if len(bad) > 4 else ""))
+    return model, schedule or load_schedule(path) or NoiseSchedule.linear(1000)
