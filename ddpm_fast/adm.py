@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
+from ddpm_fast.base import unet_budget_problem
 from ddpm_fast.config import ConfigDict
 from ddpm_fast.fast import (
     FastDenoiser,
@@ -145,8 +146,6 @@ class ADMConfig(ConfigDict):
     def budget_problem(self, fields: dict[str, object] | None = None) -> str | None:
         """Why this U-Net cannot be built on this machine (see base.unet_budget_problem), naming ``fields``
         (default: this config's own model_channels, channel_mult, num_res_blocks, image_size), or None."""
-        from ddpm_fast.base import unet_budget_problem
-
         fields = fields or {"model_channels": self.model_channels, "channel_mult": list(self.channel_mult),
                             "num_res_blocks": self.num_res_blocks, "image_size": self.image_size}
         rates = [2**i for i in range(len(self.channel_mult))]

@@ -25,6 +25,7 @@ from ddpm_fast.families import (
     model_config_json,
 )
 from ddpm_fast.fileio import RUN_CHECKPOINT, RUN_MODEL_FOLDER, atomic_write, atomic_write_json
+from ddpm_fast.schedule import NoiseSchedule
 
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -277,8 +278,6 @@ def load_pretrained(path, config=None, device=None):
 
 def load_schedule(path):
     """The NoiseSchedule saved beside a model (scheduler_config.json), or None if there is none."""
-    from ddpm_fast.schedule import NoiseSchedule
-
     path = resolve_model_path(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     candidates = [os.path.join(folder, SCHEDULER_CONFIG_NAME), os.path.join(folder, "scheduler", SCHEDULER_CONFIG_NAME)]

@@ -34,6 +34,25 @@ def unavailable_reason(device) -> str | None:
     return None
 
 
+def capture_graphs(steps: dict, device, pool=None) -> dict:
+    """A CUDA graph of each step of ``steps`` (key -> function over static buffers), sharing ``pool``: all warmed
+    up twice on a side stream (Triton compiles, cuDNN picks its algorithms), then each captured once. The one
+    capture helper: the sampling plan's steps and the bound's batches go through it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for step in steps.values():
+                step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs = {}
+    for key, step in steps.items():
+        graphs[key] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[key], pool=pool):
+            step()
+    return graphs
+
+
 def weights_fingerprint(model: torch.nn.Module) -> tuple:
     """Changes whenever any parameter is replaced or updated in place."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
@@ -48,19 +67,8 @@ class _Captured:
         # With feature caching, two kinds of step (whole, shallow), a graph each; they share the plan's buffers
         # (the cached deep features among them), so replaying them in the plan's order is the eager loop.
         kinds = (True, False) if plan.cache_interval else (True,)
-        # Warm up on a side stream (Triton compiles, cuDNN picks algorithms), then capture one step per kind.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                for whole in kinds:
-                    plan.device_step(whole)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graphs = {}
-        for whole in kinds:
-            self.graphs[whole] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graphs[whole], pool=pool):
-                plan.device_step(whole)
+        self.graphs = capture_graphs({whole: (lambda whole=whole: plan.device_step(whole)) for whole in kinds},
+                                     device, pool)
         self.graph = self.graphs[True]
 
     def run(self) -> torch.Tensor:

@@ -3,9 +3,8 @@ the ``_class_name`` its model folders and training checkpoints carry, how its co
 how its checkpoints are sampled. checkpoint.py, the loaders, the trainer, the sampler defaults and the bound ask
 the table; nothing outside a family's own module asks isinstance of it.
 
-A family's model is a Denoiser (plan.py): ``model(x, t, class_labels)`` with ``compute_dtype`` and a config that
-has ``sample_size``, ``in_channels``, ``learn_sigma`` and ``num_classes``; ``to_fast(dtype)`` where it has a fast
-form. Adding a family is its module and one ``register_family`` call (README, "Layout").
+A family's model is a Denoiser and its config a DenoiserConfig (plan.py); ``to_fast(dtype)`` where it has a
+fast form. Adding a family is its module and one ``register_family`` call (README, "Layout").
 """
 
 from __future__ import annotations
@@ -14,27 +13,15 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from ddpm_fast.adm import TRAIN_PRESETS, ADMConfig, ADMUNet
 from ddpm_fast.base import CheckpointError
 from ddpm_fast.config import PRESETS, UNetConfig, from_diffusers_config, to_diffusers_config
 from ddpm_fast.unet import UNet
 
-__all__ = ["FAMILIES", "DenoiserConfig", "ModelFamily", "build_model", "config_from_dict", "config_to_dict",
+__all__ = ["FAMILIES", "ModelFamily", "build_model", "config_from_dict", "config_to_dict",
            "family_of", "from_diffusers_keys", "model_config_json", "model_preset", "register_family", "train_presets"]
-
-
-@runtime_checkable
-class DenoiserConfig(Protocol):
-    """What every family's config offers the rest of the package (beside the Denoiser protocol of plan.py)."""
-
-    sample_size: int
-    in_channels: int
-    learn_sigma: bool
-    num_classes: int | None
-
-    def to_dict(self) -> dict: ...
 
 
 @dataclass(frozen=True)

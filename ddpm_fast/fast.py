@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
+from ddpm_fast.ops.derived import derived, forget
 
 __all__ = ["FAST_DTYPES", "FastDenoiser", "FastUpsample", "Folding", "cat", "check_x_and_t", "decoder_block",
            "fast_form", "folded", "group_norm", "join", "shortcut", "tensor_sum", "timestep_embedding",
@@ -109,35 +110,19 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool, add: torch.Tenso
 
 
 def folded(module: nn.Module, name: str, fn, *sources: torch.Tensor) -> torch.Tensor:
-    """``fn(*sources)``, a parameter derived from others (summed biases, stacked weights).
-
-    Under autograd it is recomputed each call so gradients reach the sources. Otherwise it is cached on
-    the module, keyed by each source's storage and version counter (in-place updates: optimizer steps,
-    load_state_dict, bump it); the cache holds the sources' storage, so an address is never reused under
-    it. During CUDA-graph capture a stale entry is recomputed inside the graph and not stored. Sources made under
-    torch.inference_mode have no version counter to key by: recomputed on every call.
-    """
+    """``fn(*sources)``, a parameter derived from others (summed biases, stacked weights): from the one
+    derived-weight cache (ops.derived, keyed by the sources and their versions), except under autograd (recomputed
+    so gradients reach the sources) and while torch.compile traces (part of the graph; Inductor fuses it)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
-        return fn(*sources)  # compiled: part of the graph (Inductor fuses it); autograd: gradients reach sources
-    if any(s.is_inference() for s in sources):
         return fn(*sources)
-    key = tuple((s.data_ptr(), s._version, s.dtype, s.shape) for s in sources)
-    cache = module.__dict__.setdefault("_folded_cache", {})
-    hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():  # a cache made under inference_mode must serve autograd
-        value = fn(*sources)
-    if not capturing():
-        cache[name] = (key, tuple(s.detach() for s in sources), value)
-    return value
+    return derived(module, name, fn, *sources)
 
 
 class Folding(nn.Module):
-    """A block whose fast form uses parameters derived by ``folded``; moving or casting drops them."""
+    """A module whose fast form uses derived weights: moving or casting it drops them (their sources change)."""
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_folded_cache", None)
+        forget(*self.parameters())
         return super()._apply(fn, *args, **kwargs)
 
 

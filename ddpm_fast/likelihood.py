@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast.config import conditioning_labels
+from ddpm_fast.engine import capture_graphs
 from ddpm_fast.families import family_of
+from ddpm_fast.noise import BOUND_STREAM, check_seed, image_indices, normal
 from ddpm_fast.ops.vb_terms import (  # noqa: F401 (the reference formulas, re-exported)
     VB_COLUMNS,
     approx_standard_normal_cdf,
@@ -181,8 +184,6 @@ class BoundRows:
         self.table, self.learned = vb_table(schedule, variance, device), variance == "learned_range"
 
     def __call__(self, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from ddpm_fast.noise import BOUND_STREAM, normal
-
         x0 = self.x_start[idx]
         noise = normal(self.counter, self.images[idx], x0[0].numel(), BOUND_STREAM, steps=t).view(x0.shape)
         x_t = self.a_bar[t].view(-1, 1, 1, 1) * x0 + self.s_bar[t].view(-1, 1, 1, 1) * noise
@@ -204,15 +205,7 @@ class GraphRows:
         self.out = torch.zeros(batch, 3, dtype=torch.float32, device=device)
         self.graph = None
         if device.type == "cuda":
-            side = torch.cuda.Stream(device)  # warm up (Triton compiles, cuDNN picks), then capture one batch
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.step()
+            self.graph = capture_graphs({"batch": self.step}, device)["batch"]
 
     def step(self) -> None:
         self.out.copy_(self.rows(self.idx, self.t))
@@ -247,9 +240,6 @@ def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed:
     one captured CUDA graph (on a GPU; the fast path's model, fixed shapes); on a CPU the same static-buffer
     loop runs eagerly. Both give the eager loop's numbers.
     """
-    from ddpm_fast.config import conditioning_labels
-    from ddpm_fast.noise import check_seed
-
     if not torch.is_tensor(x_start) or x_start.dim() != 4 or not x_start.is_floating_point():
         raise ValueError("bits_per_dim: x_start must be a floating (N, C, H, W) tensor in [-1, 1]")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -261,10 +251,7 @@ def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed:
     device = next(model.parameters()).device
     x_start = x_start.to(device, torch.float32)
     n, big_t = x_start.shape[0], len(schedule)
-    if isinstance(image_index, int):
-        images = torch.arange(image_index, image_index + n, dtype=torch.int64)
-    else:
-        images = torch.as_tensor(image_index, dtype=torch.int64).cpu()
+    images = image_indices(image_index, n)
     labels = conditioning_labels(model.config.num_classes, class_labels, n, device)
     if estimate is None:
         timesteps = torch.arange(big_t, dtype=torch.int64).expand(n, big_t)

@@ -121,3 +121,16 @@ def initial_noise(shape, seed: int, images: torch.Tensor, device, memory_format=
     z = normal(counter, images.to(device), int(torch.Size(shape[1:]).numel()), X_T_STREAM).view(shape)
     return z.contiguous(memory_format=memory_format)
 
+
+def image_indices(image_index, n: int) -> torch.Tensor:
+    """Global image indices of a batch: ``image_index`` is the first one (an int) or all n of them."""
+    if isinstance(image_index, int) and not isinstance(image_index, bool):
+        images = torch.arange(image_index, image_index + n, dtype=torch.int64)
+    else:
+        images = torch.as_tensor(image_index)
+        if images.shape != (n,) or images.is_floating_point() or images.dtype == torch.bool:
+            raise ValueError(f"image_index must be an int or {n} integer indices, got {tuple(images.shape)}")
+        images = images.to("cpu", torch.int64)
+    if n and (int(images.min()) < 0 or int(images.max()) >= 2**31):
+        raise ValueError("image indices must lie in [0, 2**31)")
+    return images

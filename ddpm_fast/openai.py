@@ -13,6 +13,7 @@ import shlex
 import warnings
 
 from ddpm_fast.adm import ADMConfig, ADMUNet
+from ddpm_fast.checkpoint import CheckpointError, build_loaded, read_torch_file
 from ddpm_fast.schedule import NoiseSchedule
 
 REPOS = ("guided-diffusion", "improved-diffusion")
@@ -225,8 +226,6 @@ def load_openai(path, flags, repo: str = "guided-diffusion", device=None) -> tup
     """(model, schedule) from an openai .pt state dict and the flags it was trained with (see the module
     docstring). A state dict that does not fit the flags raises CheckpointError naming the first missing or
     extra key or the first wrong shape."""
-    from ddpm_fast.checkpoint import CheckpointError, build_loaded, read_torch_file
-
     flags, repo = resolve_preset(flags, repo)
     try:
         config, schedule = config_from_flags(flags, repo)

@@ -17,7 +17,7 @@ import torch
 
 from ddpm_fast import ops
 from ddpm_fast.config import conditioning_labels
-from ddpm_fast.noise import MAX_SEED, NoiseKey, check_seed, initial_noise
+from ddpm_fast.noise import MAX_SEED, NoiseKey, check_seed, image_indices, initial_noise
 from ddpm_fast.ops.reverse_step import SIGMA
 
 # Images per U-Net call in a batch-invariant run: part of what the bits depend on, so one fixed default.
@@ -28,6 +28,18 @@ MAX_GUIDANCE_SCALE = 100.0
 # Cap on the invariant chunk: past it the padded forward costs more than any batch it makes invariant.
 MAX_INVARIANT_CHUNK = 1024
 MAX_CACHE_INTERVAL = 1000
+
+
+@runtime_checkable
+class DenoiserConfig(Protocol):
+    """What every model family's config offers the rest of the package (families.py): a Denoiser's ``config``."""
+
+    sample_size: int
+    in_channels: int
+    learn_sigma: bool
+    num_classes: int | None
+
+    def to_dict(self) -> dict: ...
 
 
 @runtime_checkable
@@ -183,7 +195,7 @@ class SamplingPlan:
             seed = int(torch.randint(0, MAX_SEED, (), generator=generator, device=generator.device
                                      if generator is not None else "cpu").item())
         seed = check_seed(seed)
-        images = _image_indices(run.image_index, self.n)
+        images = image_indices(run.image_index, self.n)
         labels, null = _prepare_labels(self.model, run.class_labels, self.guidance_scale, self.n, self.device)
         if self.labels is None or labels is None:
             self.labels, self.null = labels, null
@@ -307,20 +319,6 @@ def _one_cpu_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _image_indices(image_index, n: int) -> torch.Tensor:
-    """Global image indices of a batch: ``image_index`` is the first one (an int) or all n of them."""
-    if isinstance(image_index, int) and not isinstance(image_index, bool):
-        images = torch.arange(image_index, image_index + n, dtype=torch.int64)
-    else:
-        images = torch.as_tensor(image_index)
-        if images.shape != (n,) or images.is_floating_point() or images.dtype == torch.bool:
-            raise ValueError(f"image_index must be an int or {n} integer indices, got {tuple(images.shape)}")
-        images = images.to("cpu", torch.int64)
-    if n and (int(images.min()) < 0 or int(images.max()) >= 2**31):
-        raise ValueError("image indices must lie in [0, 2**31)")
-    return images
 
 
 def model_eps(model, x_in, t, labels, null):

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from ddpm_fast import ops
+from ddpm_fast import engine, ops
 from ddpm_fast.cli import DefaultsHelpFormatter, in_out_folder, run_main
 from ddpm_fast.families import family_of
 from ddpm_fast.images import save_grid, save_npz
@@ -173,8 +173,6 @@ def _prepare_model(args, model, device, notes: list[str]):
         model = compile_model(model)
         ran += ", compiled"
     if args.engine == "graph":
-        from ddpm_fast import engine
-
         why = engine.unavailable_reason(device)
         if why:
             notes.append(f"--engine graph: {why}; ran the eager loop instead")
@@ -218,8 +216,6 @@ def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> t
         # Image k is a function of (--seed, k) alone: batch size and process count do not change it.
         run = RunOptions.of(base, image_index=chunk, class_labels=None if labels is None else labels[chunk])
         if args.engine == "graph":
-            from ddpm_fast import engine
-
             with warnings.catch_warnings():  # the CLI prints its own one-line notes
                 warnings.simplefilter("ignore", RuntimeWarning)
                 x = engine.sample(sampler, model, (len(chunk), *shape), run)

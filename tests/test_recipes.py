@@ -17,6 +17,7 @@ from ddpm_fast import NoiseSchedule, UNet, UNetConfig, load_pretrained, save_pre
 from ddpm_fast import sample as sample_cli
 from ddpm_fast import train as train_cli
 from ddpm_fast.families import FAMILIES, ModelFamily, family_of, register_family, unregister_family
+from ddpm_fast.plan import DenoiserConfig
 from ddpm_fast.samplers import SAMPLERS, DDIMSampler, Sampler
 from ddpm_fast.schedule import dpm_timesteps
 from ddpm_fast.solvers import CompiledSampler, Trace
@@ -180,6 +181,13 @@ def test_a_new_family_is_its_module_and_one_table_entry(toy_family, tmp_path, ca
     assert state["unet_config"]["_class_name"] == "ToyNet"
     assert family_of(load_pretrained(run)) is toy_family  # the exported model folder
     assert "toy-small" in train_cli.build_parser().format_help()
+
+
+def test_every_family_declares_a_denoiser_config(toy_family):
+    for family in FAMILIES.values():
+        for name, config in family.presets.items():
+            assert isinstance(config, DenoiserConfig), (family.name, name)
+            assert family_of(config) is family and family.config_class.from_dict(config.to_dict()) == config
 
 
 def test_a_family_name_is_taken_once():

@@ -5,9 +5,9 @@ Each 4x4 block of outputs is A^T [(G g G^T) (.) (B^T d B)] A (Lavin & Gray 2016)
 convolution (oneDNN) runs near the CPU's GEMM peak, so the fewer products are the gain: 1.3-2.0x per layer on
 the embedded model's shapes, 1.9-3.3x on the cifar10 preset's (benchmarks/test_cpu_bench.py -k conv3x3,
 RESULTS.md). With ``upsample`` it convolves x's 2x nearest upsampling, read in place (the U-Nets' upsamplers on a
-CPU: 1.3-1.6x the folded transposed convolution of unet.upsampled_conv). csrc/conv3x3_cpu.cpp holds the kernel;
+CPU: 1.3-1.6x the folded transposed convolution of fast.upsampled_conv). csrc/conv3x3_cpu.cpp holds the kernel;
 the weight's transform U = G g G^T (``winograd_weight``, float64 then rounded once) is made once per weight and
-version and cached beside it (``transformed_weight``).
+version, in the one derived-weight cache (ops.derived, ``transformed_weight``).
 
 Where it runs: the extension's kernel (backend ``native``, the CPU default) for float32 CPU inputs with at least
 ``MIN_CHANNELS`` input and output channels, in calls autograd does not record. Everything else takes the
@@ -24,14 +24,11 @@ kernel to the float64 convolution).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
 from ddpm_fast.ops import registry
-
-registry.register("conv3x3", {"cpu": ("native", "torch")})
+from ddpm_fast.ops.derived import derived
 
 MIN_CHANNELS = 8  # fewer input or output channels: the direct convolution (U-Nets' conv_in and conv_out)
 
@@ -81,41 +78,34 @@ def _native_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def uses_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether conv3x3(x, weight) runs the Winograd kernel (see the module docstring)."""
-    return min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS and _native_cpu_inference(x, weight)
-
-
-# id(weight) -> (weakref to weight, (data_ptr, version, shape), U). An entry lives as long as its weight (a
-# finalizer drops it) and is remade when the weight changes: an in-place update (optimizer step, load_state_dict,
-# .data replaced by .to()) moves its version or its storage.
-_transforms: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+    return CONV3X3.route(x, weight, None, False) == "native"
 
 
 def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``winograd_weight(weight)``, made once per weight and its version (see _transforms). An inference tensor
-    (made under torch.inference_mode) has no version to tell an in-place update by: its transform is made on
-    every call."""
-    if weight.is_inference():
-        return winograd_weight(weight)
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    hit = _transforms.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():
-        u = winograd_weight(weight)
-    if hit is None or hit[0]() is not weight:
-        weakref.finalize(weight, _transforms.pop, id(weight), None)
-    _transforms[id(weight)] = (weakref.ref(weight), key, u)
-    return u
+    """``winograd_weight(weight)``, made once per weight and its version (ops.derived)."""
+    return derived(None, "winograd", winograd_weight, weight)
 
 
-def _conv3x3_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upsample: bool) -> torch.Tensor:
+def _winograd(x, weight, bias, upsample):
     return registry.extension().conv3x3(x.contiguous(memory_format=torch.channels_last), transformed_weight(weight),
                                         bias, upsample)
 
 
+# The Winograd kernel (csrc/conv3x3_cpu.cpp): fp32 on a CPU, forward-only, at least MIN_CHANNELS in and out.
+CONV3X3 = registry.Op(
+    "conv3x3", {"cpu": ("native", "torch")}, kernels={"native": _winograd}, reference=conv3x3_ref,
+    takes={"native": lambda x, weight, bias, upsample: (x.dtype == weight.dtype == torch.float32
+                                                        and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS)},
+    forward_only=("native",))
+
+
+def _conv3x3_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upsample: bool) -> torch.Tensor:
+    return CONV3X3.implementation(x, weight, bias, upsample)
+
+
 # The op takes the weight, not its transform: the cache lookup runs inside it, so a compiled graph (which cannot
 # hold the cache) neither recomputes the transform per call nor keeps a stale one.
-_conv3x3_op = torch.library.custom_op("ddpm_fast::conv3x3_winograd", _conv3x3_kernels, mutates_args=())
+_conv3x3_op = CONV3X3.bind(_conv3x3_kernels, name="conv3x3_winograd")
 
 
 @_conv3x3_op.register_fake
@@ -159,8 +149,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     never made). The weight's transform is cached (``transformed_weight``): about 4x the weight's memory, per weight
     the kernel has run with."""
     _validate(x, weight, bias)
-    if not uses_winograd(x, weight):
-        if uses_taps_gemm(x, weight, upsample):
-            return taps_gemm_conv3x3(x, weight, bias)
-        return conv3x3_ref(x, weight, bias, upsample)
-    return registry.call(_conv3x3_op, _conv3x3_kernels, x, weight, bias, bool(upsample))
+    args = (x, weight, bias, bool(upsample))
+    if CONV3X3.route(*args) == "torch" and uses_taps_gemm(x, weight, upsample):
+        return taps_gemm_conv3x3(x, weight, bias)
+    return CONV3X3(*args)

@@ -36,10 +36,6 @@ import torch.nn.functional as F
 from ddpm_fast.base import memory_format
 from ddpm_fast.ops import registry
 
-# On the CPU the extension has a forward kernel (csrc/group_norm_silu_cpu.cpp); calls that autograd
-# records take the reference there, whose backward torch derives.
-registry.register("group_norm_silu", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")})
-
 
 def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, add=None, silu: bool = True):
     """Pure-torch definition: fp32 statistics, result cast back to x's dtype and memory format."""
@@ -199,29 +195,44 @@ def _group_norm_silu_bwd(grad_y, x, weight, bias, add, mean, rstd, num_groups, s
     return dx, dweight, dbias, dadd
 
 
+def _empty_stats(x, num_groups):
+    return (torch.empty(x.shape[0] * num_groups, device=x.device, dtype=torch.float32) for _ in range(2))
+
+
+def _group_norm_silu_native(x, weight, bias, add, num_groups, eps, silu):
+    y = registry.extension().group_norm_silu(x.contiguous(memory_format=memory_format(x)), weight, bias, add,
+                                             num_groups, eps, silu)
+    return y, *_empty_stats(x, num_groups)  # forward-only: calls autograd records never reach it
+
+
+def _group_norm_silu_triton(x, weight, bias, add, num_groups, eps, silu):
+    return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
+
+
+def _group_norm_silu_reference(x, weight, bias, add, num_groups, eps, silu):
+    return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu), *_empty_stats(x, num_groups)
+
+
+def _per_channel_backward(x, weight, bias, add, *rest) -> bool:
+    """The fused backward is per channel: a per-sample affine under autograd takes the reference."""
+    return weight is None or weight.dim() == 1 or not registry.needs_grad(x, weight, bias, add)
+
+
+# The op's outputs are (y, mean, rstd): the statistics (N * G,) fp32 the Triton backward reads. On the CPU the
+# extension's forward kernel (csrc/group_norm_silu_cpu.cpp) runs the calls autograd does not record.
+GROUP_NORM_SILU = registry.Op(
+    "group_norm_silu", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")},
+    kernels={"triton": _group_norm_silu_triton, "native": _group_norm_silu_native},
+    reference=_group_norm_silu_reference, takes={"triton": _per_channel_backward}, forward_only=("native",))
+
+
 def _group_norm_silu_kernels(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                              add: torch.Tensor | None, num_groups: int, eps: float,
                              silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel backends: (y, mean, rstd), the statistics (N * G,) fp32 for the backward. The native
-    kernel is forward-only and leaves them unset (calls autograd records never reach it). A compiled graph
-    run after a switch to the torch backend computes the reference here."""
-    backend = registry.backend_for("group_norm_silu", x.device)
-    if backend == "triton":
-        return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, add, silu)
-    if backend == "native":
-        y = registry.extension().group_norm_silu(x.contiguous(memory_format=memory_format(x)), weight, bias, add,
-                                                 num_groups, eps, silu)
-    else:
-        y = group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
-    return y, *_empty_stats(x, num_groups)
+    return GROUP_NORM_SILU.implementation(x, weight, bias, add, num_groups, eps, silu)
 
 
-_group_norm_silu_op = torch.library.custom_op("ddpm_fast::group_norm_silu", _group_norm_silu_kernels,
-                                              mutates_args=())
-
-
-def _empty_stats(x, num_groups):
-    return (torch.empty(x.shape[0] * num_groups, device=x.device, dtype=torch.float32) for _ in range(2))
+_group_norm_silu_op = GROUP_NORM_SILU.bind(_group_norm_silu_kernels)
 
 
 @_group_norm_silu_op.register_fake
@@ -294,32 +305,39 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, add=Non
     _validate(x, weight, bias, num_groups, add)
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"group_norm_silu: eps must be positive and finite, got {eps}")
-    backend = registry.backend_for("group_norm_silu", x.device)
-    grad = registry.needs_grad(x, weight, bias, add)
-    # The fused backward is per-channel; a per-sample affine under autograd takes the reference.
-    if backend == "torch" or (grad and (backend == "native" or (weight is not None and weight.dim() == 2))):
-        return group_norm_silu_ref(x, weight, bias, num_groups, eps, add, silu)
-    return registry.call(_group_norm_silu_op, _group_norm_silu_kernels, x, weight, bias, add, int(num_groups),
-                         float(eps), bool(silu))[0]
+    return GROUP_NORM_SILU(x, weight, bias, add, int(num_groups), float(eps), bool(silu))[0]
 
 
-def joins_in_place(x: torch.Tensor, x2: torch.Tensor) -> bool:
-    """Whether ``group_norm_silu_cat(x, x2, ...)`` reads the two inputs in place (the native kernel: fp32 on a CPU,
-    no autograd) instead of making their concatenation."""
-    return (x.device.type == "cpu" and x.dtype == x2.dtype == torch.float32 and x2.device == x.device
-            and not registry.needs_grad(x, x2) and registry.backend_for("group_norm_silu", x.device) == "native")
-
-
-def _group_norm_silu_cat_kernel(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None,
-                                bias: torch.Tensor | None, add: torch.Tensor | None, num_groups: int, eps: float,
-                                silu: bool) -> torch.Tensor:
+def _group_norm_silu_cat_native(x, x2, weight, bias, add, num_groups, eps, silu):
     cl = torch.channels_last
     return registry.extension().group_norm_silu_cat(x.contiguous(memory_format=cl), x2.contiguous(memory_format=cl),
                                                     weight, bias, add, num_groups, eps, silu)
 
 
-_group_norm_silu_cat_op = torch.library.custom_op("ddpm_fast::group_norm_silu_cat", _group_norm_silu_cat_kernel,
-                                                  mutates_args=())
+def _group_norm_silu_cat_reference(x, x2, weight, bias, add, num_groups, eps, silu):
+    return group_norm_silu(torch.cat([x, x2], dim=1), weight, bias, num_groups, eps, add, silu)
+
+
+# The joined kernel: fp32 on a CPU, forward-only (csrc/group_norm_silu_cpu.cpp).
+GROUP_NORM_SILU_CAT = registry.Op(
+    "group_norm_silu_cat", {"cuda": ("torch",), "cpu": ("native", "torch")},
+    kernels={"native": _group_norm_silu_cat_native}, reference=_group_norm_silu_cat_reference,
+    takes={"native": lambda x, x2, *rest: x.dtype == x2.dtype == torch.float32}, forward_only=("native",))
+
+
+def joins_in_place(x: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Whether ``group_norm_silu_cat(x, x2, ...)`` reads the two inputs in place (the native kernel: fp32 on a CPU,
+    no autograd) instead of making their concatenation."""
+    return x2.device == x.device and GROUP_NORM_SILU_CAT.route(x, x2) == "native"
+
+
+def _group_norm_silu_cat_kernel(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None,
+                                bias: torch.Tensor | None, add: torch.Tensor | None, num_groups: int, eps: float,
+                                silu: bool) -> torch.Tensor:
+    return GROUP_NORM_SILU_CAT.implementation(x, x2, weight, bias, add, num_groups, eps, silu)
+
+
+_group_norm_silu_cat_op = GROUP_NORM_SILU_CAT.bind(_group_norm_silu_cat_kernel)
 
 
 @_group_norm_silu_cat_op.register_fake
@@ -340,14 +358,13 @@ def group_norm_silu_cat(x, x2, weight, bias, num_groups: int, eps: float = 1e-6,
     if x.shape[0] != x2.shape[0] or x.shape[2:] != x2.shape[2:] or x.dtype != x2.dtype or x.device != x2.device:
         raise ValueError(f"group_norm_silu_cat: x {tuple(x.shape)} {x.dtype} on {x.device} and x2 {tuple(x2.shape)} "
                          f"{x2.dtype} on {x2.device} must differ only in their channels")
-    if not joins_in_place(x, x2) or registry.needs_grad(weight, bias, add):  # the kernel is forward-only
-        return group_norm_silu(torch.cat([x, x2], dim=1), weight, bias, num_groups, eps, add, silu)
-    n, c1, h, w = x.shape
-    _validate_params((n, c1 + x2.shape[1], h, w), x.device, weight, bias, num_groups, add, "group_norm_silu_cat")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"group_norm_silu_cat: eps must be positive and finite, got {eps}")
-    return registry.call(_group_norm_silu_cat_op, _group_norm_silu_cat_kernel, x, x2, weight, bias, add,
-                         int(num_groups), float(eps), bool(silu))
+    args = (x, x2, weight, bias, add, int(num_groups), float(eps), bool(silu))
+    if GROUP_NORM_SILU_CAT.route(*args) == "native":
+        n, c1, h, w = x.shape
+        _validate_params((n, c1 + x2.shape[1], h, w), x.device, weight, bias, num_groups, add, "group_norm_silu_cat")
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"group_norm_silu_cat: eps must be positive and finite, got {eps}")
+    return GROUP_NORM_SILU_CAT(*args)
 
 
 def group_norm_scale_shift_silu_ref(x, weight, bias, num_groups: int, eps: float, scale, shift, silu: bool = True):

@@ -14,7 +14,6 @@ import torch
 from ddpm_fast.base import memory_format
 from ddpm_fast.ops import registry
 
-registry.register("q_sample", {"cuda": ("triton", "torch"), "cpu": ("triton", "torch")})
 
 def q_sample_ref(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
     """Pure-torch definition (fp32 arithmetic, result in x0's dtype)."""
@@ -39,7 +38,7 @@ def validate_q_sample_args(x0, t, sqrt_acp, sqrt_1m_acp, noise):
                          "(or on another device)")
 
 
-def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
+def _q_sample_launch(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
     from ddpm_fast.ops.kernels.q_sample import _q_sample_kernel, triton
 
     fmt = memory_format(x0)
@@ -61,19 +60,29 @@ def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
     return out, noise
 
 
-def _q_sample_kernels(x0: torch.Tensor, t: torch.Tensor, sqrt_acp: torch.Tensor, sqrt_1m_acp: torch.Tensor,
-                      noise: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel: (x_t, the noise it drew); without ``noise`` it draws from ``seed``, with it the
-    second output is empty (an op's outputs never alias its inputs)."""
-    if registry.backend_for("q_sample", x0.device) != "triton":  # a compiled graph after a switch to torch
-        drawn = torch.randn(x0.shape, generator=torch.Generator(x0.device).manual_seed(seed), device=x0.device,
-                            dtype=x0.dtype) if noise is None else noise
-        return q_sample_ref(x0, t.long(), sqrt_acp, sqrt_1m_acp, drawn), (drawn if noise is None else x0.new_empty(0))
-    x_t, drawn = _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed)
+def _q_sample_triton(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
+    """(x_t, the noise it drew); without ``noise`` it draws from ``seed``, with it the second output is empty (an
+    op's outputs never alias its inputs)."""
+    x_t, drawn = _q_sample_launch(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed)
     return x_t, (drawn if noise is None else x0.new_empty(0))
 
 
-_q_sample_op = torch.library.custom_op("ddpm_fast::q_sample", _q_sample_kernels, mutates_args=())
+def _q_sample_reference(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed):
+    drawn = torch.randn(x0.shape, generator=torch.Generator(x0.device).manual_seed(seed), device=x0.device,
+                        dtype=x0.dtype) if noise is None else noise
+    return q_sample_ref(x0, t.long(), sqrt_acp, sqrt_1m_acp, drawn), (drawn if noise is None else x0.new_empty(0))
+
+
+Q_SAMPLE = registry.Op("q_sample", {"cuda": ("triton", "torch"), "cpu": ("triton", "torch")},
+                       kernels={"triton": _q_sample_triton}, reference=_q_sample_reference)
+
+
+def _q_sample_kernels(x0: torch.Tensor, t: torch.Tensor, sqrt_acp: torch.Tensor, sqrt_1m_acp: torch.Tensor,
+                      noise: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return Q_SAMPLE.implementation(x0, t, sqrt_acp, sqrt_1m_acp, noise, seed)
+
+
+_q_sample_op = Q_SAMPLE.bind(_q_sample_kernels)
 
 
 @_q_sample_op.register_fake
@@ -87,14 +96,12 @@ def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise=No
     """Returns (x_t, noise). Without ``noise``, draws it: in the kernel from ``seed`` (Triton), else from
     ``generator`` (or a generator seeded with ``seed``, or the global RNG)."""
     validate_q_sample_args(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
-    backend = registry.backend_for("q_sample", x0.device)
-    in_kernel = backend == "triton" and noise is None and seed is not None
+    args = (x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, int(seed or 0))
+    in_kernel = Q_SAMPLE.route(*args) == "triton" and noise is None and seed is not None
     if noise is None and not in_kernel:
         if generator is None and seed is not None:
             generator = torch.Generator(x0.device).manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if backend == "triton":
-        x_t, drawn = registry.call(_q_sample_op, _q_sample_kernels, x0, t, sqrt_alphas_cumprod,
-                                   sqrt_one_minus_alphas_cumprod, noise, int(seed or 0))
-        return x_t, (drawn if noise is None else noise)
-    return q_sample_ref(x0, t.long(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise), noise
+        args = (*args[:4], noise, args[5])
+    x_t, drawn = Q_SAMPLE(*args)
+    return x_t, (drawn if noise is None else noise)

@@ -8,9 +8,11 @@ implementations, named by backend:
 - auto (the default): on a CUDA device native, then triton, then torch, by what the op implements and
   this build has (one warning when it comes down to torch); on a CPU the native C++ kernel where the op
   has one, else torch.
-The kernel backends run as ``torch.library`` custom ops (``torch.ops.ddpm_fast.<op>``: mutations
-declared, fake implementations), so torch.compile traces through them and CUDA graphs capture them;
-the torch backend is plain torch code that autograd and torch.compile see directly.
+Each op declares itself once as an ``Op`` (its backends per device type, a kernel per backend, the reference,
+the calls each kernel takes), and ``Op`` routes every call. The kernel backends run as ``torch.library`` custom
+ops (``torch.ops.ddpm_fast.<op>``: mutations declared, fake implementations), so torch.compile traces through
+them and CUDA graphs capture them; the torch backend is plain torch code that autograd and torch.compile see
+directly.
 
 The choice is made once per (op, device type): from DDPM_FAST_BACKEND when the package is imported, or
 when the user switches (``set_backend``, or ``use_backend`` for a block). An explicit backend that
@@ -202,13 +204,74 @@ def backend_for(op: str, device: torch.device | str) -> str:
     return _registry.backend(op, device.type if isinstance(device, torch.device) else torch.device(device).type)
 
 
-def call(op, impl, *args):
-    """Run a registered op: through the dispatcher (``op``) while torch.compile traces or autograd records,
-    both of which need the registered op; its implementation ``impl`` directly otherwise. Eager inference
-    then skips the dispatcher's ~10 us a call (a few percent of a small U-Net's forward on a CPU)."""
-    if torch.compiler.is_compiling() or needs_grad(*(a for a in args if isinstance(a, torch.Tensor))):
-        return op(*args)
-    return impl(*args)
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, torch.Tensor))
+
+
+class Op:
+    """One fused op, registered once: what it implements per device type, its implementation per backend, and
+    how a call is routed among them. Every call of the op goes through ``route``; nothing in an op's file
+    branches on the backend a second time.
+
+    ``kernels``: backend -> function of the registered op's arguments returning its outputs. ``reference``: the
+    same outputs from the op's pure-torch ``_ref`` (the torch backend, and what the registered op runs after a
+    switch to torch under a compiled graph). ``takes``: backend -> predicate on the arguments, the calls that
+    backend's kernel can take (the others run the reference: a capability of the op, e.g. the C++ residual_add
+    adds tensors of one dtype). ``forward_only``: backends without a backward, whose calls autograd records run
+    the reference. ``bind`` makes the registered torch op (``torch.ops.ddpm_fast.<name>``) from the annotated
+    function that declares its schema.
+    """
+
+    def __init__(self, name: str, implemented: dict[str, tuple[str, ...]], kernels: dict, reference, *,
+                 takes: dict | None = None, forward_only=()):
+        self.name = name
+        self.kernels = dict(kernels)
+        self.reference = reference
+        self.takes = dict(takes or {})
+        self.forward_only = frozenset(forward_only)
+        self.registered = None
+        register(name, implemented)
+
+    def bind(self, schema_fn, mutates_args=(), name: str | None = None):
+        """The registered op ``ddpm_fast::<name>``, its implementation ``implementation`` under ``schema_fn``'s
+        signature; returned so that the op's file registers its fake and autograd on it."""
+        self.registered = torch.library.custom_op(f"ddpm_fast::{name or self.name}", schema_fn,
+                                                  mutates_args=mutates_args)
+        return self.registered
+
+    def route(self, *args) -> str:
+        """The backend that runs this call: the one chosen for its device, unless that backend has no kernel
+        for these arguments (``takes``) or no backward for a call autograd records (``forward_only``)."""
+        device = next(_tensors(args)).device
+        backend = backend_for(self.name, device)
+        if backend not in self.kernels:
+            return "torch"
+        if backend in self.forward_only and needs_grad(*_tensors(args)):
+            return "torch"
+        takes = self.takes.get(backend)
+        if takes is not None and not takes(*args):
+            return "torch"
+        return backend
+
+    def implementation(self, *args):
+        """What the registered op runs: the routed backend's kernel (the reference where routed there)."""
+        return self.kernels.get(self.route(*args), self.reference)(*args)
+
+    def __call__(self, *args):
+        """A call from the op's public function. The reference runs as plain torch code (autograd and
+        torch.compile see it directly); a kernel through the registered op while torch.compile traces or
+        autograd records (both need it), directly otherwise: eager inference then skips the dispatcher's
+        ~10 us a call (a few percent of a small U-Net's forward on a CPU)."""
+        backend = self.route(*args)
+        if backend == "torch":
+            return self.reference(*args)
+        if torch.compiler.is_compiling() or needs_grad(*_tensors(args)):
+            return self.registered(*args)
+        return self.kernels[backend](*args)
 
 
 def requested_backend() -> str:

@@ -17,8 +17,6 @@ import torch
 from ddpm_fast.base import memory_format
 from ddpm_fast.ops import registry
 
-# csrc/residual_add_cpu.cpp: the forward, y and skip of one dtype.
-registry.register("residual_add", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")})
 
 def residual_add_ref(y, skip, bias=None):
     """Pure-torch definition: fp32 sum, stored in the promoted dtype of y and skip, y's memory format."""
@@ -63,21 +61,23 @@ def _residual_add_triton(y, skip, bias):
     return out
 
 
-def _residual_add_kernels(y: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The kernel backends; the native kernel takes y and skip of one dtype (else, and after a switch to the
-    torch backend under a compiled graph, the reference)."""
+def _residual_add_native(y, skip, bias):
     fmt = memory_format(y)
-    backend = registry.backend_for("residual_add", y.device)
-    if backend == "triton":
-        return _residual_add_triton(y, skip, bias)
-    if backend == "native" and y.dtype == skip.dtype:
-        return registry.extension().residual_add(y.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt),
-                                                 bias)
-    return residual_add_ref(y, skip, bias)
+    return registry.extension().residual_add(y.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt), bias)
 
 
-_residual_add_op = torch.library.custom_op("ddpm_fast::residual_add", _residual_add_kernels,
-                                           mutates_args=())
+RESIDUAL_ADD = registry.Op(
+    "residual_add", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")},
+    kernels={"triton": _residual_add_triton, "native": _residual_add_native}, reference=residual_add_ref,
+    takes={"native": lambda y, skip, bias: y.dtype == skip.dtype},  # csrc/residual_add_cpu.cpp: one dtype
+    forward_only=("native",))
+
+
+def _residual_add_kernels(y: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return RESIDUAL_ADD.implementation(y, skip, bias)
+
+
+_residual_add_op = RESIDUAL_ADD.bind(_residual_add_kernels)
 
 
 @_residual_add_op.register_fake
@@ -102,7 +102,4 @@ _residual_add_op.register_autograd(_backward, setup_context=_setup_context)
 def residual_add(y, skip, bias=None):
     """y + skip + bias[None, :, None, None] on the backend the registry chose for y's device."""
     _validate(y, skip, bias)
-    backend = registry.backend_for("residual_add", y.device)
-    if backend == "torch" or (backend == "native" and (y.dtype != skip.dtype or registry.needs_grad(y, skip, bias))):
-        return residual_add_ref(y, skip, bias)
-    return registry.call(_residual_add_op, _residual_add_kernels, y, skip, bias)
+    return RESIDUAL_ADD(y, skip, bias)

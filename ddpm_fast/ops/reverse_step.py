@@ -48,7 +48,7 @@ LOG_VAR_MIN = COEF_COLUMNS.index("log_var_min")
 PUSH_X0, PUSH_EPS, PUSH_SLOT = (COEF_COLUMNS.index(c) for c in ("push_x0", "push_eps", "push_slot"))
 NUM_COEFS = len(COEF_COLUMNS)
 MAX_HISTORY = 3  # ring slots a table may name (csrc/reverse_step.h: kMaxHistory)
-registry.register("reverse_step", {"cuda": ("native", "triton", "torch"), "cpu": ("native", "triton", "torch")})
+
 
 def reverse_step_ref(
     x_t: torch.Tensor,
@@ -112,6 +112,56 @@ def _validate(x_t, model_output, coefs, index, noise, model_output_uncond, model
                          f"got {tuple(index.shape)} {index.dtype}")
 
 
+def _validate_call(x_t, model_output, index, coefs, noise, model_output_uncond, model_var_values, out, half_out,
+                   history: tuple) -> NoiseKey | None:
+    """Every argument check of a reverse_step call that reads no device value; returns the noise key, if any."""
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"reverse_step: history holds at most {MAX_HISTORY} ring slots, got {len(history)}")
+    key = noise if isinstance(noise, NoiseKey) else None
+    _validate(x_t, model_output, coefs, index, None if key is not None else noise, model_output_uncond,
+              model_var_values)
+    if model_var_values is not None and model_var_values.dtype != model_output.dtype:
+        raise ValueError(f"reverse_step: model_var_values is {model_var_values.dtype}, model_output "
+                         f"{model_output.dtype}; they are the two halves of one model output")
+    if key is not None:
+        key.validate(x_t.shape[0], x_t.device)
+    outputs = [("out", out, (torch.float32,)), ("half_out", half_out, (torch.float16, torch.bfloat16))]
+    outputs += [(f"history[{i}]", h, (torch.float32,)) for i, h in enumerate(history)]
+    for name, t, dtypes in outputs:
+        if name.startswith("history") and t is None:
+            raise ValueError(f"reverse_step: {name} is None")
+        if t is not None and (t.shape != x_t.shape or t.dtype not in dtypes or t.stride() != x_t.stride()
+                              or t.device != x_t.device):
+            kinds = "/".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"reverse_step: {name} must be a {kinds} tensor laid out like x_t")
+
+    def same(a, b):
+        return a is b or (not torch.compiler.is_compiling() and a.data_ptr() == b.data_ptr())
+
+    if out is not None and any(same(h, out) for h in history):
+        raise ValueError("reverse_step: out must not be one of the history buffers (the step shifts them)")
+    for j in range(len(history)):
+        for k in range(j):
+            if same(history[j], history[k]):
+                raise ValueError(f"reverse_step: history[{k}] and history[{j}] are one buffer (two ring slots)")
+    return key
+
+
+def _check_table_fit(coefs: torch.Tensor, index: torch.Tensor, slots: int) -> None:
+    """The rows ``index`` picks exist, and weigh or keep no ring slot beyond the ``slots`` given (never drop a
+    term): asserts on the device, no host read."""
+    torch._assert_async(((index >= 0) & (index < coefs.shape[0])).all(),
+                        f"reverse_step: index outside the coefficient table of {coefs.shape[0]} rows")
+    if slots < MAX_HISTORY:
+        rows = coefs.index_select(0, index.clamp(0, coefs.shape[0] - 1))
+        torch._assert_async((rows[:, SLOT0 + slots:SLOT0 + MAX_HISTORY] == 0).all(),
+                            f"reverse_step: the table's rows weigh history slots beyond the {slots} given "
+                            "(coef_slot columns); pass them")
+        torch._assert_async((rows[:, PUSH_SLOT].long() <= slots).all(),
+                            f"reverse_step: the table's rows keep outputs in history slots beyond the {slots} "
+                            "given (push_slot column); pass them")
+
+
 def reverse_step(
     x_t: torch.Tensor,
     model_output: torch.Tensor,
@@ -135,39 +185,9 @@ def reverse_step(
     Reads no device value on the host: safe inside CUDA-graph capture.
     """
     history = tuple(history)
-    if len(history) > MAX_HISTORY:
-        raise ValueError(f"reverse_step: history holds at most {MAX_HISTORY} ring slots, got {len(history)}")
-    key = noise if isinstance(noise, NoiseKey) else None
-    _validate(x_t, model_output, coefs, index, None if key is not None else noise, model_output_uncond,
-              model_var_values)
-    if model_var_values is not None and model_var_values.dtype != model_output.dtype:
-        raise ValueError(f"reverse_step: model_var_values is {model_var_values.dtype}, model_output "
-                         f"{model_output.dtype}; they are the two halves of one model output")
-    if key is not None:
-        key.validate(x_t.shape[0], x_t.device)
-    outputs = [("out", out, (torch.float32,)), ("half_out", half_out, (torch.float16, torch.bfloat16))]
-    outputs += [(f"history[{i}]", h, (torch.float32,)) for i, h in enumerate(history)]
-    for name, t, dtypes in outputs:
-        if name.startswith("history") and t is None:
-            raise ValueError(f"reverse_step: {name} is None")
-        if t is not None and (t.shape != x_t.shape or t.dtype not in dtypes or t.stride() != x_t.stride()
-                              or t.device != x_t.device):
-            kinds = "/".join(str(d).replace("torch.", "") for d in dtypes)
-            raise ValueError(f"reverse_step: {name} must be a {kinds} tensor laid out like x_t")
-    if out is not None and any(h is out or (not torch.compiler.is_compiling() and h.data_ptr() == out.data_ptr())
-                               for h in history):
-        raise ValueError("reverse_step: out must not be one of the history buffers (the step shifts them)")
-    for j in range(len(history)):
-        for k in range(j):
-            if history[j] is history[k] or (not torch.compiler.is_compiling()
-                                            and history[j].data_ptr() == history[k].data_ptr()):
-                raise ValueError(f"reverse_step: history[{k}] and history[{j}] are one buffer (two ring slots)")
-    torch._assert_async(((index >= 0) & (index < coefs.shape[0])).all(),
-                        f"reverse_step: index outside the coefficient table of {coefs.shape[0]} rows")
-    backend = registry.backend_for("reverse_step", x_t.device)
-    fmt = memory_format(x_t)
-
-    state = x_t.contiguous(memory_format=fmt)
+    key = _validate_call(x_t, model_output, index, coefs, noise, model_output_uncond, model_var_values, out,
+                         half_out, history)
+    state = x_t.contiguous(memory_format=memory_format(x_t))
 
     def dense(t, dtype=None):
         """t laid out exactly like the state (the kernels index every input alike). Slices of a wider output
@@ -181,31 +201,43 @@ def reverse_step(
 
     coefs = coefs.to(device=x_t.device, dtype=torch.float32).contiguous()
     index = index.contiguous()  # kernels read it densely (callers may pass an expand)
-    if len(history) < MAX_HISTORY:  # rows that weigh or keep earlier outputs need their slots: never drop terms
-        rows = coefs.index_select(0, index.clamp(0, coefs.shape[0] - 1))
-        torch._assert_async((rows[:, SLOT0 + len(history):SLOT0 + MAX_HISTORY] == 0).all(),
-                            f"reverse_step: the table's rows weigh history slots beyond the {len(history)} given "
-                            "(coef_slot columns); pass them")
-        torch._assert_async((rows[:, PUSH_SLOT].long() <= len(history)).all(),
-                            f"reverse_step: the table's rows keep outputs in history slots beyond the {len(history)} "
-                            "given (push_slot column); pass them")
-    z = None if key is not None else dense(noise, torch.float32)
-    if backend == "torch":
-        if key is not None:
-            z = randn_like_key(x_t, key)
-        result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
-                                  guidance_scale, history, model_var_values)
-        if half_out is not None:
-            half_out.copy_(result)
-        return result if out is None else out.copy_(result)
-    x = state
-    out = torch.empty_like(x) if out is None else out
-    registry.call(
-        _reverse_step_op, _reverse_step_kernels, x, dense(model_output), dense(model_output_uncond),
-        dense(model_var_values), coefs, index, z,
-        None if key is None else key.counter, None if key is None else key.images.contiguous(),
-        float(guidance_scale), bool(clip_denoised), out, half_out, list(history))
+    _check_table_fit(coefs, index, len(history))
+    out = torch.empty_like(state) if out is None else out
+    REVERSE_STEP(state, dense(model_output), dense(model_output_uncond), dense(model_var_values), coefs, index,
+                 None if key is not None else dense(noise, torch.float32),
+                 None if key is None else key.counter, None if key is None else key.images.contiguous(),
+                 float(guidance_scale), bool(clip_denoised), out, half_out, list(history))
     return out
+
+
+def _reverse_step_native(x_t, model_output, model_output_uncond, model_var_values, coefs, index, noise,
+                         noise_counter, noise_images, guidance_scale, clip_denoised, out, half_out, history):
+    registry.extension().reverse_step(x_t, model_output, model_output_uncond, coefs, index, noise, guidance_scale,
+                                      clip_denoised, noise_counter, noise_images, out, half_out, list(history),
+                                      model_var_values=model_var_values)
+
+
+def _reverse_step_triton(x_t, model_output, model_output_uncond, model_var_values, coefs, index, noise,
+                         noise_counter, noise_images, guidance_scale, clip_denoised, out, half_out, history):
+    key = None if noise_counter is None else NoiseKey(noise_counter, noise_images)
+    _reverse_step_launch(x_t, model_output, model_output_uncond, coefs, index, noise, key, guidance_scale,
+                         clip_denoised, out, half_out, history, model_var_values)
+
+
+def _reverse_step_reference(x_t, model_output, model_output_uncond, model_var_values, coefs, index, noise,
+                            noise_counter, noise_images, guidance_scale, clip_denoised, out, half_out, history):
+    z = randn_like_key(x_t, NoiseKey(noise_counter, noise_images)) if noise_counter is not None else noise
+    result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
+                              guidance_scale, tuple(history), model_var_values)
+    out.copy_(result)
+    if half_out is not None:
+        half_out.copy_(result)
+
+
+# The op writes ``out`` (which may be x_t), ``half_out`` and a ``history`` slot, and returns nothing.
+REVERSE_STEP = registry.Op(
+    "reverse_step", {"cuda": ("native", "triton", "torch"), "cpu": ("native", "triton", "torch")},
+    kernels={"native": _reverse_step_native, "triton": _reverse_step_triton}, reference=_reverse_step_reference)
 
 
 def _reverse_step_kernels(x_t: torch.Tensor, model_output: torch.Tensor, model_output_uncond: torch.Tensor | None,
@@ -214,28 +246,12 @@ def _reverse_step_kernels(x_t: torch.Tensor, model_output: torch.Tensor, model_o
                           noise_counter: torch.Tensor | None, noise_images: torch.Tensor | None, guidance_scale: float,
                           clip_denoised: bool, out: torch.Tensor, half_out: torch.Tensor | None,
                           history: list[torch.Tensor]) -> None:
-    """The kernel backends, writing ``out`` (which may be x_t), ``half_out`` and a ``history`` slot (after a
-    switch to the torch backend under a compiled graph, the reference does)."""
-    backend = registry.backend_for("reverse_step", x_t.device)
-    key = None if noise_counter is None else NoiseKey(noise_counter, noise_images)
-    if backend == "native":
-        registry.extension().reverse_step(x_t, model_output, model_output_uncond, coefs, index, noise, guidance_scale,
-                                          clip_denoised, noise_counter, noise_images, out, half_out, list(history),
-                                          model_var_values=model_var_values)
-    elif backend == "triton":
-        _reverse_step_triton(x_t, model_output, model_output_uncond, coefs, index, noise, key, guidance_scale,
-                             clip_denoised, out, half_out, history, model_var_values)
-    else:
-        z = randn_like_key(x_t, key) if key is not None else noise
-        result = reverse_step_ref(x_t, model_output, coefs, index, z, clip_denoised, model_output_uncond,
-                                  guidance_scale, tuple(history), model_var_values)
-        out.copy_(result)
-        if half_out is not None:
-            half_out.copy_(result)
+    REVERSE_STEP.implementation(x_t, model_output, model_output_uncond, model_var_values, coefs, index, noise,
+                                noise_counter, noise_images, guidance_scale, clip_denoised, out, half_out, history)
 
 
-_reverse_step_op = torch.library.custom_op("ddpm_fast::reverse_step_", _reverse_step_kernels,
-                                           mutates_args=("out", "half_out", "history"))
+_reverse_step_op = REVERSE_STEP.bind(_reverse_step_kernels, mutates_args=("out", "half_out", "history"),
+                                     name="reverse_step_")
 
 
 @_reverse_step_op.register_fake
@@ -245,7 +261,7 @@ def _(x_t, model_output, model_output_uncond, model_var_values, coefs, index, no
     return None
 
 
-def _reverse_step_triton(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out, history=(), var=None):
+def _reverse_step_launch(x, eps, eps_u, coefs, index, noise, key, w, clip, out, half_out, history=(), var=None):
     from ddpm_fast.ops.kernels.reverse_step import _reverse_step_kernel, triton
 
     numel = x.numel()

@@ -34,7 +34,6 @@ VB_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "poste
               "posterior_mean_coef2", "true_log_variance", "model_log_variance", "log_var_min", "log_var_max")
 NUM_VB_COLUMNS = len(VB_COLUMNS)
 LN2 = math.log(2.0)
-registry.register("vb_terms", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")})
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -119,7 +118,7 @@ def vb_terms(x_start: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, noise:
     table = table.to(device=x_t.device, dtype=torch.float32).contiguous()
     torch._assert_async(((t >= 0) & (t < table.shape[0])).all(),
                         f"vb_terms: t outside the table of {table.shape[0]} rows")
-    if registry.backend_for("vb_terms", x_t.device) == "torch" or registry.needs_grad(x_start, x_t, eps, noise, v):
+    if VB_TERMS.route(x_start, x_t, eps, noise, table, t, clip_denoised, v) == "torch":
         return vb_terms_ref(x_start, x_t, eps, noise, table, t, clip_denoised, v)
     fmt = memory_format(x_t)
     state = x_t.contiguous(memory_format=fmt)
@@ -131,27 +130,8 @@ def vb_terms(x_start: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, noise:
             return ten
         return torch.empty_like(state, dtype=ten.dtype).copy_(ten)
 
-    return registry.call(_vb_terms_op, _vb_terms_kernels, dense(x_start), state, dense(eps), dense(noise), table,
-                         t.contiguous(), bool(clip_denoised), dense(v))
-
-
-def _vb_terms_kernels(x_start: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor,
-                      table: torch.Tensor, t: torch.Tensor, clip_denoised: bool,
-                      v: torch.Tensor | None) -> torch.Tensor:
-    backend = registry.backend_for("vb_terms", x_t.device)
-    if backend == "native":
-        return registry.extension().vb_terms(x_start, x_t, eps, noise, table, t, clip_denoised, v)
-    if backend == "triton":
-        return _vb_terms_triton(x_start, x_t, eps, noise, table, t, clip_denoised, v)
-    return vb_terms_ref(x_start, x_t, eps, noise, table, t, clip_denoised, v)
-
-
-_vb_terms_op = torch.library.custom_op("ddpm_fast::vb_terms", _vb_terms_kernels, mutates_args=())
-
-
-@_vb_terms_op.register_fake
-def _(x_start, x_t, eps, noise, table, t, clip_denoised, v):
-    return x_t.new_empty((x_t.shape[0], 3))
+    return VB_TERMS(dense(x_start), state, dense(eps), dense(noise), table, t.contiguous(), bool(clip_denoised),
+                    dense(v))
 
 
 def _vb_terms_triton(x_start, x_t, eps, noise, table, t, clip, v):
@@ -170,3 +150,27 @@ def _vb_terms_triton(x_start, x_t, eps, noise, table, t, clip, v):
         HAS_VAR=v is not None, CLIP=clip, NUM_COLUMNS=NUM_VB_COLUMNS, BLOCK_SIZE=1024,
     )
     return out
+
+
+def _vb_terms_native(x_start, x_t, eps, noise, table, t, clip_denoised, v):
+    return registry.extension().vb_terms(x_start, x_t, eps, noise, table, t, clip_denoised, v)
+
+
+# Forward-only kernels: a bound autograd records (none does today) takes the reference.
+VB_TERMS = registry.Op("vb_terms", {"cuda": ("triton", "torch"), "cpu": ("native", "triton", "torch")},
+                       kernels={"native": _vb_terms_native, "triton": _vb_terms_triton},
+                       reference=vb_terms_ref, forward_only=("native", "triton"))
+
+
+def _vb_terms_kernels(x_start: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor,
+                      table: torch.Tensor, t: torch.Tensor, clip_denoised: bool,
+                      v: torch.Tensor | None) -> torch.Tensor:
+    return VB_TERMS.implementation(x_start, x_t, eps, noise, table, t, clip_denoised, v)
+
+
+_vb_terms_op = VB_TERMS.bind(_vb_terms_kernels)
+
+
+@_vb_terms_op.register_fake
+def _(x_start, x_t, eps, noise, table, t, clip_denoised, v):
+    return x_t.new_empty((x_t.shape[0], 3))
