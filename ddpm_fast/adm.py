@@ -36,6 +36,8 @@ from ddpm_fast.fast import (
     FastDenoiser,
     FastUpsample,
     Folding,
+    ReferenceDenoiser,
+    check_class_labels,
     check_x_and_t,
     decoder_block,
     fast_form,
@@ -297,18 +299,13 @@ class _Stage(nn.Sequential):
         return x
 
 
-class ADMUNet(nn.Module):
+class ADMUNet(ReferenceDenoiser):
     """The ADM U-Net (fp32 reference). ``model(x, t, class_labels)``: t are integer diffusion steps; the
     output is eps (C channels) or eps and v (2C channels) for a learned-sigma model."""
 
     def __init__(self, config: ADMConfig):
-        super().__init__()
-        if not isinstance(config, ADMConfig):
-            raise TypeError(f"ADMUNet needs an ADMConfig, got {type(config).__name__}")
-        problem = config.budget_problem()
-        if problem:
-            raise ValueError(f"ADMUNet: {problem}")
-        self.config = cfg = config
+        super().__init__(config, ADMConfig)
+        cfg = config
         mc, temb, drop, ss = cfg.model_channels, cfg.temb_dim, cfg.dropout, cfg.use_scale_shift_norm
         self.time_embed = nn.Sequential(nn.Linear(mc, temb), nn.SiLU(), nn.Linear(temb, temb))
         if cfg.num_classes is not None:
@@ -358,20 +355,8 @@ class ADMUNet(nn.Module):
     def _check_inputs(self, x, t, class_labels):
         cfg = self.config
         n, t = check_x_and_t(self, "ADMUNet", x, t, self.out[2].weight, cfg.in_channels, len(cfg.channel_mult))
-        if cfg.num_classes is not None:
-            if class_labels is None:
-                raise ValueError("ADMUNet: this model is class-conditional; pass class_labels in "
-                                 f"[0, {cfg.num_classes - 1}]")
-            class_labels = torch.as_tensor(class_labels, device=x.device)
-            if class_labels.dim() == 0:
-                class_labels = class_labels.expand(n)
-            if class_labels.shape != (n,) or class_labels.is_floating_point():
-                raise ValueError(f"ADMUNet: class_labels must be integers of shape ({n},)")
-            torch._assert_async(((class_labels >= 0) & (class_labels < cfg.num_classes)).all(),
-                                f"ADMUNet: class_labels must lie in [0, {cfg.num_classes - 1}]")
-        elif class_labels is not None:
-            raise ValueError("ADMUNet: class_labels given, but this model is unconditional")
-        return t, class_labels
+        top = (cfg.num_classes or 0) - 1
+        return t, check_class_labels("ADMUNet", class_labels, n, x.device, cfg.num_classes, top, f"in [0, {top}]")
 
     def time_features(self, t: torch.Tensor, class_labels, dtype: torch.dtype) -> torch.Tensor:
         """SiLU(time_embed(t * timestep_scale) [+ label_emb(y)]): the input of every ResBlock's emb Linear."""
@@ -384,14 +369,6 @@ class ADMUNet(nn.Module):
         return F.silu(emb)
 
     # ---- forward ------------------------------------------------------------------------------
-
-    @property
-    def compute_dtype(self) -> torch.dtype | None:
-        return None
-
-    @property
-    def is_fast(self) -> bool:
-        return self.compute_dtype is not None
 
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         t, class_labels = self._check_inputs(x, t, class_labels)
@@ -411,9 +388,6 @@ class ADMUNet(nn.Module):
         """The fast path: a FastADMUNet built from a copy of this model (this one is left untouched); ``copy=False``
         builds it from this model's own modules, as UNet.to_fast does."""
         return fast_form(self, FastADMUNet, dtype, fold, copy)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 # ---- the fast path ------------------------------------------------------------------------------

@@ -34,6 +34,13 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+def add_run_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags every sampling command ends with: --device, --out (default ``out``), --no-progress."""
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def run_main(prog: str, parser, args, work) -> int:
     """A sampling command's last checks (--seed, --device: parser errors, before any work), freed memory kept for
     reuse (base.keep_freed_memory: each U-Net call would page-fault its activations in again), then

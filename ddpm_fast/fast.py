@@ -21,7 +21,8 @@ from torch import nn
 from ddpm_fast import ops
 from ddpm_fast.ops.derived import derived, forget
 
-__all__ = ["FAST_DTYPES", "FastDenoiser", "FastUpsample", "Folding", "cat", "check_x_and_t", "decoder_block",
+__all__ = ["FAST_DTYPES", "FastDenoiser", "FastUpsample", "Folding", "ReferenceDenoiser", "cat", "check_class_labels",
+           "check_x_and_t", "decoder_block",
            "fast_form", "folded", "group_norm", "join", "shortcut", "tensor_sum", "timestep_embedding",
            "upsampled_conv"]
 
@@ -96,6 +97,54 @@ def check_x_and_t(model, name: str, x, t, weight: torch.Tensor, in_channels: int
     if t.is_floating_point():  # the sinusoidal embedding is defined between steps (Heun evaluates there)
         torch._assert_async(torch.isfinite(t).all(), f"{name}: t holds a non-finite step")  # no host read
     return n, t
+
+
+def check_class_labels(name: str, class_labels, n: int, device, num_classes: int | None, top: int, hint: str):
+    """A U-Net's class labels: None for an unconditional model, else n integers in [0, ``top``] (an int is every
+    image's); ``hint`` says what to pass when they are missing. No host read (a CUDA graph may be capturing): an
+    immediate error on the CPU, an assert on the GPU."""
+    if not num_classes:
+        if class_labels is not None:
+            raise ValueError(f"{name}: class_labels given, but this model is unconditional")
+        return None
+    if class_labels is None:
+        raise ValueError(f"{name}: this model is class-conditional; pass class_labels {hint}")
+    class_labels = torch.as_tensor(class_labels, device=device)
+    if class_labels.dim() == 0:
+        class_labels = class_labels.expand(n)
+    if class_labels.shape != (n,) or class_labels.is_floating_point():
+        raise ValueError(f"{name}: class_labels must be integers of shape ({n},)")
+    torch._assert_async(((class_labels >= 0) & (class_labels <= top)).all(),
+                        f"{name}: class_labels must lie in [0, {top}]")
+    return class_labels
+
+
+class ReferenceDenoiser(nn.Module):
+    """What every family's reference model shares: it computes in its weights' dtype (a fast form, a
+    FastDenoiser, casts its input to ``compute_dtype``), and is built from a config of its family's class that fits
+    this machine (config.budget_problem)."""
+
+    def __init__(self, config, config_class: type):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(config, config_class):
+            raise TypeError(f"{name}: config must be of type {config_class.__name__}, got {type(config).__name__}")
+        problem = config.budget_problem()
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+        self.config = config
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the model casts its input to and computes in; None: x's own (the reference)."""
+        return None
+
+    @property
+    def is_fast(self) -> bool:
+        return self.compute_dtype is not None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 # ---- norms and derived weights -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.cli import DefaultsHelpFormatter, in_out_folder, run_main
+from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, in_out_folder, run_main
 from ddpm_fast.data import MAX_IMAGE_PIXELS, load_data, to_model_range
 from ddpm_fast.fileio import atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["eager", "graph"], default="eager",
                    help="graph: each batch of (image, t) pairs is a replay of one captured CUDA graph (on a GPU; "
                         "on a CPU the same loop runs eagerly)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--out", default="nll", help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_args(p, out="nll")
     return p
 
 

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from ddpm_fast import engine, ops
-from ddpm_fast.cli import DefaultsHelpFormatter, in_out_folder, run_main
+from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, in_out_folder, run_main
 from ddpm_fast.families import family_of
 from ddpm_fast.images import save_grid, save_npz
 from ddpm_fast.loading import load_model
@@ -107,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net (Inductor; the fused ops are registered torch ops it keeps): "
                         "a one-time compile of tens of seconds, then faster steps")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_args(p, out="samples")
     return p
 
 

@@ -1,12 +1,8 @@
 """python -m ddpm_fast.train: train a DDPM on an image folder, an .npz, or the built-in digits.
 
-Everything random is drawn from generators whose states go into the checkpoint (batch indices,
-timesteps and noise, label dropout, dropout masks), and every checkpoint is a step boundary written
-atomically: a run resumed with --resume continues exactly where the saved one stopped (bit for bit on
-the CPU), also after Ctrl-C or SIGTERM, which finish the current step, save and exit (130 / 143).
-A checkpoint is written only after the loss, the gradients and the weights about to be saved are
-checked finite, so a diverging run stops with an error and keeps its last good checkpoint.
-Multi-GPU: torchrun --nproc_per_node=K -m ddpm_fast.train ... (DistributedDataParallel; gloo on CPU).
+The command line of the Trainer (trainer.py: exact resume, also after Ctrl-C or SIGTERM, which save the step
+boundary and exit 130 / 143; checkpoints written only when finite; EMA, AMP, metrics). Multi-GPU:
+torchrun --nproc_per_node=K -m ddpm_fast.train ... (DistributedDataParallel; gloo on CPU).
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ from ddpm_fast.fast import (
     FastDenoiser,
     FastUpsample,
     Folding,
+    ReferenceDenoiser,
     cat,
+    check_class_labels,
     check_x_and_t,
     decoder_block,
     fast_form,
@@ -147,15 +149,10 @@ class _Level(nn.Module):
         self.attentions = nn.ModuleList()
 
 
-class UNet(nn.Module):
+class UNet(ReferenceDenoiser):
     def __init__(self, config: UNetConfig):
-        super().__init__()
-        if not isinstance(config, UNetConfig):
-            raise TypeError(f"UNet needs a UNetConfig, got {type(config).__name__}")
-        problem = config.budget_problem()
-        if problem:
-            raise ValueError(f"UNet: {problem}")
-        self.config = cfg = config
+        super().__init__(config, UNetConfig)
+        cfg = config
         ch, groups, eps, temb = cfg.ch, cfg.num_groups, cfg.norm_eps, cfg.temb_dim
         chans = [ch * m for m in cfg.ch_mult]
         levels = len(chans)
@@ -226,21 +223,8 @@ class UNet(nn.Module):
     def _check_inputs(self, x, t, class_labels):
         cfg = self.config
         n, t = check_x_and_t(self, "UNet", x, t, self.conv_in.weight, cfg.in_channels, len(cfg.ch_mult))
-        if cfg.num_classes:
-            if class_labels is None:
-                raise ValueError("UNet: this model is class-conditional; pass class_labels "
-                                 f"(use {cfg.num_classes} for the null label)")
-            class_labels = torch.as_tensor(class_labels, device=x.device)
-            if class_labels.dim() == 0:
-                class_labels = class_labels.expand(n)
-            if class_labels.shape != (n,) or class_labels.is_floating_point():
-                raise ValueError(f"UNet: class_labels must be integers of shape ({n},)")
-            # No host read (a CUDA graph may be capturing): an immediate error on the CPU, an assert on the GPU.
-            torch._assert_async(((class_labels >= 0) & (class_labels <= cfg.num_classes)).all(),
-                                f"UNet: class_labels must lie in [0, {cfg.num_classes}]")
-        elif class_labels is not None:
-            raise ValueError("UNet: class_labels given, but this model is unconditional")
-        return t, class_labels
+        return t, check_class_labels("UNet", class_labels, n, x.device, cfg.num_classes, cfg.num_classes,
+                                     f"(use {cfg.num_classes} for the null label)")
 
     def time_features(self, t: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype):
         """SiLU(temb): the shared input of every ResBlock's time_emb_proj."""
@@ -252,15 +236,6 @@ class UNet(nn.Module):
         return F.silu(emb)
 
     # ---- forward ------------------------------------------------------------------------------
-
-    @property
-    def compute_dtype(self) -> torch.dtype | None:
-        """The dtype the model casts its input to and computes in; None: x's own (the reference)."""
-        return None
-
-    @property
-    def is_fast(self) -> bool:
-        return self.compute_dtype is not None
 
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         x, temb = self.prepare(x, t, class_labels)
@@ -342,9 +317,6 @@ class UNet(nn.Module):
         used up and refuses to run afterwards.
         """
         return fast_form(self, FastUNet, dtype, fold, copy)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 # ---- the fast path ------------------------------------------------------------------------------

@@ -462,3 +462,23 @@ def test_keep_freed_memory_setting_is_checked(tmp_path, tiny_model, capsys, monk
     with pytest.raises(SystemExit):
         sample_cli.main(["--checkpoint", tiny_model, "--out", str(tmp_path / "s"), "--num-samples", "1"])
     assert "DDPM_FAST_KEEP_FREED_MEMORY must be 0 or 1, got 'yes'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["sample", "train", "nll"])
+def test_help_states_each_default_once(module):
+    """--help adds "(default: X)" only where the flag's own text does not state its default and X says something."""
+    import importlib
+
+    from ddpm_fast.cli import DefaultsHelpFormatter
+
+    parser = importlib.import_module(f"ddpm_fast.{module}").build_parser()
+    formatter = DefaultsHelpFormatter(parser.prog)
+    for action in parser._actions:
+        text = formatter._get_help_string(action) or ""
+        text = text % {**vars(action), "prog": parser.prog} if "%(" in text else text
+        assert "(default: None)" not in text and "(default: False)" not in text, (action.dest, text)
+        if "default" in (action.help or ""):  # the flag's own text states it: nothing added
+            own = action.help % {**vars(action), "prog": parser.prog} if "%(" in action.help else action.help
+            assert text == own, (action.dest, text)
+    full = parser.format_help()
+    assert "(default: None)" not in full
