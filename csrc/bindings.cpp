@@ -1,4 +1,4 @@
-// The one extension module, ddpm_fast._C.
+// The one extension module, ddpm_fast.ops._C.
 #include <torch/extension.h>
 
 #include "cpu_kernels.h"
@@ -31,7 +31,7 @@ at::Tensor reverse_step(const at::Tensor& x, const at::Tensor& eps, const OptTen
 #ifdef DDPM_FAST_WITH_CUDA
     return reverse_step_cuda(x, eps, eps_uncond, coefs, index, io, guidance_scale, clip);
 #else
-    TORCH_CHECK(false, "ddpm_fast._C was built without CUDA sources; reinstall with nvcc available");
+    TORCH_CHECK(false, "ddpm_fast.ops._C was built without CUDA sources; reinstall with nvcc available");
 #endif
   }
   return reverse_step_cpu(x, eps, eps_uncond, coefs, index, io, guidance_scale, clip);

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickletools
 import re
+import warnings
+import zipfile
 
 import torch
 
@@ -102,26 +105,61 @@ def _read_safetensors(path: str) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def read_torch_file(path: str):
-    """torch.load with weights_only=True (no code runs from the file), errors naming the file."""
-    import pickle
+# What torch.save itself pickles around tensors: everything else a checkpoint names is an object whose loading
+# would run code (os.system, a class's __reduce__, ...).
+_TORCH_PICKLE_NAMES = ("torch.", "collections.OrderedDict", "_codecs.encode")
 
+
+def pickled_names(path: str) -> list[str] | None:
+    """The globals (module.name) a pickle names, read without unpickling it (pickletools): of the file, or of a
+    torch zip checkpoint's data.pkl; None if it is not a readable pickle."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message advises weights_only=False, i.e. running the file's code: keep only what went wrong.
-        found = re.search(r"WeightsUnpickler error:\s*(.*)", str(exc))
-        detail = found.group(1).strip() if found and found.group(1).strip() else ""
-        if not detail and found:
-            detail = str(exc)[found.end():].strip().splitlines()[0] if str(exc)[found.end():].strip() else ""
-        global_ = re.search(r"GLOBAL ([\w.]+)", detail)
-        if global_:
-            raise CheckpointError(f"{path}: holds pickled Python objects besides tensors ({global_.group(1)}); it "
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return None
+                data = z.read(member)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:  # not a pickle (or a truncated one): nothing to classify
+        return None
+
+
+def read_torch_file(path: str):
+    """torch.load with weights_only=True (no code runs from the file), errors naming the file. A refusal is
+    classified from the pickle's contents, not from torch's wording: a file naming objects besides tensors is
+    said to hold code that loading would run."""
+    try:
+        with warnings.catch_warnings():  # torch's own notes on unusual pickles: the outcome below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        names = pickled_names(path)
+        foreign = [n for n in names or () if not n.startswith(_TORCH_PICKLE_NAMES)]
+        if foreign:
+            more = f" and {len(set(foreign)) - 1} more" if len(set(foreign)) > 1 else ""
+            raise CheckpointError(f"{path}: holds pickled Python objects besides tensors ({foreign[0]}{more}); it "
                                   "was not loaded (loading them would run code from the file); save a plain state "
                                   "dict or safetensors instead") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail or type(exc).__name__})") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+        if names is not None and not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: a Python pickle, not a torch checkpoint (torch.save writes a zip "
+                                  "archive); save it with torch.save or as safetensors") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc):
+            detail = ""  # torch's advice is to load with weights_only=False, i.e. to run the file's code
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}"
+                              + (f": {detail}" if detail else "") + ")") from None
 
 
 def _read_torch(path: str, obj=None) -> dict:

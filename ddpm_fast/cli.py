@@ -2,7 +2,8 @@
 failure as one line.
 
 ``in_out_folder`` runs a command's work with ``--out`` held as its run folder (rank 0 of a torchrun holds it;
-see fileio.RunFolder). ``run_main`` checks --seed and --device and keeps freed memory for reuse
+see fileio.RunFolder). ``run_main`` checks --seed, --device and the DDPM_FAST_* environment (a backend that
+cannot run on the device is refused before the model loads) and keeps freed memory for reuse
 (base.keep_freed_memory), then ``run_command`` runs the work:
 ValueError (CheckpointError and DataError among them) and OSError become ``PROG: error: ...`` and exit 2,
 Ctrl-C exit 130 with the command's own notice of what was kept.
@@ -13,10 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from ddpm_fast.base import keep_freed_memory
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import RunFolder
 from ddpm_fast.noise import check_seed
+from ddpm_fast.ops import environment_problem
 
 INTERRUPTED = "interrupted (outputs are written only at the end, each atomically)"
 
@@ -32,6 +36,10 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
                 or action.option_strings == [] or "%(default)" in text):
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def add_run_args(p: argparse.ArgumentParser, out: str) -> None:
@@ -50,10 +58,14 @@ def run_main(prog: str, parser, args, work) -> int:
     except ValueError as exc:
         parser.error(f"--seed: {exc}")
     try:
-        parse_device(args.device)
+        device = parse_device(args.device)
         keep_freed_memory()
     except ValueError as exc:
         parser.error(str(exc))
+    problem = environment_problem(device or _default_device())
+    if problem:  # not a usage error: one line, no usage
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
     return run_command(prog, work, args, interrupted=INTERRUPTED)
 
 

@@ -137,6 +137,10 @@ def _try_lock(lock_path: str, create: bool) -> int | None:
             fd = os.open(lock_path, flags, 0o644)
         except FileNotFoundError:
             return -1  # not created: nobody holds it
+        except OSError as exc:  # a folder (or anything else) in the lock file's place
+            what = "a folder" if os.path.isdir(lock_path) else "not a lock file this project can open"
+            raise OSError(f"{lock_path}: the run folder's lock file is {what} ({exc.strerror or exc}); "
+                          "remove it if no run holds this folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

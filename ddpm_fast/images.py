@@ -12,11 +12,12 @@ from ddpm_fast.fileio import atomic_write
 
 
 def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 (N, H, W, C) -> one uint8 (H', W', C) image, ``nrow`` images per row, padded in black."""
+    """uint8 (N, H, W, C) -> one uint8 (H', W', C) image, ``nrow`` images per row (about square by default; never
+    wider than the images need), padded in black."""
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"grid wants uint8 (N, H, W, C) images, got {images.dtype} {tuple(images.shape)}")
     n, h, w, c = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
     rows = math.ceil(n / nrow)
     out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
     arr = images.cpu().numpy()

@@ -121,7 +121,10 @@ def resolve_preset(flags, repo: str):
 def _split_flags(flags: str) -> dict:
     if not isinstance(flags, str):
         raise TypeError(f"flags must be a string (or a dict), got {type(flags).__name__}")
-    tokens = shlex.split(flags)
+    try:
+        tokens = shlex.split(flags)
+    except ValueError as exc:  # shlex says only "No closing quotation"
+        raise ValueError(f"openai flags {flags!r}: {str(exc).lower()} (an unbalanced quote)") from None
     given: dict = {}
     i = 0
     while i < len(tokens):

@@ -165,6 +165,10 @@ class SamplingPlan:
         self.labels = self.null = None
         self.num_steps = sampler.num_steps
         self.cache_interval = run.cache_interval
+        if self.cache_interval and 1 < self.num_steps <= self.cache_interval:
+            raise ValueError(f"cache_interval {self.cache_interval} is not below the run's {self.num_steps} model "
+                             "evaluations: every step after the first would reuse the first step's deep features "
+                             f"and the images come out as blobs; take it below {self.num_steps} (1: no caching)")
         if self.cache_interval and not callable(getattr(model, "encode_shallow", None)):
             raise ValueError(f"cache_interval: {type(model).__name__} has no shallow/deep boundary (encode_shallow, "
                              "deep, decode_shallow); the DDPM UNet and its fast form have one")

@@ -35,6 +35,7 @@ from ddpm_fast.unet import compile_model
 # A final sample this far outside [-1, 1] is a failure, like a non-finite one (unclipped solvers overshoot a
 # little; orders of magnitude mean a broken model or setting).
 MAX_SAMPLE_MAGNITUDE = 100.0
+MAX_CLASS_COLUMNS = 32  # grid.png: one column per class up to this many classes
 # The default sampler: the cheapest point of the measured quality-vs-time front whose quality matches the old
 # default, DDIM with 100 steps (benchmarks/test_front_bench.py, RESULTS.md): UniPC-2, 5 steps on the embedded
 # digits model; its own default (10) on other checkpoints, where published CIFAR-10 figures put UniPC at 10
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "U-Net always runs on --invariant-chunk images (padded), on one core per process on a CPU")
     p.add_argument("--cache-interval", type=int, default=None, metavar="N",
                    help="feature caching (DeepCache): the whole U-Net every N steps, only its shallow branch "
-                        "(first level down, last level up) in between, on the deep features of the last whole step")
+                        "(first level down, last level up) in between, on the deep features of the last whole step; "
+                        "N must be below the run's step count (1: every step whole, no caching)")
     p.add_argument("--invariant-chunk", type=int, default=None,
                    help=f"images per U-Net call with --batch-invariant (default {INVARIANT_CHUNK}); the bits "
                         "depend on it, so compare runs made with the same value")
@@ -264,7 +266,9 @@ def _write(args, images, labels, num_classes):
     was written too, so a failed run never leaves a result that looks complete."""
     n, h, w, c = images.shape
     npz, grid_path = _targets(args, n, h, w, c)
-    nrow = num_classes if num_classes and args.class_label is None else None
+    # One column per class while the classes cycle along rows a reader can follow (digits, CIFAR-10); an
+    # ImageNet model's 1000 classes would make a grid 1000 images wide: about square then.
+    nrow = num_classes if num_classes and num_classes <= MAX_CLASS_COLUMNS and args.class_label is None else None
     save_grid(images[: min(n, 400)], grid_path, nrow=nrow, scale=max(1, 128 // max(h, 1)))
     save_npz(images, npz, labels)
     return npz, grid_path

@@ -11,10 +11,14 @@ import argparse
 import dataclasses
 import sys
 
+import torch
+
 from ddpm_fast.base import keep_freed_memory
 from ddpm_fast.checkpoint import CheckpointError
 from ddpm_fast.cli import DefaultsHelpFormatter
 from ddpm_fast.data import DataError
+from ddpm_fast.distributed import parse_device
+from ddpm_fast.ops import environment_problem
 from ddpm_fast.trainer import TrainConfig, TrainingInterrupted, train
 
 
@@ -41,6 +45,11 @@ def main(argv=None) -> int:
     errors = cfg.errors()
     if errors:
         parser.error("; ".join(errors))
+    problem = environment_problem(parse_device(cfg.device) or torch.device("cuda" if torch.cuda.is_available()
+                                                                            else "cpu"))
+    if problem:  # not a usage error: one line, no usage
+        print(f"ddpm_fast.train: error: {problem}", file=sys.stderr)
+        return 2
     try:
         keep_freed_memory()  # each step frees and allocates its activations: keep them mapped
     except ValueError as exc:

@@ -9,7 +9,8 @@ constants, multiples of 16 and 16-byte-aligned pointers get divisibility hints),
 specializer. The interpreter does not type-check kernels the way the compiler does; this sends each
 variant through Triton's whole pipeline down to a cubin (ptxas included). Full-size GPU shapes are
 multiples of 16 where the small test shapes may not be, so each variant is also compiled with every
-integer and pointer marked divisible by 16. Run without TRITON_INTERPRET; prints one line per failure.
+integer and pointer marked divisible by 16. Of the tile sizes the test shapes give one flag combination, the
+smallest and the largest are compiled (``variants``). Run without TRITON_INTERPRET; prints one line per failure.
 """
 
 import importlib
@@ -26,16 +27,35 @@ from triton.compiler import ASTSource, compile  # noqa: E402
 ARCHS = (80, 90)
 
 
+def _size_key(name: str) -> bool:
+    """Constexprs that only size a kernel's tiles (BLOCK_SIZE, BLOCK_S, CG_P2, SPLIT), set by the test shapes."""
+    return name.startswith("BLOCK") or name in ("CG_P2", "SPLIT")
+
+
 def variants(records):
-    """Distinct (kernel, signature, constexprs, attrs, options) to compile, as JSON strings."""
-    seen = set()
+    """Distinct (kernel, signature, constexprs, attrs, options) to compile, as JSON strings.
+
+    The recorded launches differ in their flags (dtypes, HAS_*, CHANNELS_LAST, the JIT's integer-1
+    specializations), which change the code, and in tile sizes set by the small test shapes. Every flag
+    combination is kept; of its tile sizes the smallest and the largest (the largest is what register pressure
+    depends on; the sizes between compile the same code at sizes in between). Each is compiled as recorded and
+    with every integer and pointer divisible by 16 (full-size GPU shapes)."""
+    groups: dict[str, dict[str, dict]] = {}
     for rec in records:
-        all_d = dict(rec, attrs={k: "D" for k, v in rec["signature"].items() if v[0] in "*i"})
-        for v in (rec, all_d):
-            key = json.dumps(v, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                yield key
+        flags = {k: v for k, v in rec["constexprs"].items() if not _size_key(k)}
+        group = json.dumps([rec["kernel"], rec["signature"], flags, rec["options"]], sort_keys=True)
+        sizes = json.dumps(sorted((k, v) for k, v in rec["constexprs"].items() if _size_key(k)))
+        groups.setdefault(group, {}).setdefault(sizes, rec)
+    seen = set()
+    for by_size in groups.values():
+        ordered = sorted(by_size.items(), key=lambda kv: [v for _, v in json.loads(kv[0])])
+        for rec in {id(r): r for r in (ordered[0][1], ordered[-1][1])}.values():
+            all_d = dict(rec, attrs={k: "D" for k, v in rec["signature"].items() if v[0] in "*i"})
+            for v in (rec, all_d):
+                key = json.dumps(v, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    yield key
 
 
 def _compile(job):

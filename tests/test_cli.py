@@ -482,3 +482,21 @@ def test_help_states_each_default_once(module):
             assert text == own, (action.dest, text)
     full = parser.format_help()
     assert "(default: None)" not in full
+
+
+def test_a_grid_is_laid_out_by_the_images_not_the_class_count(tmp_path):
+    """A 1000-class model without --class-label: 6 images make a grid about square, not 1000 columns wide."""
+    from PIL import Image
+
+    from ddpm_fast.images import grid
+
+    path = tmp_path / "many_classes"
+    save_pretrained(randomize_(UNet(UNetConfig.from_name("tiny", num_classes=1000)), 0.05), path,
+                    schedule=NoiseSchedule.linear(20))
+    out = tmp_path / "out"
+    assert _sample(["--checkpoint", str(path), "--num-samples", "6", "--steps", "2", "--out", str(out)]) == 0
+    width, height = Image.open(out / "grid.png").size
+    scale = 128 // 8
+    assert width == (3 * 10 + 2) * scale and height == (2 * 10 + 2) * scale  # 3 x 2 images of 8 px, 2 px padding
+    images = torch.zeros(3, 8, 8, 1, dtype=torch.uint8)
+    assert grid(images, nrow=10).shape == (12, 3 * 10 + 2, 1)  # never wider than the images need

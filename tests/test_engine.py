@@ -17,7 +17,7 @@ from ddpm_fast import (
     ops,
 )
 
-needs_ext = pytest.mark.skipif(ops.extension() is None, reason="ddpm_fast._C not built")
+needs_ext = pytest.mark.skipif(ops.extension() is None, reason="ddpm_fast.ops._C not built")
 
 
 @needs_ext

@@ -125,3 +125,18 @@ def test_cli_flag(tmp_path, capsys):
                             "--out", str(out)]) == 0
     assert "deep features cached (whole U-Net every 3 steps)" in capsys.readouterr().out
     assert len(list(out.glob("*.npz"))) == 1
+
+
+@pytest.mark.parametrize("steps, interval", [(4, 4), (4, 9), (2, 2)])
+def test_an_interval_at_or_above_the_step_count_is_refused(steps, interval, tmp_path):
+    """Every step but the first would reuse the first step's deep features: refused, by the plan and the CLI."""
+    model = UNet(UNetConfig.from_name("tiny")).eval()
+    sampler = DDIMSampler(NoiseSchedule.linear(100), steps)
+    with pytest.raises(ValueError, match=f"cache_interval {interval} is not below the run's {steps} model"):
+        sampler.plan(model, (1, 3, 8, 8), seed=0, cache_interval=interval)
+    sampler.plan(model, (1, 3, 8, 8), seed=0, cache_interval=steps - 1)  # below: fine
+    from ddpm_fast import sample as sample_cli
+
+    code = sample_cli.main(["--sampler", "ddim", "--steps", str(steps), "--cache-interval", str(interval),
+                            "--num-samples", "1", "--no-progress", "--out", str(tmp_path / "out")])
+    assert code == 2

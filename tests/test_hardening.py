@@ -11,7 +11,7 @@ from conftest import randomize_
 from ddpm_fast import DDIMSampler, NoiseSchedule, RunOptions, UNet, UNetConfig
 from ddpm_fast import sample as sample_cli
 from ddpm_fast import train as train_cli
-from ddpm_fast.checkpoint import CheckpointError, load_schedule, save_pretrained
+from ddpm_fast.checkpoint import CheckpointError, load_schedule, pickled_names, read_torch_file, save_pretrained
 from ddpm_fast.fileio import atomic_write_json
 from ddpm_fast.schedule import space_timesteps
 
@@ -428,3 +428,54 @@ def test_a_file_system_without_locks_leaves_the_folder_unlocked(tmp_path, monkey
     with RunFolder(tmp_path / "out") as folder:
         assert (tmp_path / "out").is_dir() and folder.removed == 0
     assert not (tmp_path / "out" / ".ddpm_fast.lock").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this would have run",))
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "pickle"])
+def test_a_pickle_with_code_says_so_whatever_torchs_wording(tmp_path, kind):
+    """Classified from the pickle's own opcodes (pickletools), never by running it or by matching torch's text."""
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    if kind == "torch.save":
+        torch.save({"weight": torch.ones(2), "x": _RunsCode()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"x": _RunsCode()}, protocol=4))
+    with pytest.raises(CheckpointError) as info:
+        read_torch_file(str(path))
+    message = str(info.value)
+    assert "holds pickled Python objects besides tensors (posix.system" in message or "(nt.system" in message
+    assert "would run code" in message and "weights_only=False" not in message and "\n" not in message
+
+
+def test_a_plain_pickle_is_named_as_one(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"x": 1, "y": [1.0, 2.0]}, protocol=4))
+    with pytest.raises(CheckpointError, match="a Python pickle, not a torch checkpoint"):
+        read_torch_file(str(path))
+    names = pickled_names(str(path))
+    assert names == []
+    torch.save({"w": torch.ones(1)}, tmp_path / "ok.pt")
+    assert all(n.startswith(("torch.", "collections.")) for n in pickled_names(str(tmp_path / "ok.pt")))
+    assert read_torch_file(str(tmp_path / "ok.pt"))["w"].tolist() == [1.0]
+
+
+def test_errors_name_what_they_refer_to(tmp_path, capsys):
+    """An unbalanced quote in --openai-flags, and a lock file that is a folder, each name the thing in one line."""
+    from ddpm_fast.openai import parse_flags
+
+    with pytest.raises(ValueError, match=r"openai flags .*unbalanced quote"):
+        parse_flags("--image_size '64")
+    out = tmp_path / "run"
+    (out / ".ddpm_fast.lock").mkdir(parents=True)
+    assert sample_cli.main(["--num-samples", "1", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and ".ddpm_fast.lock: the run folder's lock file is a folder" in err

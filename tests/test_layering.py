@@ -121,13 +121,13 @@ def test_the_bottom_layers_import_nothing_above_them():
 # The package's layers, bottom first: a module imports only from its own layer or those below it.
 LAYERS = (
     ("files, devices and numbers", ("base", "fileio", "distributed", "data", "schedule")),
-    ("small helpers", ("noise", "images", "metrics", "config", "cli")),
+    ("small helpers", ("noise", "images", "metrics", "config")),
     ("ops", ("ops", "ops.*")),
     ("model families", ("fast", "unet", "adm", "families")),
     ("weights in and out", ("checkpoint", "openai")),
     ("sampling, likelihood and losses", ("plan", "samplers", "solvers", "likelihood", "losses", "engine")),
     ("library services", ("loading", "trainer")),
-    ("commands", ("sample", "train", "nll", "__main__")),
+    ("commands", ("cli", "sample", "train", "nll")),
 )
 
 

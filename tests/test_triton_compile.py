@@ -55,5 +55,5 @@ def test_replay_loop_takes_torchs_cuda_graph_type():
 
     ext = ops.extension()
     if ext is None or not ext.with_cuda():
-        pytest.skip("ddpm_fast._C has no CUDA part here")
+        pytest.skip("ddpm_fast.ops._C has no CUDA part here")
     assert "torch._C._CUDAGraph" in ext.replay_graph.__doc__

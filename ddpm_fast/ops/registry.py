@@ -55,7 +55,8 @@ def _load_extension():
 
 
 _C = _load_extension()
-_RECORD_LAUNCHES = os.environ.get("DDPM_FAST_RECORD_LAUNCHES") or None
+BACKEND_ENV, RECORD_ENV = "DDPM_FAST_BACKEND", "DDPM_FAST_RECORD_LAUNCHES"
+_RECORD_LAUNCHES = os.environ.get(RECORD_ENV) or None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton itself reads it once, at import
 
 
@@ -98,8 +99,11 @@ def _record_launch(path, kernel, args, meta) -> None:
                        "constexprs": constexprs, "attrs": attrs, "options": options}, sort_keys=True)
     if line not in _recorded:
         _recorded.add(line)
-        with open(path, "a") as f:  # one short line per write: safe to share between processes
-            f.write(line + "\n")
+        try:
+            with open(path, "a") as f:  # one short line per write: safe to share between processes
+                f.write(line + "\n")
+        except OSError as exc:
+            raise OSError(f"{RECORD_ENV}={path}: cannot append the launch record ({exc.strerror or exc})") from None
 
 
 def extension():
@@ -147,6 +151,7 @@ class _Registry:
         self.implemented: dict[str, dict[str, tuple[str, ...]]] = {}
         self.requested = "auto"
         self.chosen: dict[tuple[str, str], str] = {}
+        self.bad_environment: str | None = None  # why DDPM_FAST_BACKEND was not taken
 
     def request(self, name: str) -> None:
         self.requested = name
@@ -160,6 +165,8 @@ class _Registry:
         return chosen
 
     def _choose(self, op: str, device_type: str) -> str:
+        if self.bad_environment:
+            warn_once("env-backend", self.bad_environment, stacklevel=5)
         have = self.implemented[op].get(device_type, ("torch",))
         device = torch.device(device_type)
         if self.requested == "auto":
@@ -315,4 +322,34 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
     return None
 
 
-set_backend(os.environ.get("DDPM_FAST_BACKEND", "auto"))
+def environment_problem(device=None) -> str | None:
+    """What is wrong with this process's DDPM_FAST_* variables (on ``device``, when given), one line, or None. The
+    commands ask before any work; importing the package never fails on them (a bad value warns and runs auto)."""
+    raw = os.environ.get(BACKEND_ENV)
+    if raw is not None:
+        try:
+            name = _canonical(raw)
+        except ValueError:
+            return f"{BACKEND_ENV}={raw!r} is not a backend; set one of {', '.join(BACKENDS)} (or unset it: auto)"
+        if device is not None:
+            why = backend_unavailable_reason(name, torch.device(device))
+            if why is not None:
+                return f"{BACKEND_ENV}={name} cannot run on {torch.device(device)}: {why}"
+    if _RECORD_LAUNCHES:
+        folder = os.path.dirname(os.path.abspath(_RECORD_LAUNCHES))
+        if not os.path.isdir(folder):
+            return f"{RECORD_ENV}={_RECORD_LAUNCHES}: its folder {folder} does not exist"
+    return None
+
+
+def _backend_from_environment() -> str:
+    """DDPM_FAST_BACKEND, or auto for a bad value: the first op then warns once (commands refuse it first)."""
+    raw = os.environ.get(BACKEND_ENV, "auto")
+    try:
+        return _canonical(raw)
+    except ValueError:
+        _registry.bad_environment = f"ddpm_fast: {BACKEND_ENV}={raw!r} is not one of {BACKENDS}; using auto"
+        return "auto"
+
+
+set_backend(_backend_from_environment())
