@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
-from ddpm_fast.base import unet_budget_problem
+from ddpm_fast.base import unet_budget_problem, unet_cost
 from ddpm_fast.config import ConfigDict
 from ddpm_fast.fast import (
     FastDenoiser,
@@ -150,9 +150,17 @@ class ADMConfig(ConfigDict):
         (default: this config's own model_channels, channel_mult, num_res_blocks, image_size), or None."""
         fields = fields or {"model_channels": self.model_channels, "channel_mult": list(self.channel_mult),
                             "num_res_blocks": self.num_res_blocks, "image_size": self.image_size}
+        return unet_budget_problem(*self.levels(), fields)
+
+    def levels(self) -> tuple:
+        """(resolutions, channels, num_res_blocks, attention per level, temb_dim): what base.unet_cost reads."""
         rates = [2**i for i in range(len(self.channel_mult))]
-        return unet_budget_problem([self.image_size // r for r in rates], self.level_channels, self.num_res_blocks,
-                                   [r in self.attention_ds for r in rates], self.temb_dim, fields)
+        return ([self.image_size // r for r in rates], self.level_channels, self.num_res_blocks,
+                [r in self.attention_ds for r in rates], self.temb_dim)
+
+    def cost(self) -> tuple[float, float]:
+        """(parameters, fp32 activation bytes of one image's forward), estimated (base.unet_cost)."""
+        return unet_cost(*self.levels())
 
     @property
     def level_channels(self) -> tuple[int, ...]:

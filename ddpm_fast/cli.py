@@ -12,7 +12,9 @@ Ctrl-C exit 130 with the command's own notice of what was kept.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 import torch
 
@@ -80,14 +82,32 @@ def in_out_folder(args, work):
         return work(args, dist_ctx)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command runs so that it unwinds as Ctrl-C does (folders released, nothing half
+    written)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_command(prog: str, work, *args, interrupted: str = "interrupted") -> int:
-    """``work(*args)``; returns the exit code (0, 2 for a reported error, 130 for Ctrl-C)."""
+    """``work(*args)``; returns the exit code (0, 2 for a reported error, 130 for Ctrl-C, 143 for SIGTERM: each
+    interruption one notice, its run folder released and, if the run made it and wrote nothing, removed)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         work(*args)
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: {interrupted.replace('interrupted', 'terminated (SIGTERM)', 1)}", file=sys.stderr)
+        return 143
     except (ValueError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_fast.base import CheckpointError, unet_budget_problem
+from ddpm_fast.base import CheckpointError, unet_budget_problem, unet_cost
 
 
 class ConfigDict:
@@ -111,13 +111,21 @@ class UNetConfig(ConfigDict):
         if errors:
             raise ValueError("invalid UNetConfig: " + "; ".join(errors))
 
+    def levels(self) -> tuple:
+        """(resolutions, channels, num_res_blocks, attention per level, temb_dim): what base.unet_cost reads."""
+        return (self.resolutions, [self.ch * m for m in self.ch_mult], self.num_res_blocks,
+                [r in self.attn_resolutions for r in self.resolutions], self.temb_dim)
+
+    def cost(self) -> tuple[float, float]:
+        """(parameters, fp32 activation bytes of one image's forward), estimated (base.unet_cost)."""
+        return unet_cost(*self.levels())
+
     def budget_problem(self, fields: dict[str, object] | None = None) -> str | None:
         """Why this U-Net cannot be built on this machine (see base.unet_budget_problem), naming ``fields``
         (default: this config's own ch, ch_mult, num_res_blocks, sample_size), or None."""
         fields = fields or {"ch": self.ch, "ch_mult": list(self.ch_mult), "num_res_blocks": self.num_res_blocks,
                             "sample_size": self.sample_size}
-        return unet_budget_problem(self.resolutions, [self.ch * m for m in self.ch_mult], self.num_res_blocks,
-                                   [r in self.attn_resolutions for r in self.resolutions], self.temb_dim, fields)
+        return unet_budget_problem(*self.levels(), fields)
 
     @property
     def resolutions(self) -> tuple[int, ...]:

@@ -170,13 +170,14 @@ class RunFolder:
       lock when a holder dies, so a killed run never blocks the next);
     - temporary files that a killed write of ours left (see atomic_write) are removed, and only when their
       writer is gone (``removed`` counts them; ``remove_stale(sub)`` does the same in a subfolder);
-    - a folder this run made and left empty (it failed before writing anything) is removed on exit.
+    - nothing is created before the folders above are known not to be another live run's; a folder this run
+      made (the folder itself and the parents it needed) and left empty is removed when the run fails.
 
     ``active=False`` (the other ranks of a torchrun) does nothing. Errors are OSError naming ``flag``."""
 
     def __init__(self, path, flag: str = "--out", active: bool = True):
         self.path, self.flag, self.active = os.fspath(path), flag, active
-        self.removed, self._created, self._key = 0, False, None
+        self.removed, self._made, self._key = 0, [], None
 
     def __enter__(self) -> RunFolder:
         if not self.active:
@@ -184,12 +185,20 @@ class RunFolder:
         path, flag = self.path, self.flag
         if os.path.exists(path) and not os.path.isdir(path):
             raise OSError(f"{flag} {path}: exists and is not a folder")
-        self._created = not os.path.exists(path)
+        key = os.path.realpath(path)
+        if fcntl is not None and key not in _HELD:
+            self._check_ancestors(key)  # before anything is made: a busy ancestor leaves no trace
+        missing, d = [], os.path.abspath(path)
+        while not os.path.exists(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        self._made = missing[::-1]  # outermost first
         try:
             os.makedirs(path, exist_ok=True)
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as exc:
+            self._drop_if_made()
             raise OSError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
         try:
             self._lock()
@@ -200,11 +209,11 @@ class RunFolder:
         return self
 
     def _drop_if_made(self) -> None:
-        if self._created:
+        for d in reversed(self._made):  # innermost first, each only if empty: what a failed run made
             try:
-                os.rmdir(self.path)  # only if empty: what a failed run made and never wrote into
+                os.rmdir(d)
             except OSError:
-                pass
+                break
 
     def _lock(self) -> None:
         if fcntl is None:
@@ -215,6 +224,22 @@ class RunFolder:
             held[1] += 1
             self._key = key
             return
+        self._check_ancestors(key)
+        lock_path = os.path.join(key, LOCK_NAME)
+        fd = _try_lock(lock_path, create=True)
+        if fd is None:
+            raise FolderBusy(f"{self.flag} {self.path}: another ddpm_fast process is writing there "
+                             f"({_lock_holder(lock_path)}); wait for it or pick another folder")
+        host, pid = _writer()
+        info = json.dumps({"host": host, "pid": pid, "command": " ".join(os.path.basename(a) if i == 0 else a
+                                                                        for i, a in enumerate(sys.argv))[:300]})
+        os.ftruncate(fd, 0)
+        os.write(fd, info.encode())
+        _HELD[key] = [fd, 1]
+        self._key = key
+
+    def _check_ancestors(self, key: str) -> None:
+        """FolderBusy if a folder above ``key`` is another live run's (a folder inside a run is that run's)."""
         parent = os.path.dirname(key)
         while parent and parent not in _HELD:  # a folder inside another live run's folder is that run's
             above = os.path.join(parent, LOCK_NAME)
@@ -228,18 +253,6 @@ class RunFolder:
             if os.path.dirname(parent) == parent:
                 break
             parent = os.path.dirname(parent)
-        lock_path = os.path.join(key, LOCK_NAME)
-        fd = _try_lock(lock_path, create=True)
-        if fd is None:
-            raise FolderBusy(f"{self.flag} {self.path}: another ddpm_fast process is writing there "
-                             f"({_lock_holder(lock_path)}); wait for it or pick another folder")
-        host, pid = _writer()
-        info = json.dumps({"host": host, "pid": pid, "command": " ".join(os.path.basename(a) if i == 0 else a
-                                                                        for i, a in enumerate(sys.argv))[:300]})
-        os.ftruncate(fd, 0)
-        os.write(fd, info.encode())
-        _HELD[key] = [fd, 1]
-        self._key = key
 
     def remove_stale(self, sub: str | None = None) -> int:
         """Delete the temporary files of ours in the folder (or its subfolder ``sub``) whose writer is gone."""

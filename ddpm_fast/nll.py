@@ -18,6 +18,7 @@ import sys
 import torch
 
 from ddpm_fast import ops
+from ddpm_fast.base import machine_memory_bytes
 from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, in_out_folder, run_main
 from ddpm_fast.data import MAX_IMAGE_PIXELS, load_data, to_model_range
 from ddpm_fast.fileio import atomic_write, atomic_write_text
@@ -53,12 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bounded_batch(batch_size: int, config, notes: list[str]) -> int:
+    """--batch-size, capped (with a note) at the (image, t) rows whose activations fit in half this machine's
+    memory beside the weights (the model's own cost estimate, config.cost)."""
+    params, act = config.cost()
+    fits = max(1, int((machine_memory_bytes() / 2 - 4 * params) // act))
+    if batch_size <= fits:
+        return batch_size
+    notes.append(f"--batch-size {batch_size}: about {batch_size * act / 2**30:,.1f} GiB of activations, over half of "
+                 f"this machine's memory; ran {fits} (image, t) rows per forward")
+    return fits
+
+
 def _images_8bit(data, index: torch.Tensor, notes: list[str]) -> torch.Tensor:
     """uint8 NHWC images (the bound is defined on the 8-bit grid; 16-bit images are rounded to it, with a note)."""
     images = data.get(index)
     if images.dtype == torch.uint16:
-        if not notes:
-            notes.append("16-bit images are rounded to 8 bits: the bound is defined on the 8-bit grid")
+        note = "16-bit images are rounded to 8 bits: the bound is defined on the 8-bit grid"
+        if note not in notes:
+            notes.append(note)
         images = ((images.to(torch.int32) + 128) // 257).clamp(0, 255).to(torch.uint8)
     return images
 
@@ -90,6 +104,8 @@ def _run(args, dist_ctx) -> dict | None:
 
     model, schedule = load_model(args.checkpoint, openai_flags=args.openai_flags, openai_repo=args.openai_repo,
                                  device=dist_ctx.device, prog="ddpm_fast.nll")
+    notes: list[str] = []
+    batch_size = _bounded_batch(args.batch_size, model.config, notes)
     variance = default_variance(model, schedule)
     if args.fp16:
         dev = dist_ctx.device
@@ -103,9 +119,8 @@ def _run(args, dist_ctx) -> dict | None:
     data_labels = None if data.labels is None else data.labels[:n]  # what the csv reports
     big_t = len(schedule)
     per_image = args.estimate or big_t
-    notes: list[str] = []
     rows, term_sum, term_count = [], torch.zeros(big_t, dtype=torch.float64), torch.zeros(big_t, dtype=torch.float64)
-    chunk = max(1, args.batch_size // per_image) if per_image <= args.batch_size else 1
+    chunk = max(1, batch_size // per_image) if per_image <= batch_size else 1
     bar = tqdm(total=len(mine), unit="img", desc="bound", disable=args.no_progress or dist_ctx.rank != 0,
                dynamic_ncols=True)
     running = []
@@ -113,7 +128,7 @@ def _run(args, dist_ctx) -> dict | None:
         x0 = to_model_range(_images_8bit(data, part, notes), dist_ctx.device)
         labels = None if labels_all is None else labels_all[part]
         bound = bits_per_dim(model, schedule, x0, seed=args.seed, class_labels=labels, variance=variance,
-                             image_index=part, batch_size=args.batch_size, estimate=args.estimate,
+                             image_index=part, batch_size=batch_size, estimate=args.estimate,
                              engine=args.engine)
         if not bool(torch.isfinite(bound.total_bpd).all()):
             k = int(part[~torch.isfinite(bound.total_bpd)][0])

@@ -143,6 +143,10 @@ class SamplingPlan:
         if not isinstance(model, Denoiser):
             raise TypeError(f"sampling needs a Denoiser (model(x, t, class_labels) with compute_dtype and "
                             f"config.num_classes, like UNet), got {type(model).__name__}")
+        if bool((sampler.timesteps == 0).all()):  # every sampler, every way of choosing its timesteps
+            raise ValueError(f"{type(sampler).__name__}: its only model evaluation is at t = 0, so the run would "
+                             "return the noise it starts from; take more steps, another spacing ('trailing' starts "
+                             "a one-step run at t = T-1) or a respacing that keeps a later timestep")
         if sampler.learned_variance and not model.config.learn_sigma:
             raise ValueError(f"{type(sampler).__name__}(variance='learned_range') needs a learned-sigma model "
                              "(one that outputs eps and v)")

@@ -479,3 +479,16 @@ def test_errors_name_what_they_refer_to(tmp_path, capsys):
     assert sample_cli.main(["--num-samples", "1", "--no-progress", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and ".ddpm_fast.lock: the run folder's lock file is a folder" in err
+
+
+@pytest.mark.parametrize("args", [["--sampler", "plms", "--steps", "1"], ["--sampler", "heun", "--steps", "1"],
+                                  ["--sampler", "ddim", "--timestep-respacing", "1"],
+                                  ["--sampler", "ddpm", "--timestep-respacing", "1"]])
+def test_a_run_whose_only_evaluation_is_at_t0_is_refused(tmp_path, capsys, args):
+    """The plan refuses it, whatever the sampler and however its timesteps were chosen."""
+    out = tmp_path / "out"
+    assert sample_cli.main(args + ["--num-samples", "2", "--no-progress", "--out", str(out)]) == 2
+    assert "its only model evaluation is at t = 0" in capsys.readouterr().err
+    assert not list(out.glob("*.npz")) and not (out / "grid.png").exists()
+    with pytest.raises(ValueError, match="only model evaluation is at t = 0"):
+        DDIMSampler(NoiseSchedule.linear(100), timesteps=[0]).plan(UNet(UNetConfig.from_name("tiny")), (1, 3, 8, 8))

@@ -232,3 +232,21 @@ def test_collapsed_strata_standard_error():
     assert float(_collapsed_strata_stderr(vb, [1, 1, 3, 3, 1])) == pytest.approx(3 * 0.5)
     want = ((4 + 9) / 2 * 1.0**2 + (9 + 16) / 2 * 0.5**2) ** 0.5  # pairs of sizes (2, 3) and (3, 4)
     assert float(_collapsed_strata_stderr(vb, [1, 2, 3, 4, 1])) == pytest.approx(want)
+
+
+def test_nll_batch_is_bounded_by_the_machines_memory(tmp_path, monkeypatch, capsys):
+    """--batch-size beyond what fits (the model's cost estimate against half the memory) is capped, with a note."""
+    from ddpm_fast import nll
+    from ddpm_fast.loading import DEFAULT_MODEL, load_model
+
+    config = load_model(DEFAULT_MODEL)[0].config
+    params, act = config.cost()
+    monkeypatch.setattr(nll, "machine_memory_bytes", lambda: int(2 * (4 * params + 7.5 * act)))
+    seen = []
+    real = nll.bits_per_dim
+    monkeypatch.setattr(nll, "bits_per_dim", lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    assert nll.main(["--data", "digits", "--num-images", "1", "--estimate", "3", "--batch-size", "100000",
+                     "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    assert seen == [7]
+    err = capsys.readouterr().err
+    assert "--batch-size 100000: about" in err and "ran 7 (image, t) rows per forward" in err
