@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import sys
 
 import torch
@@ -25,6 +26,8 @@ from ddpm_fast.fileio import atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
 from ddpm_fast.loading import load_model
 from ddpm_fast.openai import REPOS
+
+DATA_NOTES = "data_notes.txt"  # what loading converted (channels, size, bit depth), when it converted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,9 +105,9 @@ def run(args) -> dict | None:
 def _run(args, dist_ctx) -> dict | None:
     from tqdm.auto import tqdm
 
+    notes = _check_targets(args) if dist_ctx.rank == 0 else []
     model, schedule = load_model(args.checkpoint, openai_flags=args.openai_flags, openai_repo=args.openai_repo,
                                  device=dist_ctx.device, prog="ddpm_fast.nll")
-    notes: list[str] = []
     batch_size = _bounded_batch(args.batch_size, model.config, notes)
     variance = default_variance(model, schedule)
     if args.fp16:
@@ -113,6 +116,8 @@ def _run(args, dist_ctx) -> dict | None:
         model = model.to_fast(dtype, copy=False)  # the reference is not needed again: no second copy
     cfg = model.config
     data = load_data(args.data, cfg.sample_size, cfg.in_channels, args.max_image_pixels)
+    converted = list(getattr(data, "notes", ()))  # what loading changed to fit the model: said, and kept beside
+    notes.extend(converted)
     n = min(args.num_images, len(data))
     mine = torch.arange(n)[dist_ctx.rank::dist_ctx.world]
     labels_all = _labels(args, model, data, torch.arange(n))  # what the model is given (None: no/null label)
@@ -149,7 +154,22 @@ def _run(args, dist_ctx) -> dict | None:
         return None
     for note in notes:
         print(f"ddpm_fast.nll: note: {note}", file=sys.stderr)
-    return _write(args, rows, term_sum, term_count, variance)
+    return _write(args, rows, term_sum, term_count, variance, converted)
+
+
+def _targets(out: str) -> dict[str, str]:
+    return {name: os.path.join(out, name) for name in ("bpd.csv", "terms.png", DATA_NOTES)}
+
+
+def _check_targets(args) -> list[str]:
+    """Before any work: what the run writes must be files (not folders); returns notes on files it replaces."""
+    replaced = []
+    for path in _targets(args.out).values():
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise OSError(f"{path}: exists and is not a file; the run writes it (move it away or pick another --out)")
+        if os.path.isfile(path) and not path.endswith(DATA_NOTES):
+            replaced.append(path)
+    return [f"replacing {', '.join(replaced)} from an earlier run"] if replaced else []
 
 
 def _gather(dist_ctx, rows, term_sum, term_count):
@@ -165,9 +185,7 @@ def _gather(dist_ctx, rows, term_sum, term_count):
     return rows, sum(g[1] for g in gathered), sum(g[2] for g in gathered)
 
 
-def _write(args, rows, term_sum, term_count, variance: str) -> dict:
-    import os
-
+def _write(args, rows, term_sum, term_count, variance: str, converted: list[str]) -> dict:
     totals = torch.tensor([r[2] for r in rows], dtype=torch.float64)
     n = len(rows)
     mean = float(totals.mean())
@@ -180,12 +198,19 @@ def _write(args, rows, term_sum, term_count, variance: str) -> dict:
     for k, label, total, pri, dec, err in rows:
         writer.writerow([k, "" if label is None else label, f"{total:.6f}", f"{pri:.6g}", f"{dec:.6f}"]
                         + ([f"{err:.6f}"] if args.estimate else []))
-    csv_path, png_path = os.path.join(args.out, "bpd.csv"), os.path.join(args.out, "terms.png")
+    targets = _targets(args.out)
+    csv_path, png_path, notes_path = targets["bpd.csv"], targets["terms.png"], targets[DATA_NOTES]
     _plot_terms(term_sum / term_count.clamp(min=1), term_count > 0, png_path)
+    if converted:  # the bound is of the converted images: the record says so beside the numbers
+        atomic_write_text(notes_path, "".join(f"{note}\n" for note in converted))
+    elif os.path.isfile(notes_path):
+        os.unlink(notes_path)  # an earlier run's: not this bound's
     atomic_write_text(csv_path, buf.getvalue())
     how = f"estimate from {args.estimate} timesteps per image" if args.estimate else "full bound"
     decoder_text = f"{sum(decoder) / len(decoder):.4f}" if decoder else "n/a"
-    print(f"{n} images: {mean:.4f} +- {sem:.4f} bits/dim ({how}, variance {variance}); prior {prior:.2e}, "
+    spread = f" +- {sem:.4f}" if n > 1 else ""
+    on = f"; on converted data, see {notes_path}" if converted else ""
+    print(f"{n} images: {mean:.4f}{spread} bits/dim ({how}, variance {variance}{on}); prior {prior:.2e}, "
           f"decoder (t=0) {decoder_text} -> {csv_path}, {png_path}")
     return {"mean": mean, "sem": sem, "csv": csv_path, "png": png_path}
 

@@ -250,3 +250,30 @@ def test_nll_batch_is_bounded_by_the_machines_memory(tmp_path, monkeypatch, caps
     assert seen == [7]
     err = capsys.readouterr().err
     assert "--batch-size 100000: about" in err and "ran 7 (image, t) rows per forward" in err
+
+
+def test_nll_says_when_it_scored_converted_data(tmp_path, capsys):
+    """RGB 20x20 images against the grayscale 16x16 model: the loader's notes are printed (as nll's own), the
+    summary says the bound is of converted data, and data_notes.txt keeps the record beside bpd.csv."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_fast import nll
+
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["--num-images", "1", "--estimate", "3", "--no-progress", "--out", str(out)]
+    assert nll.main(["--data", str(folder), *args]) == 0
+    captured = capsys.readouterr()
+    assert "ddpm_fast.nll: note:" in captured.err and "converted 2 of 2 images to L" in captured.err
+    assert "ddpm_fast.sample" not in captured.err
+    assert "on converted data" in captured.out and "1 images: " in captured.out and "+- nan" not in captured.out
+    assert "resized 2 of 2 images to 16x16" in (out / "data_notes.txt").read_text()
+    assert nll.main(["--data", "digits", *args]) == 0  # unconverted data: no stale record of the earlier run
+    captured = capsys.readouterr()
+    assert not (out / "data_notes.txt").exists() and "on converted data" not in captured.out
+    assert "replacing" in captured.err and "bpd.csv" in captured.err
