@@ -35,6 +35,7 @@ from ddpm_fast.unet import compile_model
 # A final sample this far outside [-1, 1] is a failure, like a non-finite one (unclipped solvers overshoot a
 # little; orders of magnitude mean a broken model or setting).
 MAX_SAMPLE_MAGNITUDE = 100.0
+SHORT_RUN = 10  # model evaluations below which a blown-up run is first blamed on its step count
 MAX_CLASS_COLUMNS = 32  # grid.png: one column per class up to this many classes
 # The default sampler: the cheapest point of the measured quality-vs-time front whose quality matches the old
 # default, DDIM with 100 steps (benchmarks/test_front_bench.py, RESULTS.md): UniPC-2, 5 steps on the embedded
@@ -227,12 +228,26 @@ def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> t
         if bool(bad.any()):
             k = int(chunk[bad.nonzero()[0, 0]])
             raise ValueError(f"sampling produced non-finite values or values beyond +-{MAX_SAMPLE_MAGNITUDE:g} (the "
-                             f"data range is [-1, 1]) in image {k} and {int(bad.sum())} of this batch; check the "
-                             "checkpoint's weights and --guidance-scale; nothing was written")
+                             f"data range is [-1, 1]) in image {k} and {int(bad.sum())} of this batch; likely causes, "
+                             f"most likely first: {'; '.join(_divergence_causes(args, sampler))}; nothing was written")
         images.append(to_uint8(x).cpu())
         bar.update(len(chunk) * sampler.num_steps)
     bar.close()
     return torch.cat(images) if images else torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
+
+
+def _divergence_causes(args, sampler) -> list[str]:
+    """Why a run blew up, most likely first: a short run of a solver that does not clip its data prediction
+    overshoots (Heun at 2-3 steps does on the embedded model) before a model or a guidance weight is at fault."""
+    causes = []
+    if sampler.num_steps < SHORT_RUN:
+        clipped = "" if sampler.clip_denoised else ", which does not clip its x0"
+        causes.append(f"too few steps for {args.sampler}{clipped} ({sampler.num_steps} model evaluations): take "
+                      "more --steps, or --sampler ddim")
+    if args.guidance_scale is not None:
+        causes.append(f"--guidance-scale {args.guidance_scale:g}")
+    causes.append("the checkpoint's weights")
+    return causes
 
 
 def _gather(dist_ctx, mine, images) -> torch.Tensor:

@@ -492,3 +492,23 @@ def test_a_run_whose_only_evaluation_is_at_t0_is_refused(tmp_path, capsys, args)
     assert not list(out.glob("*.npz")) and not (out / "grid.png").exists()
     with pytest.raises(ValueError, match="only model evaluation is at t = 0"):
         DDIMSampler(NoiseSchedule.linear(100), timesteps=[0]).plan(UNet(UNetConfig.from_name("tiny")), (1, 3, 8, 8))
+
+
+def test_a_short_unclipped_run_that_blows_up_blames_its_step_count_first(tmp_path, capsys):
+    """Heun at 2 steps overshoots on the embedded model: the step count is named first, the weights after it; a
+    long run's blow-up (here: a broken model) names the weights first."""
+    out = tmp_path / "out"
+    assert sample_cli.main(["--sampler", "heun", "--steps", "2", "--num-samples", "4", "--no-progress",
+                            "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    causes = err.split("most likely first: ")[1]
+    assert causes.startswith("too few steps for heun, which does not clip its x0 (3 model evaluations)")
+    assert causes.index("too few steps") < causes.index("the checkpoint's weights") and not out.exists()
+    model = UNet(UNetConfig.from_name("tiny"))
+    with torch.no_grad():
+        model.conv_out.weight.fill_(3e38)
+        model.conv_in.bias.fill_(1.0)
+    save_pretrained(model, tmp_path / "inf_model", schedule=NoiseSchedule.linear(20))
+    assert sample_cli.main(["--checkpoint", str(tmp_path / "inf_model"), "--sampler", "ddim", "--steps", "12",
+                            "--num-samples", "2", "--no-progress", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.split("most likely first: ")[1].startswith("the checkpoint's weights")
