@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help=f"reverse steps (default: {steps}, every timestep for ddpm; unipc on the embedded model: "
                         f"{EMBEDDED_UNIPC_STEPS})")
+    p.add_argument("--allow-few-steps", action="store_true",
+                   help="run --steps below the sampler's useful minimum (" + ", ".join(
+                       f"{n} {c.min_steps}" for n, c in SAMPLERS.items() if c.min_steps > 1) + ")")
     p.add_argument("--order", type=int, default=None,
                    choices=sorted({o for c in SAMPLERS.values() for o in c.orders}),
                    help=f"solver order: {orders}")
@@ -314,6 +317,10 @@ def main(argv=None) -> int:
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be positive")
     cls = SAMPLERS[args.sampler]
+    if args.steps is not None and args.steps < cls.min_steps and not args.allow_few_steps:
+        parser.error(f"--steps {args.steps}: below --sampler {args.sampler}'s useful minimum of {cls.min_steps} "
+                     "steps (fewer land far from the sample: benchmarks/RESULTS.md, 'Few steps'); take more, or "
+                     "pass --allow-few-steps to run it anyway")
     for option, flag in SAMPLER_FLAGS.items():
         takers = " / ".join(n for n, c in SAMPLERS.items() if option in c.cli_options)
         if option != "timestep_respacing" and getattr(args, option) is not None and option not in cls.cli_options:

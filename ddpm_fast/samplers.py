@@ -51,7 +51,8 @@ class Sampler:
 
     A subclass that sets ``cli_name`` registers itself in SAMPLERS, and declares there what the CLI shows:
     ``default_steps`` (None: every timestep of the schedule), the ``orders`` it takes (with
-    ``default_order``), its ``default_spacing``, a one-line ``cli_help``, and ``cli_options``, the further
+    ``default_order``), its ``default_spacing``, ``min_steps`` (its useful minimum), a one-line ``cli_help``, and
+    ``cli_options``, the further
     flags it reads ("eta", "variance", "timestep_respacing"). ``from_request`` builds it from a
     SamplerRequest; the default passes steps, spacing and order to the constructor.
     """
@@ -61,6 +62,9 @@ class Sampler:
     cli_name: str | None = None
     cli_help = ""
     default_steps: int | None = 10
+    # The fewest --steps the CLI runs without --allow-few-steps: below it the result is far from the converged
+    # sample (measured on the embedded model: benchmarks/RESULTS.md, "Few steps").
+    min_steps = 1
     orders: tuple[int, ...] = ()
     default_order: int | None = None
     default_spacing = "linspace"
@@ -255,6 +259,7 @@ class DDIMSampler(Sampler):
     cli_name = "ddim"
     cli_help = "DDIM"
     default_steps = 100
+    min_steps = 2  # one step is the clipped x0 prediction at t = T-1: 69% of the digits' pixels saturated
     default_spacing = "leading"
     cli_options = frozenset({"eta", "timestep_respacing"})
 

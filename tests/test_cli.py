@@ -44,8 +44,8 @@ def test_sample_writes_grid_and_npz_and_is_deterministic(tmp_path, tiny_model):
 def test_every_compiled_solver_samples_from_the_cli(tmp_path, tiny_model, sampler, capsys):
     """Each solver of the open set runs end to end (guided, the fast path) and names its evaluations."""
     out = tmp_path / sampler
-    assert _sample(["--checkpoint", tiny_model, "--sampler", sampler, "--steps", "3", "--num-samples", "3",
-                    "--guidance-scale", "2", "--fp16", "--out", str(out)]) == 0
+    assert _sample(["--checkpoint", tiny_model, "--sampler", sampler, "--steps", "3", "--allow-few-steps",
+                    "--num-samples", "3", "--guidance-scale", "2", "--fp16", "--out", str(out)]) == 0
     evals = {"plms": 4, "heun": 5}.get(sampler, 3)
     assert f"{sampler} {evals} steps" in capsys.readouterr().out
     assert _images(out / "samples_3x8x8x3.npz").shape == (3, 8, 8, 3)
@@ -124,7 +124,8 @@ def test_sample_fp16_on_cpu_runs_the_fast_path(tmp_path, tiny_model, capsys, mon
     monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: native_bf16)
     for flag, ran in (("--fp16", "bfloat16" if native_bf16 else "float32"), ("--bf16", "bfloat16")):
         out = tmp_path / flag.strip("-")
-        assert _sample(["--checkpoint", tiny_model, "--num-samples", "2", "--steps", "2", flag, "--out", str(out),
+        assert _sample(["--checkpoint", tiny_model, "--num-samples", "2", "--steps", "2", "--allow-few-steps", flag,
+                        "--out", str(out),
                         "--no-progress"]) == 0
         captured = capsys.readouterr()
         assert f"fast path {ran} on cpu" in captured.out
@@ -335,7 +336,7 @@ def _torchrun(module, args, tmp_path):
 def test_torchrun_sampling_shards_over_two_processes(tmp_path, tiny_model, sampler):
     """Two processes (one thread each) draw the images one process draws; with --batch-invariant the same
     bytes. The embedded digits model: its 1x1 shortcut convolution rounds differently by thread count."""
-    common = ["--num-samples", "5", "--steps", "3", "--device", "cpu", "--no-progress", *sampler]
+    common = ["--num-samples", "5", "--steps", "3", "--allow-few-steps", "--device", "cpu", "--no-progress", *sampler]
     tiny = ["--checkpoint", tiny_model, *common]
     res = _torchrun("ddpm_fast.sample", tiny + ["--out", str(tmp_path / "r1")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -494,7 +495,8 @@ def test_a_grid_is_laid_out_by_the_images_not_the_class_count(tmp_path):
     save_pretrained(randomize_(UNet(UNetConfig.from_name("tiny", num_classes=1000)), 0.05), path,
                     schedule=NoiseSchedule.linear(20))
     out = tmp_path / "out"
-    assert _sample(["--checkpoint", str(path), "--num-samples", "6", "--steps", "2", "--out", str(out)]) == 0
+    assert _sample(["--checkpoint", str(path), "--num-samples", "6", "--steps", "2", "--allow-few-steps", "--out",
+                    str(out)]) == 0
     width, height = Image.open(out / "grid.png").size
     scale = 128 // 8
     assert width == (3 * 10 + 2) * scale and height == (2 * 10 + 2) * scale  # 3 x 2 images of 8 px, 2 px padding

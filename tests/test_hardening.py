@@ -51,7 +51,8 @@ def test_a_run_whose_only_step_is_t0_is_refused(tmp_path, capsys):
     assert space_timesteps(1000, 1, "trailing") == [999]
     assert DDIMSampler(NoiseSchedule.linear(1000), 1, spacing="trailing").timesteps.tolist() == [999]
     for sampler in ("ddim", "ddpm"):
-        assert sample_cli.main(["--sampler", sampler, "--steps", "1", "--out", str(tmp_path / sampler),
+        assert sample_cli.main(["--sampler", sampler, "--steps", "1", "--allow-few-steps", "--out",
+                                str(tmp_path / sampler),
                                 "--no-progress"]) == 2
         assert "lands on t=0 only" in capsys.readouterr().err
 
@@ -132,7 +133,7 @@ def test_outputs_are_atomic_and_the_npz_is_written_last(tmp_path, capsys, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", full_disk)
-    args = ["--num-samples", "2", "--steps", "2", "--no-progress", "--out", str(out)]
+    args = ["--num-samples", "2", "--steps", "2", "--allow-few-steps", "--no-progress", "--out", str(out)]
     assert sample_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "grid.png" in err and "No space left" in err and len(err.strip().splitlines()) == 1
@@ -184,7 +185,7 @@ def test_checkpoint_run_folder_samples_the_newest_state(data, tmp_path, capsys):
     stamp = os.path.getmtime(export / "diffusion_pytorch_model.safetensors")
     os.utime(out / "checkpoint.pt", (stamp + 10, stamp + 10))
     capsys.readouterr()
-    common = ["--num-samples", "2", "--steps", "2", "--no-progress"]
+    common = ["--num-samples", "2", "--steps", "2", "--allow-few-steps", "--no-progress"]
     assert sample_cli.main(["--checkpoint", str(out), "--out", str(tmp_path / "a")] + common) == 0
     assert f"sampling {out / 'checkpoint.pt'} (its newest state)" in capsys.readouterr().err
     assert sample_cli.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "b")] + common) == 0
@@ -305,7 +306,8 @@ def test_temp_files_are_removed_only_when_ours_and_their_writer_is_gone(tmp_path
         }
         for name, data in files.items():
             (out / name).write_bytes(data)
-        assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--no-progress", "--out", str(out)]) == 0
+        assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--allow-few-steps", "--no-progress", "--out",
+                                str(out)]) == 0
         assert "removed 1 temporary file(s)" in capsys.readouterr().err
         left = {p.name for p in out.iterdir()}
         assert left >= set(files) - {f"{TEMP_PREFIX}{host}~{dead_pid}~abc123~grid.png"}
@@ -329,7 +331,8 @@ def test_a_folder_another_process_writes_is_refused(data, tmp_path, capsys):
         theirs = run / ".ddpm_fast-tmp~host~1~x~checkpoint.pt"
         theirs.write_bytes(b"being written")
         for out in (run, run / "sub"):
-            assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--no-progress", "--out", str(out)]) == 2
+            assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--allow-few-steps", "--no-progress",
+                                    "--out", str(out)]) == 2
             err = capsys.readouterr().err
             assert len(err.strip().splitlines()) == 1, err
             assert "another ddpm_fast process is writing" in err and f"pid {proc.pid}" in err
@@ -341,7 +344,8 @@ def test_a_folder_another_process_writes_is_refused(data, tmp_path, capsys):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--no-progress", "--out", str(run)]) == 0
+    assert sample_cli.main(["--num-samples", "1", "--steps", "2", "--allow-few-steps", "--no-progress", "--out",
+                            str(run)]) == 0
 
 
 def test_a_failed_run_leaves_no_empty_out(tmp_path, capsys):
@@ -487,7 +491,7 @@ def test_errors_name_what_they_refer_to(tmp_path, capsys):
 def test_a_run_whose_only_evaluation_is_at_t0_is_refused(tmp_path, capsys, args):
     """The plan refuses it, whatever the sampler and however its timesteps were chosen."""
     out = tmp_path / "out"
-    assert sample_cli.main(args + ["--num-samples", "2", "--no-progress", "--out", str(out)]) == 2
+    assert sample_cli.main(args + ["--allow-few-steps", "--num-samples", "2", "--no-progress", "--out", str(out)]) == 2
     assert "its only model evaluation is at t = 0" in capsys.readouterr().err
     assert not list(out.glob("*.npz")) and not (out / "grid.png").exists()
     with pytest.raises(ValueError, match="only model evaluation is at t = 0"):
@@ -498,7 +502,8 @@ def test_a_short_unclipped_run_that_blows_up_blames_its_step_count_first(tmp_pat
     """Heun at 2 steps overshoots on the embedded model: the step count is named first, the weights after it; a
     long run's blow-up (here: a broken model) names the weights first."""
     out = tmp_path / "out"
-    assert sample_cli.main(["--sampler", "heun", "--steps", "2", "--num-samples", "4", "--no-progress",
+    assert sample_cli.main(["--sampler", "heun", "--steps", "2", "--allow-few-steps", "--num-samples", "4",
+                            "--no-progress",
                             "--out", str(out)]) == 2
     err = capsys.readouterr().err
     causes = err.split("most likely first: ")[1]
@@ -512,3 +517,18 @@ def test_a_short_unclipped_run_that_blows_up_blames_its_step_count_first(tmp_pat
     assert sample_cli.main(["--checkpoint", str(tmp_path / "inf_model"), "--sampler", "ddim", "--steps", "12",
                             "--num-samples", "2", "--no-progress", "--out", str(out)]) == 2
     assert capsys.readouterr().err.split("most likely first: ")[1].startswith("the checkpoint's weights")
+
+
+@pytest.mark.parametrize("sampler, minimum", [("unipc", 3), ("dpm++", 3), ("ddim", 2), ("heun", 4), ("plms", 3)])
+def test_steps_below_a_samplers_useful_minimum_are_refused_unless_forced(tmp_path, capsys, sampler, minimum):
+    """The default sampler at --steps 1 wrote a grid of saturated noise with exit 0 (RESULTS.md, 'Few steps')."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        sample_cli.main(["--sampler", sampler, "--steps", str(minimum - 1), "--out", str(out)])
+    assert exc.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert f"useful minimum of {minimum} steps" in err and "--allow-few-steps" in err
+    assert sample_cli.main(["--sampler", sampler, "--steps", str(minimum - 1), "--allow-few-steps", "--num-samples",
+                            "2", "--no-progress", "--out", str(out)]) in (0, 2)  # forced: it runs (or blows up)
+    assert sample_cli.main(["--sampler", sampler, "--steps", str(minimum), "--num-samples", "2", "--no-progress",
+                            "--out", str(out)]) == 0
