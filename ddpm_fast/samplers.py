@@ -259,7 +259,7 @@ class DDIMSampler(Sampler):
     cli_name = "ddim"
     cli_help = "DDIM"
     default_steps = 100
-    min_steps = 2  # one step is the clipped x0 prediction at t = T-1: 69% of the digits' pixels saturated
+    min_steps = 2  # one step is the clipped x0 prediction at t = T-1: RMS 78 of 255, 69% of pixels saturated
     default_spacing = "leading"
     cli_options = frozenset({"eta", "timestep_respacing"})
 
