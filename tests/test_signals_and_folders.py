@@ -20,8 +20,10 @@ LONG = {
 
 
 def _start(command, out, *extra):
+    # cwd away from the source tree: the installed package (with its extension) is what runs, as for a user
     return subprocess.Popen([sys.executable, "-m", f"ddpm_fast.{command}", *LONG[command], "--no-progress",
-                             "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.sep)
 
 
 def _wait_for(path, proc, seconds=120):
@@ -63,7 +65,7 @@ def test_a_stopped_command_leaves_a_folder_it_did_not_make(tmp_path):
 def test_a_failed_run_removes_the_parents_it_made(tmp_path):
     out = tmp_path / "a" / "b" / "c"
     res = subprocess.run([sys.executable, "-m", "ddpm_fast.sample", "--checkpoint", str(tmp_path / "missing"),
-                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+                          "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 2 and "missing: no such file" in res.stderr
     assert not (tmp_path / "a").exists()
 
@@ -72,6 +74,7 @@ def test_a_busy_ancestor_refuses_before_anything_is_made(tmp_path):
     outer = tmp_path / "outer"
     with RunFolder(outer, "--out"):
         res = subprocess.run([sys.executable, "-m", "ddpm_fast.sample", "--num-samples", "1",
-                              "--out", str(outer / "x" / "y")], capture_output=True, text=True, timeout=120)
+                              "--out", str(outer / "x" / "y")], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path)
         assert res.returncode == 2 and "another ddpm_fast process is writing" in res.stderr
         assert sorted(os.listdir(outer)) == [LOCK_NAME]

@@ -46,7 +46,7 @@ _FALLBACK_ORDER = ("native", "triton", "torch")
 
 def _load_extension():
     try:
-        from ddpm_fast.ops import _C
+        _C = importlib.import_module("ddpm_fast.ops._C")  # not `from ddpm_fast.ops import`: ops is mid-import
     except ImportError as exc:
         warn_once("ext", f"ddpm_fast: the compiled extension ddpm_fast.ops._C is not available ({exc}); "
                          "native kernels are disabled. Reinstall with `pip install --no-build-isolation .`")
