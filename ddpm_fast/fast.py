@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast import ops
-from ddpm_fast.ops.derived import derived, forget
+from ddpm_fast.ops.derived import capturing, derived, forget
 
 __all__ = ["FAST_DTYPES", "FastDenoiser", "FastUpsample", "Folding", "ReferenceDenoiser", "cat", "check_class_labels",
            "check_x_and_t", "decoder_block",
@@ -28,11 +28,6 @@ __all__ = ["FAST_DTYPES", "FastDenoiser", "FastUpsample", "Folding", "ReferenceD
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FREQS: dict[tuple, torch.Tensor] = {}
-
-
-def capturing() -> bool:
-    """Inside CUDA-graph capture value checks would synchronize; the engine validates before capture."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 # ---- inputs and the time embedding -------------------------------------------------------------------

@@ -198,10 +198,11 @@ def _build_sampler(args, schedule, config):
     steps = args.steps
     if steps is None and args.sampler == "unipc" and args.checkpoint is None:
         steps = min(EMBEDDED_UNIPC_STEPS, schedule.num_timesteps)
+    family = family_of(config)
     request = SamplerRequest(steps=cls.resolve_steps(steps, schedule.num_timesteps), spacing=args.spacing,
                              order=args.order, eta=args.eta, variance=args.variance, timesteps=kept,
-                             openai=family_of(config).openai_sampling, learn_sigma=config.learn_sigma,
-                             sigma_small=bool(getattr(config, "sigma_small", False)))
+                             openai=family.openai_sampling, learn_sigma=config.learn_sigma,
+                             model_variance=family.sampled_variance(config) or "fixed_small")
     return cls.from_request(schedule, request)
 
 

@@ -32,8 +32,9 @@ SAMPLERS: dict[str, type[Sampler]] = {}
 class SamplerRequest:
     """What a command asks of a sampler, before any sampler is built: ``steps`` None means the sampler's own
     default (every timestep for ddpm); ``timesteps`` are kept timesteps of an openai respacing string;
-    ``openai`` says the model follows openai's sampling conventions (clipped DDIM output, beta variance);
-    ``learn_sigma`` / ``sigma_small`` describe its variance output."""
+    ``openai`` says the model follows openai's sampling conventions (DDIM's eps from the clipped x_0);
+    ``model_variance`` is the reverse variance the model's family samples it with (families.ModelFamily), and
+    ``learn_sigma`` whether it outputs one."""
 
     steps: int | None = None
     spacing: str | None = None
@@ -42,8 +43,8 @@ class SamplerRequest:
     variance: str | None = None
     timesteps: list[int] | None = None
     openai: bool = False
+    model_variance: str = "fixed_small"
     learn_sigma: bool = False
-    sigma_small: bool = False
 
 
 class Sampler:
@@ -237,11 +238,7 @@ class DDPMSampler(Sampler):
             schedule = schedule.respace(request.timesteps)
         elif request.steps and request.steps != schedule.num_timesteps:
             schedule = schedule.respace(schedule.space_timesteps(request.steps, request.spacing or cls.default_spacing))
-        variance = request.variance
-        if variance is None and request.learn_sigma:
-            variance = "learned_range"
-        elif variance is None:
-            variance = "fixed_large" if request.openai and not request.sigma_small else "fixed_small"
+        variance = request.variance or request.model_variance
         if variance == "learned_range" and not request.learn_sigma:
             raise ValueError("--variance learned_range needs a learned-sigma model (this one outputs eps only)")
         return cls(schedule, variance=variance)

@@ -17,14 +17,15 @@ import weakref
 
 import torch
 
-__all__ = ["derived", "forget", "holds"]
+__all__ = ["capturing", "derived", "forget", "holds"]
 
 # (id(owner), name, id(source), ...) -> (weak refs to the sources, their (storage, version, dtype, shape),
 # detached aliases holding their storage, the value)
 _entries: dict[tuple, tuple[tuple, tuple, tuple, torch.Tensor]] = {}
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured (then nothing is stored or read back)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -41,7 +42,7 @@ def derived(owner, name: str, fn, *sources: torch.Tensor) -> torch.Tensor:
         return hit[3]
     with torch.inference_mode(False), torch.no_grad():  # a value made under inference_mode must serve autograd
         value = fn(*sources)
-    if _capturing():
+    if capturing():
         return value
     if not alive:  # new sources: the entry goes with the first of them to be freed
         for s in sources:
