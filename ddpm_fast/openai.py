@@ -9,6 +9,7 @@ training flags are accepted and reported as ignored; anything else is an error n
 
 from __future__ import annotations
 
+import numbers
 import shlex
 import warnings
 
@@ -146,7 +147,7 @@ def _split_flags(flags: str) -> dict:
 
 def _typed(name: str, raw, default):
     if not isinstance(raw, str):
-        return raw
+        return _checked_value(name, raw, default)
     if isinstance(default, bool):
         return _bool(name, raw)
     try:
@@ -157,6 +158,26 @@ def _typed(name: str, raw, default):
     except ValueError:
         raise ValueError(f"--{name}: expected a {type(default).__name__}, got {raw!r}") from None
     return raw
+
+
+def _checked_value(name: str, raw, default):
+    """A flags dict's value: of the flag's type (an int where a float is asked is fine; a bool is never a
+    number), or, for the comma-separated flags, a list of numbers. Raises TypeError naming the flag."""
+    if isinstance(default, bool):
+        ok = isinstance(raw, bool)
+    elif isinstance(default, int):
+        ok = isinstance(raw, numbers.Integral) and not isinstance(raw, bool)
+    elif isinstance(default, float):
+        ok = isinstance(raw, numbers.Real) and not isinstance(raw, bool)
+    elif isinstance(raw, (list, tuple)) and name in ("attention_resolutions", "channel_mult"):
+        ok = all(isinstance(r, numbers.Real) and not isinstance(r, bool) for r in raw)
+        if ok:
+            return ",".join(str(r) for r in raw)
+    else:
+        ok = False
+    if not ok:
+        raise TypeError(f"--{name}: expected a {type(default).__name__}, got {raw!r} ({type(raw).__name__})")
+    return type(default)(raw)
 
 
 def openai_betas(noise_schedule: str, diffusion_steps: int) -> NoiseSchedule:

@@ -485,6 +485,23 @@ def test_errors_name_what_they_refer_to(tmp_path, capsys):
     assert "\n" not in err and ".ddpm_fast.lock: the run folder's lock file is a folder" in err
 
 
+def test_a_flags_dict_has_its_values_type_checked():
+    """load_openai's flags dict: a value of the wrong type is named with its flag, not carried into the model."""
+    from ddpm_fast.openai import config_from_flags, parse_flags
+
+    for flags, name in (({"num_channels": "64x"}, "num_channels"), ({"num_channels": 64.5}, "num_channels"),
+                        ({"learn_sigma": 1}, "learn_sigma"), ({"num_res_blocks": True}, "num_res_blocks"),
+                        ({"noise_schedule": 3}, "noise_schedule"), ({"dropout": "0.1.2"}, "dropout"),
+                        ({"attention_resolutions": [16, "x"]}, "attention_resolutions")):
+        with pytest.raises((TypeError, ValueError), match=f"--{name}: expected a"):
+            parse_flags(flags)
+    v = parse_flags({"--num_channels": 64, "dropout": 0, "learn_sigma": True, "attention_resolutions": (16, 8)})
+    assert (v["num_channels"], v["dropout"], v["learn_sigma"], v["attention_resolutions"]) == (64, 0.0, True, "16,8")
+    assert type(v["dropout"]) is float
+    assert config_from_flags({"image_size": 32, "num_channels": 32, "channel_mult": [1, 2],
+                              "attention_resolutions": [2]})[0].channel_mult == (1, 2)
+
+
 @pytest.mark.parametrize("args", [["--sampler", "plms", "--steps", "1"], ["--sampler", "heun", "--steps", "1"],
                                   ["--sampler", "ddim", "--timestep-respacing", "1"],
                                   ["--sampler", "ddpm", "--timestep-respacing", "1"]])
