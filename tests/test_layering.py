@@ -127,7 +127,7 @@ LAYERS = (
     ("weights in and out", ("checkpoint", "openai")),
     ("sampling, likelihood and losses", ("plan", "samplers", "solvers", "likelihood", "losses", "engine")),
     ("library services", ("loading", "trainer")),
-    ("commands", ("cli", "sample", "train", "nll")),
+    ("commands", ("cli", "sample", "train", "nll", "fid")),
 )
 
 
