@@ -194,11 +194,11 @@ TRAIN_PRESETS: dict[str, ADMConfig] = {
 }
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
+def adm_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(ADM_GROUPS, channels, eps=ADM_EPS)
 
 
-class _Resample(nn.Module):
+class ADMResample(nn.Module):
     """Nearest 2x upsampling or 2x downsampling (a stride-2 3x3 conv, or 2x2 average pooling), with the
     parameter names of openai's Upsample (``conv``) and Downsample (``op``)."""
 
@@ -230,10 +230,10 @@ class ADMResBlock(nn.Module):
         super().__init__()
         self.scale_shift = scale_shift
         self.resample = resample
-        self.in_layers = nn.Sequential(_group_norm(channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(adm_norm(channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, out_channels * (2 if scale_shift else 1)))
-        self.out_layers = nn.Sequential(_group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(adm_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         if out_channels == channels:
             self.skip_connection = nn.Identity()
@@ -270,7 +270,7 @@ class ADMAttention(nn.Module):
     def __init__(self, channels: int, heads: int, new_order: bool):
         super().__init__()
         self.heads, self.new_order = heads, new_order
-        self.norm = _group_norm(channels)
+        self.norm = adm_norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
@@ -293,7 +293,7 @@ class ADMAttention(nn.Module):
         return x + F.conv1d(a, self.proj_out.weight, self.proj_out.bias).reshape(n, c, hgt, wid)
 
 
-class _Stage(nn.Sequential):
+class ADMStage(nn.Sequential):
     """One of openai's TimestepEmbedSequential stages: ResBlocks get the time embedding, the rest x alone."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,7 +326,7 @@ class ADMUNet(ReferenceDenoiser):
             return ADMAttention(c, cfg.heads(c, up), cfg.use_new_attention_order)
 
         ch = cfg.level_channels[0]
-        self.input_blocks = nn.ModuleList([_Stage(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([ADMStage(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skips, ds = [ch], 1
         levels = len(cfg.channel_mult)
         for level, cout in enumerate(cfg.level_channels):
@@ -335,14 +335,14 @@ class ADMUNet(ReferenceDenoiser):
                 ch = cout
                 if ds in cfg.attention_ds:
                     layers.append(attn(ch, False))
-                self.input_blocks.append(_Stage(*layers))
+                self.input_blocks.append(ADMStage(*layers))
                 skips.append(ch)
             if level != levels - 1:
-                down = res(ch, ch, "down") if cfg.resblock_updown else _Resample(ch, False, cfg.conv_resample)
-                self.input_blocks.append(_Stage(down))
+                down = res(ch, ch, "down") if cfg.resblock_updown else ADMResample(ch, False, cfg.conv_resample)
+                self.input_blocks.append(ADMStage(down))
                 skips.append(ch)
                 ds *= 2
-        self.middle_block = _Stage(res(ch, ch), attn(ch, False), res(ch, ch))
+        self.middle_block = ADMStage(res(ch, ch), attn(ch, False), res(ch, ch))
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
             cout = cfg.level_channels[level]
@@ -352,10 +352,11 @@ class ADMUNet(ReferenceDenoiser):
                 if ds in cfg.attention_ds:
                     layers.append(attn(ch, True))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(res(ch, ch, "up") if cfg.resblock_updown else _Resample(ch, True, cfg.conv_resample))
+                    up = res(ch, ch, "up") if cfg.resblock_updown else ADMResample(ch, True, cfg.conv_resample)
+                    layers.append(up)
                     ds //= 2
-                self.output_blocks.append(_Stage(*layers))
-        self.out = nn.Sequential(_group_norm(ch), nn.SiLU(), nn.Conv2d(cfg.level_channels[0], cfg.out_channels, 3,
+                self.output_blocks.append(ADMStage(*layers))
+        self.out = nn.Sequential(adm_norm(ch), nn.SiLU(), nn.Conv2d(cfg.level_channels[0], cfg.out_channels, 3,
                                                                       padding=1))
 
     # ---- inputs -------------------------------------------------------------------------------
@@ -512,7 +513,7 @@ class FastADMUNet(FastDenoiser, ADMUNet):
     def _fast_child(self, child: nn.Module, start: int) -> nn.Module | None:
         if type(child) is ADMAttention:
             return FastADMAttention(child)
-        if type(child) is _Resample and child.up and hasattr(child, "conv") and self.fold:
+        if type(child) is ADMResample and child.up and hasattr(child, "conv") and self.fold:
             return FastUpsample(child)
         if type(child) is ADMResBlock and self.fold:
             return FastADMResBlock(child, (start, start + child.emb_layers[1].out_features))

@@ -17,6 +17,7 @@ from typing import Any
 
 from ddpm_fast.adm import TRAIN_PRESETS, ADMConfig, ADMUNet
 from ddpm_fast.base import CheckpointError
+from ddpm_fast.classifier import ClassifierConfig, EncoderUNet
 from ddpm_fast.config import PRESETS, UNetConfig, from_diffusers_config, to_diffusers_config
 from ddpm_fast.unet import UNet
 
@@ -42,6 +43,7 @@ class ModelFamily:
     presets: Mapping[str, Any] = field(default_factory=dict)
     openai_sampling: bool = False
     folder_keys: Callable[[dict], dict] | None = None
+    denoiser: bool = True  # False: a model that guides sampling (the classifier), not one that samples
 
     def sampled_variance(self, config) -> str:
         """The reverse variance its checkpoints mean when they do not learn it (None: the scheduler's own)."""
@@ -159,3 +161,7 @@ ADM = register_family(ModelFamily(
     name="adm", config_class=ADMConfig, model_class=ADMUNet, class_name="ADMUNet",
     config_json=_own_config_json("ADMUNet"), config_from_json=_own_config_from_json(ADMConfig),
     presets=TRAIN_PRESETS, openai_sampling=True))
+CLASSIFIER = register_family(ModelFamily(
+    name="classifier", config_class=ClassifierConfig, model_class=EncoderUNet, class_name="EncoderUNetModel",
+    config_json=_own_config_json("EncoderUNetModel"), config_from_json=_own_config_from_json(ClassifierConfig),
+    denoiser=False))

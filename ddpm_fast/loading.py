@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
+from ddpm_fast.families import family_of
 from ddpm_fast.openai import load_openai
 from ddpm_fast.schedule import NoiseSchedule
 
@@ -43,6 +44,9 @@ def load_model(checkpoint: str | None, *, openai_flags: str | None = None, opena
         if os.path.isdir(path) and os.path.normpath(used) != os.path.normpath(path):
             print(f"{prog}: {path} is a training run: sampling {used} (its newest state)", file=sys.stderr)
         model = load_pretrained(used, device=device)
+    if not family_of(model).denoiser:
+        raise CheckpointError(f"{path}: a {type(model).__name__} (it guides sampling, it does not sample); pass "
+                              "a diffusion model, and this one with --classifier")
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # up front: sampling would only turn these into NaN images
         raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"

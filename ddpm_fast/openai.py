@@ -15,6 +15,7 @@ import warnings
 
 from ddpm_fast.adm import ADMConfig, ADMUNet
 from ddpm_fast.checkpoint import CheckpointError, build_loaded, read_torch_file
+from ddpm_fast.classifier import ClassifierConfig, EncoderUNet
 from ddpm_fast.schedule import NoiseSchedule
 
 REPOS = ("guided-diffusion", "improved-diffusion")
@@ -97,8 +98,8 @@ def parse_flags(flags, repo: str = "guided-diffusion") -> dict:
     values, ignored = dict(defaults), []
     for name, raw in given.items():
         if name in _CLASSIFIER_FLAGS:
-            raise ValueError(f"--{name}: classifier guidance (guided-diffusion's separate classifier) is not "
-                             "supported; drop the classifier flags")
+            raise ValueError(f"--{name}: a classifier flag; the classifier's flags go with the classifier "
+                             "(sample --classifier-flags, load_openai_classifier)")
         if name in IGNORED_FLAGS:
             ignored.append(name)
             continue
@@ -244,6 +245,73 @@ def config_from_flags(flags, repo: str = "guided-diffusion") -> tuple[ADMConfig,
     if problem:
         raise ValueError(f"{repo} flags: {problem}")
     return config, schedule
+
+
+# guided-diffusion's classifier_defaults(): the flags its CLASSIFIER_FLAGS strings override.
+CLASSIFIER_DEFAULTS = dict(image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
+                           classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+                           classifier_resblock_updown=True, classifier_pool="attention")
+# create_classifier's channel multipliers: it knows these image sizes only.
+_CLASSIFIER_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+_CLASSIFIER_IGNORED = frozenset({"classifier_path", "classifier_scale"}) | IGNORED_FLAGS | frozenset(
+    n for n in DEFAULTS["guided-diffusion"] if n != "image_size")
+
+
+def classifier_config_from_flags(flags) -> ClassifierConfig:
+    """The ClassifierConfig of a guided-diffusion CLASSIFIER_FLAGS string (or dict), as its create_classifier
+    builds it: width, depth, attention resolutions, scale-shift norm, resblock up/down and pool from the flags
+    (each omitted one at classifier_defaults()), 1000 classes, heads of 64 channels. Diffusion-model and
+    sampling flags in the string are ignored with a warning."""
+    given = ({str(k).lstrip("-"): v for k, v in flags.items()} if isinstance(flags, dict) else _split_flags(flags))
+    values, ignored = dict(CLASSIFIER_DEFAULTS), []
+    for name, raw in given.items():
+        if name in CLASSIFIER_DEFAULTS:
+            values[name] = _typed(name, raw, CLASSIFIER_DEFAULTS[name])
+        elif name in _CLASSIFIER_IGNORED:
+            ignored.append(name)
+        else:
+            raise ValueError(f"unknown classifier flag --{name} (guided-diffusion's classifier flags: "
+                             f"{', '.join(sorted(CLASSIFIER_DEFAULTS))})")
+    if ignored:
+        warnings.warn(f"load_openai_classifier ignores {', '.join('--' + n for n in ignored)} (not the "
+                      "classifier's)", stacklevel=3)
+    size = values["image_size"]
+    if size not in _CLASSIFIER_MULT:
+        raise ValueError(f"--image_size {size}: guided-diffusion's create_classifier knows sizes "
+                         f"{sorted(_CLASSIFIER_MULT)} only")
+    text = str(values["classifier_attention_resolutions"])
+    try:
+        resolutions = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--classifier_attention_resolutions: expected comma-separated integers, got "
+                         f"{text!r}") from None
+    if any(r < 1 or size % r for r in resolutions):
+        raise ValueError(f"--classifier_attention_resolutions {text}: each must divide image_size {size}")
+    try:
+        return ClassifierConfig(
+            image_size=size, model_channels=values["classifier_width"], num_res_blocks=values["classifier_depth"],
+            attention_ds=tuple(size // r for r in resolutions), channel_mult=_CLASSIFIER_MULT[size],
+            num_classes=NUM_CLASSES, num_head_channels=64,
+            use_scale_shift_norm=values["classifier_use_scale_shift_norm"],
+            resblock_updown=values["classifier_resblock_updown"], pool=values["classifier_pool"])
+    except ValueError as exc:
+        raise ValueError(f"classifier flags: {exc}") from None
+
+
+def load_openai_classifier(path, flags, device=None) -> EncoderUNet:
+    """guided-diffusion's classifier from its .pt state dict (read with weights_only) and its CLASSIFIER_FLAGS.
+    A state dict that does not fit the flags raises CheckpointError naming the first missing or extra key or
+    the first wrong shape."""
+    try:
+        config = classifier_config_from_flags(flags)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(str(exc)) from None
+    path = str(path)
+    obj = read_torch_file(path)
+    if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
+        raise CheckpointError(f"{path}: expected openai's classifier state dict (a dict of tensors)")
+    model = build_loaded(config, obj, f"{path} (with the classifier flags)")
+    return model if device is None else model.to(device)
 
 
 def load_openai(path, flags, repo: str = "guided-diffusion", device=None) -> tuple[ADMUNet, NoiseSchedule]:

@@ -123,7 +123,7 @@ LAYERS = (
     ("files, devices and numbers", ("base", "fileio", "distributed", "data", "schedule")),
     ("small helpers", ("noise", "images", "metrics", "config")),
     ("ops", ("ops", "ops.*")),
-    ("model families", ("fast", "unet", "adm", "families")),
+    ("model families", ("fast", "unet", "adm", "classifier", "families")),
     ("weights in and out", ("checkpoint", "openai")),
     ("sampling, likelihood and losses", ("plan", "samplers", "solvers", "likelihood", "losses", "engine")),
     ("library services", ("loading", "trainer")),

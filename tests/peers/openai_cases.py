@@ -63,6 +63,33 @@ CASES = {
 }
 
 
+# guided-diffusion's noise-aware classifier (EncoderUNetModel via its script_util.create_classifier): name ->
+# (CLASSIFIER_FLAGS, batch). Inputs are image_size square (the attention pool's positional embedding fixes it).
+CLASSIFIER_CASES = {
+    "classifier_64_attention": ("--image_size 64 --classifier_width 64 --classifier_depth 1", 2),
+    "classifier_64_adaptive_plain": (
+        "--image_size 64 --classifier_width 64 --classifier_depth 1 --classifier_attention_resolutions 16 "
+        "--classifier_use_scale_shift_norm False --classifier_resblock_updown False --classifier_pool adaptive", 2),
+    "classifier_64_spatial": (
+        "--image_size 64 --classifier_width 64 --classifier_depth 1 --classifier_attention_resolutions 8 "
+        "--classifier_pool spatial", 2),
+    "classifier_64_spatial_v2": (
+        "--image_size 64 --classifier_width 64 --classifier_depth 2 --classifier_attention_resolutions 16,8 "
+        "--classifier_pool spatial_v2", 1),
+}
+
+
+def classifier_inputs(name: str, seed: int):
+    """(x, t, y) of a classifier case: x ~ N(0, 1) at image_size, t integer steps in [0, 1000), y in [0, 1000)."""
+    flags, batch = CLASSIFIER_CASES[name]
+    size = int(flags.split("--image_size ")[1].split()[0])
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, 1000, (batch,), generator=g)
+    return x, t, y
+
+
 def fixture_path(name: str) -> str:
     return os.path.join(DATA, f"{name}.safetensors")
 
