@@ -95,7 +95,8 @@ def test_anomaly_scoring_auroc(benchmark, embedded):
 
 def _throughput_model(which: str, embedded):
     """(model, schedule, x0, class label for the eager loop's null label): the embedded digits model or the
-    cifar10 preset (random weights, T = 1000); in the quick pass small random stand-ins with T = 100."""
+    cifar10 preset (random weights, T = 1000); in the quick pass small random stand-ins with T = 100 (50 for
+    the cifar10 stand-in)."""
     from ddpm_fast import NoiseSchedule, UNet, UNetConfig
 
     torch.manual_seed(0)
@@ -107,7 +108,7 @@ def _throughput_model(which: str, embedded):
         return model, schedule, to_model_range(load_digits(16).images[:N_THROUGHPUT], "cpu")
     cfg = UNetConfig.from_name("cifar10") if FULL else UNetConfig.from_name("cifar10", ch=32, ch_mult=(1, 2))
     model = UNet(cfg).eval()
-    schedule = NoiseSchedule.linear(1000 if FULL else 100)
+    schedule = NoiseSchedule.linear(1000 if FULL else 50)
     x0 = torch.randint(0, 256, (N_CIFAR, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
     return model, schedule, x0
 

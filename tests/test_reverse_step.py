@@ -70,6 +70,10 @@ def _native_available(device, backend="native"):
 def test_kernel_matches_ref(backend, device, shape, dtype, channels_last, guided, with_noise, clip):
     if not _native_available(device, backend):
         pytest.skip(f"{backend} backend not available here")
+    if backend == "triton" and device == "cpu" and shape == (3, 384, 17, 17):
+        # The interpreter takes seconds on the wide case; 40 channels keep its odd size, a partial last block
+        # and channels-last strides that are not the width's.
+        shape = (3, 40, 17, 17)
     kw = _inputs(shape, dtype, channels_last, guided, with_noise, device)
     want = reverse_step_ref(clip_denoised=clip, **kw)
     with ops.use_backend(backend):
