@@ -7,10 +7,11 @@ from ddpm_fast import engine
 from ddpm_fast.adm import ADMConfig, ADMUNet, FastADMUNet
 from ddpm_fast.base import keep_freed_memory
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, save_pretrained
+from ddpm_fast.classifier import ClassifierConfig, EncoderUNet, classifier_grad
 from ddpm_fast.config import PRESETS, UNetConfig
 from ddpm_fast.families import FAMILIES, ModelFamily, family_of, register_family
 from ddpm_fast.losses import training_loss
-from ddpm_fast.openai import load_openai
+from ddpm_fast.openai import load_openai, load_openai_classifier
 from ddpm_fast.samplers import DDIMSampler, DDPMSampler, RunOptions, SamplingPlan, to_uint8
 from ddpm_fast.schedule import NoiseSchedule, openai_timesteps
 from ddpm_fast.solvers import (
@@ -27,6 +28,9 @@ from ddpm_fast.unet import FastUNet, UNet, compile_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassifierConfig",
+    "EncoderUNet",
+    "classifier_grad",
     "ADMConfig",
     "ADMUNet",
     "FastADMUNet",
@@ -54,6 +58,7 @@ __all__ = [
     "family_of",
     "keep_freed_memory",
     "load_openai",
+    "load_openai_classifier",
     "load_pretrained",
     "openai_timesteps",
     "register_family",

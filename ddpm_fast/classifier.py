@@ -53,6 +53,8 @@ class ClassifierConfig(ConfigDict):
 
     def __post_init__(self):
         object.__setattr__(self, "attention_ds", tuple(int(d) for d in self.attention_ds))
+        object.__setattr__(self, "channel_mult", tuple(float(m) if float(m) != int(m) else int(m)
+                                                       for m in self.channel_mult))
         errors = []
         if self.pool not in POOLS:
             errors.append(f"pool must be one of {POOLS}, got {self.pool!r}")

@@ -112,6 +112,8 @@ class GraphEngine:
         """The same images as ``sampler.sample`` (same plan, same noise stream), looped without Python. The
         run's options come as a RunOptions or as its fields by keyword, as for ``sampler.plan``."""
         run = RunOptions.of(run, **options)
+        if run.classifier is not None:
+            raise ValueError(CLASSIFIER_NOT_CAPTURED)
         device = next(model.parameters()).device
         if device.type != "cuda":
             return self._sample_cpu(sampler.plan(model, shape, run))
@@ -150,6 +152,13 @@ class GraphEngine:
         ext.run_steps(plan.step, plan.num_steps - plan.done)
         return plan.x.clone()
 
+
+# Why classifier guidance keeps the eager loop: its step runs a backward through the classifier, and a backward
+# under CUDA-graph capture (autograd's own streams and allocations) has not been verified on a GPU yet; the eager
+# loop runs the same plan step.
+CLASSIFIER_NOT_CAPTURED = ("the graph engine does not capture classifier guidance yet (its step runs a backward "
+                           "through the classifier, not yet verified under CUDA-graph capture); use the eager "
+                           "loop (--engine eager)")
 
 _default_engine = GraphEngine()
 

@@ -16,10 +16,10 @@ import torch
 
 from ddpm_fast.checkpoint import CheckpointError, load_pretrained, load_schedule, resolve_model_path
 from ddpm_fast.families import family_of
-from ddpm_fast.openai import load_openai
+from ddpm_fast.openai import load_openai, load_openai_classifier
 from ddpm_fast.schedule import NoiseSchedule
 
-__all__ = ["DEFAULT_MODEL", "load_model"]
+__all__ = ["DEFAULT_MODEL", "load_classifier", "load_model"]
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
 
@@ -47,8 +47,40 @@ def load_model(checkpoint: str | None, *, openai_flags: str | None = None, opena
     if not family_of(model).denoiser:
         raise CheckpointError(f"{path}: a {type(model).__name__} (it guides sampling, it does not sample); pass "
                               "a diffusion model, and this one with --classifier")
+    _check_finite(model, path)
+    return model, schedule or load_schedule(path) or NoiseSchedule.linear(1000)
+
+
+def _check_finite(model, path: str) -> None:
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # up front: sampling would only turn these into NaN images
         raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:4])}"
                               + (f" and {len(bad) - 4} more tensors" if len(bad) > 4 else ""))
-    return model, schedule or load_schedule(path) or NoiseSchedule.linear(1000)
+
+
+def load_classifier(path: str, flags: str | None = None, *, image_size: int | None = None, device=None,
+                    prog: str = "ddpm_fast"):
+    """A classifier for guidance: guided-diffusion's classifier .pt with its CLASSIFIER_FLAGS (each omitted flag
+    at guided-diffusion's default; ``image_size``, the diffusion model's, where the flags name none, as
+    classifier_sample.py shares it between the two), or a model folder holding one (save_pretrained). Notes go
+    to stderr."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file (--classifier)")
+    if os.path.isdir(path):
+        if flags is not None:
+            raise CheckpointError(f"{path}: a model folder carries its own config; --classifier-flags is for "
+                                  "guided-diffusion's .pt files")
+        model = load_pretrained(path, device=device)
+        if family_of(model).denoiser:
+            raise CheckpointError(f"{path}: a diffusion model ({type(model).__name__}), not a classifier")
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            flags = flags or ""
+            if image_size is not None and "image_size" not in flags:
+                flags = f"--image_size {image_size} {flags}".strip()
+            model = load_openai_classifier(path, flags, device=device)
+        for w in caught:
+            print(f"{prog}: note: {w.message}", file=sys.stderr)
+    _check_finite(model, path)
+    return model.eval()

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ddpm_fast import ops
+from ddpm_fast.classifier import classifier_grad
 from ddpm_fast.config import conditioning_labels
 from ddpm_fast.noise import MAX_SEED, NoiseKey, check_seed, image_indices, initial_noise
 from ddpm_fast.ops.reverse_step import SIGMA
@@ -66,7 +67,9 @@ class RunOptions:
     (eps = eps_u + w (eps_c - eps_u)). ``batch_invariant``/``invariant_chunk``: see SamplingPlan.
     ``cache_interval`` N (DeepCache): the whole U-Net every N steps, only its shallow branch in between on
     the deep features cached at the last whole step (1: every step whole, through the same split; None: no
-    split at all).
+    split at all). ``classifier`` (with ``class_labels``, its classes): classifier guidance as guided-diffusion
+    does it, the gradient of log p(y | x_t) times ``classifier_scale`` at every step (Sampler.guide); the
+    diffusion model gets the labels too when it is class-conditional.
     """
 
     seed: int | None = None
@@ -78,6 +81,8 @@ class RunOptions:
     batch_invariant: bool = False
     invariant_chunk: int = INVARIANT_CHUNK
     cache_interval: int | None = None
+    classifier: Any = None
+    classifier_scale: float = 1.0
 
     def __post_init__(self):
         if self.guidance_scale is not None:
@@ -95,6 +100,18 @@ class RunOptions:
         if n is not None and self.batch_invariant:
             raise ValueError("cache_interval and batch_invariant cannot be combined yet (the cached features "
                              "would have to follow each chunk)")
+        if self.classifier is not None:
+            num = getattr(getattr(self.classifier, "config", None), "num_classes", None)
+            if not callable(self.classifier) or not isinstance(num, int):
+                raise TypeError("classifier must be a classifier module (clf(x, t) -> logits, with "
+                                "config.num_classes), such as load_openai_classifier's")
+            if self.batch_invariant or n is not None:
+                raise ValueError("classifier guidance cannot be combined with batch_invariant or cache_interval "
+                                 "yet")
+        if not abs(float(self.classifier_scale)) <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"classifier_scale must be finite, within +-{MAX_GUIDANCE_SCALE:g}, got "
+                             f"{self.classifier_scale}")
+        object.__setattr__(self, "classifier_scale", float(self.classifier_scale))
 
     @classmethod
     def of(cls, run: RunOptions | None = None, **options) -> RunOptions:
@@ -154,6 +171,8 @@ class SamplingPlan:
         self.device = torch.device(device) if device is not None else param.device
         self.sampler, self.model, self.shape, self.n = sampler, model, shape, shape[0]
         self.guidance_scale = run.guidance_scale
+        self.classifier, self.classifier_scale = run.classifier, run.classifier_scale
+        self.classifier_labels = None
         self.fast_dtype = model.compute_dtype
         fmt = torch.channels_last if self.fast_dtype is not None else torch.contiguous_format
         self.x = torch.empty(shape, device=self.device, dtype=torch.float32, memory_format=fmt)
@@ -204,7 +223,19 @@ class SamplingPlan:
                                      if generator is not None else "cpu").item())
         seed = check_seed(seed)
         images = image_indices(run.image_index, self.n)
-        labels, null = _prepare_labels(self.model, run.class_labels, self.guidance_scale, self.n, self.device)
+        model_labels = run.class_labels
+        if self.classifier is not None:
+            if run.class_labels is None:
+                raise ValueError("classifier guidance needs class_labels (the classes to steer towards)")
+            clf_labels = conditioning_labels(self.classifier.config.num_classes, run.class_labels, self.n,
+                                             self.device)
+            if self.classifier_labels is None:
+                self.classifier_labels = clf_labels
+            else:
+                self.classifier_labels.copy_(clf_labels)
+            if not self.model.config.num_classes:
+                model_labels = None  # an unconditional model: the labels are the classifier's alone
+        labels, null = _prepare_labels(self.model, model_labels, self.guidance_scale, self.n, self.device)
         if self.labels is None or labels is None:
             self.labels, self.null = labels, null
         else:
@@ -253,10 +284,26 @@ class SamplingPlan:
         eps_c, var = self.sampler.split_output(eps_c, self.shape[1])
         if eps_u is not None:
             eps_u, _ = self.sampler.split_output(eps_u, self.shape[1])
-        ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u,
-                         1.0 if self.guidance_scale is None else self.guidance_scale, out=self.x,
-                         half_out=self.x_half, history=self.history, model_var_values=var)
+        scale = 1.0 if self.guidance_scale is None else self.guidance_scale
+        if self.classifier is None:
+            ops.reverse_step(self.x, eps_c, self.coefs, row, self.key, self.sampler.clip_denoised, eps_u, scale,
+                             out=self.x, half_out=self.x_half, history=self.history, model_var_values=var)
+        else:
+            self._guided_step(t, row, eps_c, eps_u, scale, var)
         self.counter[1:] += 1
+
+    def _guided_step(self, t, row, eps_c, eps_u, scale, var) -> None:
+        """The step with classifier guidance (Sampler.guide): the classifier's gradient at x_t, then the fused
+        update in place."""
+        grad = classifier_grad(self.classifier, self.x, t, self.classifier_labels, self.classifier_scale)
+
+        def step(eps, clip):  # in place, as the unguided step
+            return ops.reverse_step(self.x, eps, self.coefs, row, self.key, clip, out=self.x, history=self.history,
+                                    model_var_values=var)
+
+        self.sampler.guide(self.x, eps_c, eps_u, scale, var, grad, self.coefs, row, step)
+        if self.x_half is not None:
+            self.x_half.copy_(self.x)
 
     def _eps_cached(self, t: torch.Tensor, whole: bool):
         """model_eps through the U-Net's shallow/deep boundary: a whole step stores the deep branch's output

@@ -22,9 +22,10 @@ import torch
 
 from ddpm_fast import engine, ops
 from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, in_out_folder, run_main
+from ddpm_fast.engine import CLASSIFIER_NOT_CAPTURED
 from ddpm_fast.families import family_of
 from ddpm_fast.images import save_grid, save_npz
-from ddpm_fast.loading import load_model
+from ddpm_fast.loading import load_classifier, load_model
 from ddpm_fast.openai import REPOS
 from ddpm_fast.plan import MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
 from ddpm_fast.samplers import INVARIANT_CHUNK, RunOptions, SamplerRequest, to_uint8
@@ -93,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conditional models: this class for every image (default: cycle through the classes)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance weight w: eps = eps_u + w (eps_c - eps_u) (conditional models)")
+    p.add_argument("--classifier", default=None, metavar="PATH",
+                   help="classifier guidance: guided-diffusion's classifier .pt (with --classifier-flags), or a "
+                        "model folder holding one; it steers each image towards its class")
+    p.add_argument("--classifier-flags", default=None, metavar="FLAGS",
+                   help="the classifier's CLASSIFIER_FLAGS as guided-diffusion's README prints them (each omitted "
+                        "flag at guided-diffusion's default; --image_size at the model's)")
+    p.add_argument("--classifier-scale", type=float, default=None,
+                   help="the guidance gradient's scale (guided-diffusion's --classifier_scale; default 1.0)")
     p.add_argument("--engine", default="eager", choices=["eager", "graph"],
                    help="graph: capture each step in a CUDA graph and loop in C++ (GPU)")
     p.add_argument("--batch-invariant", action="store_true",
@@ -117,7 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _labels(args, num_classes):
+def _labels(args, num_classes, classifier=None):
+    """The run's labels: the model's classes, or with a classifier its classes (the model's too when it is
+    class-conditional: both must know them)."""
+    if classifier is not None:
+        k = classifier.config.num_classes
+        if num_classes and num_classes > k:
+            raise ValueError(f"the model has {num_classes} classes, the classifier {k}: its labels cannot steer "
+                             "every class")
+        top = min(k, num_classes or k)
+        if args.class_label is not None:
+            if not 0 <= args.class_label < top:
+                raise ValueError(f"--class-label must be in [0, {top - 1}] for this classifier")
+            return torch.full((args.num_samples,), args.class_label, dtype=torch.int64)
+        return torch.arange(args.num_samples, dtype=torch.int64) % top
     if not num_classes:
         if args.class_label is not None or args.guidance_scale is not None:
             flag = "--class-label" if args.class_label is not None else "--guidance-scale"
@@ -142,17 +164,24 @@ def _run(args, dist_ctx) -> str | None:
     if dist_ctx.rank == 0:
         _check_targets(args, model.config)
     sampler = _build_sampler(args, schedule, model.config)  # before the fast copy: a bad setting fails now
+    classifier = None
+    if args.classifier is not None:
+        classifier = load_classifier(args.classifier, args.classifier_flags, image_size=model.config.sample_size,
+                                     device=dist_ctx.device, prog="ddpm_fast.sample")
+        _check_classifier_fits(classifier, model.config, args.classifier)
     model, ran = _prepare_model(args, model, dist_ctx.device, notes)
-    labels = _labels(args, model.config.num_classes)
+    labels = _labels(args, model.config.num_classes, classifier)
     mine = torch.arange(args.num_samples)[dist_ctx.rank::dist_ctx.world]  # this rank's share of the images
     start = time.perf_counter()
-    images = _sample_images(args, model, sampler, mine, labels, show_progress=dist_ctx.rank == 0)
+    images = _sample_images(args, model, sampler, mine, labels, show_progress=dist_ctx.rank == 0,
+                            classifier=classifier)
     elapsed = time.perf_counter() - start
     images = _gather(dist_ctx, mine, images)
     dist_ctx.close()
     if dist_ctx.rank != 0:
         return None
-    npz, grid_path = _write(args, images, labels, model.config.num_classes)
+    classes = classifier.config.num_classes if classifier is not None else model.config.num_classes
+    npz, grid_path = _write(args, images, labels, model.config.num_classes or classes)
     for note in notes:
         print(note, file=sys.stderr)
     n = images.shape[0]
@@ -206,14 +235,25 @@ def _build_sampler(args, schedule, config):
     return cls.from_request(schedule, request)
 
 
-def _sample_images(args, model, sampler, mine, labels, show_progress: bool) -> torch.Tensor:
+def _check_classifier_fits(classifier, config, path) -> None:
+    """A classifier guides a model of its own image size and channels: one line otherwise."""
+    c = classifier.config
+    if (c.image_size, c.in_channels) != (config.sample_size, config.in_channels):
+        raise ValueError(f"--classifier {path}: takes {c.image_size}x{c.image_size} images with {c.in_channels} "
+                         f"channels; the model samples {config.sample_size}x{config.sample_size} with "
+                         f"{config.in_channels}")
+
+
+def _sample_images(args, model, sampler, mine, labels, show_progress: bool, classifier=None) -> torch.Tensor:
     """uint8 NHWC images of this rank's share ``mine`` (global indices), in --batch-size chunks."""
     from tqdm.auto import tqdm
 
     cfg = model.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
     base = RunOptions(seed=args.seed, guidance_scale=args.guidance_scale, batch_invariant=args.batch_invariant,
-                      invariant_chunk=args.invariant_chunk or INVARIANT_CHUNK, cache_interval=args.cache_interval)
+                      invariant_chunk=args.invariant_chunk or INVARIANT_CHUNK, cache_interval=args.cache_interval,
+                      classifier=classifier, classifier_scale=scale)
     images = []
     bar = tqdm(total=len(mine) * sampler.num_steps, unit="img-step", unit_scale=True, desc="sample",
                disable=args.no_progress or not show_progress, dynamic_ncols=True)
@@ -250,6 +290,8 @@ def _divergence_causes(args, sampler) -> list[str]:
                       "more --steps, or --sampler ddim")
     if args.guidance_scale is not None:
         causes.append(f"--guidance-scale {args.guidance_scale:g}")
+    if args.classifier is not None:
+        causes.append(f"--classifier-scale {1.0 if args.classifier_scale is None else args.classifier_scale:g}")
     causes.append("the checkpoint's weights")
     return causes
 
@@ -341,6 +383,16 @@ def main(argv=None) -> int:
         parser.error("--eta must lie in [0, 1]")
     if args.guidance_scale is not None and not abs(args.guidance_scale) <= MAX_GUIDANCE_SCALE:
         parser.error(f"--guidance-scale must be finite, within +-{MAX_GUIDANCE_SCALE:g}")
+    if args.classifier is None and (args.classifier_scale is not None or args.classifier_flags is not None):
+        flag = "--classifier-scale" if args.classifier_scale is not None else "--classifier-flags"
+        parser.error(f"{flag} needs --classifier PATH (the classifier to guide with)")
+    if args.classifier is not None:
+        if args.classifier_scale is not None and not abs(args.classifier_scale) <= MAX_GUIDANCE_SCALE:
+            parser.error(f"--classifier-scale must be finite, within +-{MAX_GUIDANCE_SCALE:g}")
+        if args.engine == "graph":
+            parser.error(f"--engine graph with --classifier: {CLASSIFIER_NOT_CAPTURED}")
+        if args.batch_invariant or args.cache_interval is not None:
+            parser.error("--classifier cannot be combined with --batch-invariant or --cache-interval yet")
     if args.invariant_chunk is not None and not args.batch_invariant:
         parser.error("--invariant-chunk applies with --batch-invariant only")
     if args.cache_interval is not None and not 1 <= args.cache_interval <= MAX_CACHE_INTERVAL:

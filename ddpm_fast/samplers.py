@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.ops.reverse_step import NUM_COEFS, SIGMA
+from ddpm_fast.ops.reverse_step import LOG_VAR_MIN, NUM_COEFS, SIGMA
 from ddpm_fast.plan import INVARIANT_CHUNK, RunOptions, SamplingPlan, model_eps
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
@@ -115,7 +115,7 @@ class Sampler:
             lookup[schedule.timestep_map] = torch.arange(len(schedule), dtype=torch.int64)
             self._index_of = lookup
             self._step_rows = lookup[self.timesteps]
-        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_cache: dict = {}  # device -> (coefs, rows); ("guidance", device) -> guidance table
 
     @property
     def num_steps(self) -> int:
@@ -158,13 +158,15 @@ class Sampler:
 
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None, model_output_uncond: torch.Tensor | None = None,
-             guidance_scale: float = 1.0) -> torch.Tensor:
+             guidance_scale: float = 1.0, cond_grad: torch.Tensor | None = None) -> torch.Tensor:
         """x_{t-1} from x_t and the model output at timestep t (a pure function of its inputs).
 
         One step outside a plan (diffusers-style stepping; tests compare against diffusers with it): noise
         comes from ``noise`` if given, else from ``generator`` where the step needs it. With
         ``model_output_uncond``, eps = eps_uncond + guidance_scale * (model_output - eps_uncond).
-        Whole runs go through ``plan`` (or ``sample``), whose steps draw the run's Philox stream.
+        ``cond_grad``: classifier guidance's gradient at x_t (classifier.classifier_grad, its scale included),
+        applied as openai applies it (``guide``). Whole runs go through ``plan`` (or ``sample``), whose steps
+        draw the run's Philox stream.
         """
         if not torch.is_tensor(x_t) or x_t.dtype != torch.float32 or x_t.dim() != 4:
             desc = f"{tuple(x_t.shape)} {x_t.dtype}" if torch.is_tensor(x_t) else type(x_t).__name__
@@ -177,8 +179,74 @@ class Sampler:
         if noise is None and bool((self.coefs[index.cpu(), SIGMA] > 0).any()):
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
             noise = noise.contiguous(memory_format=ops.memory_format(x_t))
-        return ops.reverse_step(x_t, model_output, coefs, index, noise, self.clip_denoised, model_output_uncond,
-                                guidance_scale, model_var_values=var)
+        if cond_grad is None:
+            return ops.reverse_step(x_t, model_output, coefs, index, noise, self.clip_denoised, model_output_uncond,
+                                    guidance_scale, model_var_values=var)
+        if tuple(cond_grad.shape) != tuple(x_t.shape):
+            raise ValueError(f"cond_grad must have x_t's shape {tuple(x_t.shape)}, got {tuple(cond_grad.shape)}")
+        out = torch.empty_like(x_t)
+        self.guide(x_t, model_output, model_output_uncond, guidance_scale, var, cond_grad, coefs, index,
+                   lambda eps, clip: ops.reverse_step(x_t, eps, coefs, index, noise, clip, model_var_values=var,
+                                                      out=out))
+        return out
+
+    # ---- classifier guidance (guided-diffusion) ------------------------------------------------------
+
+    guidance = "score"  # openai's condition_score; DDPMSampler: "mean" (condition_mean)
+
+    def guidance_table(self) -> torch.Tensor:
+        """Per coefficient row (float64, (rows, 3)): sqrt(alpha_bar) and sqrt(1 - alpha_bar) at the row's model
+        timestep (fractional ones on the sigma interpolation the solver uses), and the variance that
+        condition_mean moves the mean by (NaN: per element, from a learned variance)."""
+        if self._index_of is not None:
+            acp = self.schedule.alphas_cumprod.double()
+        else:
+            base = self.schedule.alphas_cumprod.double()
+            sig = ((1 - base) / base).sqrt()
+            t = self.timesteps.double()
+            lo = t.floor().long().clamp(0, len(base) - 1)
+            hi = (lo + 1).clamp(max=len(base) - 1)
+            s = sig[lo] + (t - lo.double()) * (sig[hi] - sig[lo])
+            acp = 1.0 / (1.0 + s**2)
+        return torch.stack([acp.sqrt(), (1 - acp).sqrt(), self.mean_shift_variance()], dim=1)
+
+    def mean_shift_variance(self) -> torch.Tensor:
+        """Per row, the variance condition_mean uses (only DDPMSampler guides by the mean)."""
+        return torch.zeros(self.coefs.shape[0], dtype=torch.float64)
+
+    def guidance_device_table(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        key = ("guidance", device)
+        if key not in self._device_cache:
+            self._device_cache[key] = self.guidance_table().to(device, torch.float32).contiguous()
+        return self._device_cache[key]
+
+    def guide(self, x, eps, eps_uncond, guidance_scale, var_values, grad, coefs, row, step):
+        """One classifier-guided step: ``step(eps, clip)`` runs the fused update on the eps it is given.
+
+        Classifier-free guidance, when asked as well, is combined first. condition_score (every sampler but
+        DDPM): eps from the clipped x_0 when the step clips (openai conditions its clipped prediction), minus
+        sqrt(1 - alpha_bar) times the gradient, then the step without a second clip. condition_mean (DDPM):
+        the step as it is, then the mean moved by the step's variance times the gradient (openai's
+        p_mean_var["variance"]: beta-tilde or beta, or the learned one). No host read."""
+        if eps_uncond is not None:
+            eps = eps_uncond + guidance_scale * (eps.float() - eps_uncond.float())
+        g = self.guidance_device_table(x.device)[row]
+        if self.guidance == "score":
+            a, s = g[:, 0].view(-1, 1, 1, 1), g[:, 1].view(-1, 1, 1, 1)
+            eps = eps.float()
+            if self.clip_denoised:
+                x0 = ((x - s * eps) / a).clamp(-1.0, 1.0)
+                eps = (x - a * x0) / s
+            step(eps - s * grad, False)
+            return
+        out = step(eps, self.clip_denoised)
+        var = g[:, 2].view(-1, 1, 1, 1)
+        if var_values is not None:  # learned: log var = frac log beta + (1 - frac) log beta-tilde (clipped)
+            lo, hi = (coefs[row, LOG_VAR_MIN + k].view(-1, 1, 1, 1) for k in (0, 1))
+            frac = (var_values.float() + 1) / 2
+            var = torch.exp(frac * hi + (1 - frac) * lo)
+        out.add_(var * grad)
 
     def plan(self, model, shape, run: RunOptions | None = None, *, device=None, **options) -> SamplingPlan:
         """Everything one run needs, built once (see SamplingPlan); ``plan.run()`` samples. The run's options
@@ -229,6 +297,21 @@ class DDPMSampler(Sampler):
         self.variance = variance
         self.learned_variance = variance == "learned_range"
         super().__init__(schedule, coefs, clip_denoised)
+
+    guidance = "mean"
+
+    def mean_shift_variance(self) -> torch.Tensor:
+        """openai's p_mean_var["variance"] per row: beta-tilde (0 at t = 0) for fixed_small, beta with the first
+        row's replaced by beta-tilde_1 for fixed_large, NaN (per element) for learned_range."""
+        s = self.schedule
+        if self.variance == "learned_range":
+            return torch.full_like(s.betas, float("nan"), dtype=torch.float64)
+        if self.variance == "fixed_small":
+            return s.posterior_variance.double().clamp(min=0)
+        var = s.betas.double().clone()
+        if len(var) > 1:
+            var[0] = s.posterior_variance.double()[1]
+        return var
 
     @classmethod
     def from_request(cls, schedule: NoiseSchedule, request: SamplerRequest) -> DDPMSampler:
