@@ -78,7 +78,7 @@ def test_linear_betas_scale_with_steps():
     ("--num_channels 64 --num_channels 32", "--num_channels given twice"),
     ("--num_channels sixty", "--num_channels: expected a int"),
     ("image_size 64", "expected --name value"),
-    ("--classifier_scale 1.0", "classifier guidance .* is not supported"),
+    ("--classifier_scale 1.0", "a classifier flag; the classifier.s flags go with the classifier"),
     ("--predict_xstart True", "predict_xstart"),
     ("--noise_schedule sqrt", "unknown schedule 'sqrt'"),
     ("--attention_resolutions 16,7", "must divide image_size"),
