@@ -54,6 +54,13 @@ ADM_GROUPS = 32  # openai's normalization(): GroupNorm32(32, channels), eps 1e-5
 ADM_EPS = 1e-5
 
 
+def normalize_levels(config) -> None:
+    """A frozen config's attention_ds as ints and channel_mult as ints where whole (JSON gives lists)."""
+    object.__setattr__(config, "attention_ds", tuple(int(d) for d in config.attention_ds))
+    object.__setattr__(config, "channel_mult", tuple(float(m) if float(m) != int(m) else int(m)
+                                                     for m in config.channel_mult))
+
+
 @dataclass(frozen=True)
 class ADMConfig(ConfigDict):
     """The ADM U-Net's hyper-parameters, named as openai's UNetModel arguments.
@@ -84,9 +91,7 @@ class ADMConfig(ConfigDict):
     timestep_scale: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "attention_ds", tuple(int(d) for d in self.attention_ds))
-        object.__setattr__(self, "channel_mult", tuple(float(m) if float(m) != int(m) else int(m)
-                                                       for m in self.channel_mult))
+        normalize_levels(self)
         errors = []
         for name in ("image_size", "in_channels", "model_channels", "num_res_blocks"):
             v = getattr(self, name)

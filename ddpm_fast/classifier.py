@@ -23,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_fast.adm import ADM_EPS, ADM_GROUPS, ADMAttention, ADMConfig, ADMResample, ADMResBlock, ADMStage, adm_norm
+from ddpm_fast.adm import (
+    ADM_EPS,
+    ADM_GROUPS,
+    ADMAttention,
+    ADMConfig,
+    ADMResample,
+    ADMResBlock,
+    ADMStage,
+    adm_norm,
+    normalize_levels,
+)
 from ddpm_fast.config import ConfigDict
 from ddpm_fast.fast import check_class_labels, check_x_and_t, group_norm, timestep_embedding
 
@@ -52,9 +62,7 @@ class ClassifierConfig(ConfigDict):
     dropout: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "attention_ds", tuple(int(d) for d in self.attention_ds))
-        object.__setattr__(self, "channel_mult", tuple(float(m) if float(m) != int(m) else int(m)
-                                                       for m in self.channel_mult))
+        normalize_levels(self)
         errors = []
         if self.pool not in POOLS:
             errors.append(f"pool must be one of {POOLS}, got {self.pool!r}")

@@ -19,7 +19,6 @@ API: ``statistics(images) -> (mu, sigma)`` and ``frechet_distance(mu1, sigma1, m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import math
 import os
@@ -355,8 +354,10 @@ def statistics(images, *, dims: int = 2048, batch_size: int = 50, device=None, w
     total = torch.zeros((), dtype=torch.float64, device=dev)
     s1 = torch.zeros(net.dims, dtype=torch.float64, device=dev)
     s2 = torch.zeros(net.dims, net.dims, dtype=torch.float64, device=dev)
-    bar = _progress(stop - start, f"features of {source.path}", progress and rank == 0)
-    with bar:
+    from tqdm import tqdm
+
+    with tqdm(total=stop - start, desc=f"features of {source.path}", unit="img", file=sys.stderr,
+              disable=not (progress and rank == 0)) as bar:
         for batch in source.batches(start, stop, batch_size):
             f = net(torch.from_numpy(np.ascontiguousarray(batch))).double()
             total += f.shape[0]
@@ -392,19 +393,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise FIDError(f"the statistics have different feature sizes ({len(mu1)} and {len(mu2)})")
     _, fid_score = _pytorch_fid()
     return float(fid_score.calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps))
-
-
-class _NoBar(contextlib.nullcontext):
-    def update(self, n):
-        pass
-
-
-def _progress(total: int, desc: str, on: bool):
-    if not on:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

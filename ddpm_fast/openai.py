@@ -306,11 +306,16 @@ def load_openai_classifier(path, flags, device=None) -> EncoderUNet:
         config = classifier_config_from_flags(flags)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(str(exc)) from None
+    return _load_state_dict(path, config, "the classifier flags", device)
+
+
+def _load_state_dict(path, config, flags_name: str, device):
+    """A model of ``config`` holding the openai .pt state dict at ``path`` (read with weights_only)."""
     path = str(path)
     obj = read_torch_file(path)
     if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
-        raise CheckpointError(f"{path}: expected openai's classifier state dict (a dict of tensors)")
-    model = build_loaded(config, obj, f"{path} (with the classifier flags)")
+        raise CheckpointError(f"{path}: expected openai's state dict (a dict of tensors)")
+    model = build_loaded(config, obj, f"{path} (with {flags_name})")
     return model if device is None else model.to(device)
 
 
@@ -323,9 +328,4 @@ def load_openai(path, flags, repo: str = "guided-diffusion", device=None) -> tup
         config, schedule = config_from_flags(flags, repo)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-    path = str(path)
-    obj = read_torch_file(path)
-    if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
-        raise CheckpointError(f"{path}: expected openai's state dict (a dict of tensors)")
-    model = build_loaded(config, obj, f"{path} (with {repo} flags)")
-    return (model if device is None else model.to(device)), schedule
+    return _load_state_dict(path, config, f"{repo} flags", device), schedule

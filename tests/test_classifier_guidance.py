@@ -143,18 +143,21 @@ def test_classifier_and_classifier_free_guidance_together():
     assert _rel(got, x) < 1e-4
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_every_sampler_takes_a_classifier_and_reads_nothing_back(name):
+@pytest.mark.parametrize("name, backend", [(n, "native") for n in sorted(SAMPLERS)]
+                         + [("ddpm", "triton"), ("ddim", "triton")])
+def test_every_sampler_takes_a_classifier_and_reads_nothing_back(name, backend):
     """Two guided plan steps of each sampler under the host-read guard (on the C++ backend): finite, and moved
-    by the classifier. The class labels are the classifier's alone: the model is unconditional."""
-    if ops.backend_unavailable_reason("native", torch.device("cpu")):
-        pytest.skip("native backend not available here")
+    by the classifier. The class labels are the classifier's alone: the model is unconditional. On Triton (its
+    interpreter here) the clipping samplers, whose guided step launches the unclipped kernel variant: recorded
+    for the AOT compile."""
+    if ops.backend_unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} backend not available here")
     model = randomize_(UNet(UNetConfig.from_name("tiny", dropout=0.0)).eval(), 0.05)
     clf = _classifier(size=8, classes=5)
     cls = SAMPLERS[name]
     sampler = cls.from_request(NoiseSchedule.linear(1000), _request(cls))
     shapes = (2, 3, 8, 8)
-    with ops.use_backend("native"):
+    with ops.use_backend(backend):
         plan = sampler.plan(model, shapes, seed=7, class_labels=[1, 4], classifier=clf, classifier_scale=10.0)
         plain = sampler.plan(model, shapes, seed=7)
         with no_host_sync():
