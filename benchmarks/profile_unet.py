@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         for q in model.parameters():
             q.normal_(0.0, 0.02)
     if not cuda and dtype == torch.float16:  # CPUs have no fast fp16 arithmetic: what sample --fp16 runs there
-        dtype = torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
+        dtype = ops.cpu_half_dtype()
     fast = model.to_fast(dtype)
     if args.compile:
         import torch._inductor.config as inductor_config

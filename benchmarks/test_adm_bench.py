@@ -28,7 +28,7 @@ DDIM_STEPS = 10
 def _fast_dtype() -> torch.dtype:
     if DEVICE.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
+    return ops.cpu_half_dtype()
 
 
 def _model(preset: str):

@@ -40,7 +40,7 @@ def setup():
     x_T = initial_noise(shape, 0, torch.arange(N_IMAGES), "cpu", torch.contiguous_format)
     ref = DDIMSampler(schedule, REF_STEPS, spacing="trailing", clip_denoised=False).sample(
         model, shape, x_T=x_T, class_labels=labels, progress=False, seed=0)
-    fast = model.to_fast(torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32)
+    fast = model.to_fast(ops.cpu_half_dtype())
     return fast, schedule, shape, labels, x_T, ref
 
 

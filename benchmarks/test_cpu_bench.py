@@ -7,7 +7,9 @@ channels_last, folded blocks; torch ops or the extension's C++ kernels), fast_bf
 (the same in bf16), diffusers_fp32 / diffusers_bf16 (UNet2DModel with the same weights; sampling with its
 DDIMScheduler), compile_reference (torch.compile of the reference), compile_fast (``compile_model`` of what
 ``sample --fp16 --compile`` runs: Inductor around our registered ops), compile_diffusers_fp32 / _bf16
-(torch.compile of diffusers' UNet2DModel); compiled providers in full runs only, compile time reported;
+(torch.compile of diffusers' UNet2DModel), frozen_diffusers_fp32 / _bf16 (the same with Inductor's
+``freezing=True`` and a channels_last model and input: weights prepacked for oneDNN, convolutions fused with
+their pointwise neighbours); compiled providers in full runs only, compile time reported;
 whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: chunks of 16 images
 on one thread, what ``sample --batch-invariant`` runs).
 ``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
@@ -47,9 +49,9 @@ CIFAR_BATCH = 8 if FULL else 1
 CPU = torch.device("cpu")
 PROVIDERS = ["reference", "fast_fp32_torch", "fast_fp32_ext", "fast_bf16_torch", "fast_bf16_ext", "diffusers_fp32",
              "diffusers_bf16", "compile_reference", "compile_fast", "compile_diffusers_fp32", "compile_diffusers_bf16",
-             "reference_invariant", "fast_fp32_ext_invariant"]
-CLI_FP16 = "fast_bf16_ext" if ops.cpu_has_native_bf16() else "fast_fp32_ext"
-CLI_FP16_DTYPE = torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
+             "frozen_diffusers_fp32", "frozen_diffusers_bf16", "reference_invariant", "fast_fp32_ext_invariant"]
+CLI_FP16 = "fast_bf16_ext" if ops.cpu_bf16_is_faster() else "fast_fp32_ext"
+CLI_FP16_DTYPE = ops.cpu_half_dtype()
 
 
 def _best_rate(fn, flop: float, repeats: int) -> float:
@@ -158,6 +160,17 @@ def _providers(model, schedule, batch, compile_ok=True):
                 twin_c(x.to(dtype), t, class_labels=labels)
             out[f"compile_diffusers_{tag}"] = (dtype, *_diffusers_units(twin_c, diffusers, dtype, schedule, shape, x,
                                                                         t, labels), time.perf_counter() - start)
+        if FULL and compile_ok and wanted(f"frozen_diffusers_{tag}"):
+            # Inductor's own CPU route: weights frozen as constants (prepacked for oneDNN, conv + pointwise fused),
+            # channels_last model and input. The option is read when the graph compiles (the first call).
+            start = time.perf_counter()
+            twin_f = _diffusers_twin(model, dtype)[0].to(memory_format=torch.channels_last)
+            with torch._inductor.config.patch(freezing=True), torch.no_grad():
+                twin_f = torch.compile(twin_f)
+                twin_f(x.to(dtype).contiguous(memory_format=torch.channels_last), t, class_labels=labels)
+            out[f"frozen_diffusers_{tag}"] = (dtype, *_diffusers_units(twin_f, diffusers, dtype, schedule, shape, x, t,
+                                                                       labels, channels_last=True),
+                                              time.perf_counter() - start)
     if FULL and compile_ok and wanted("compile_reference"):
         net, secs = compiled("compile_reference", lambda: torch.compile(model), "torch")
         ours("compile_reference", net, "torch", torch.float32)
@@ -174,9 +187,11 @@ def _providers(model, schedule, batch, compile_ok=True):
     return out
 
 
-def _diffusers_units(twin, diffusers, dtype, schedule, shape, x, t, labels):
-    """(forward, sample_run) of a diffusers UNet2DModel: one forward; DDIM with its own scheduler."""
-    xd = x.to(dtype)
+def _diffusers_units(twin, diffusers, dtype, schedule, shape, x, t, labels, channels_last=False):
+    """(forward, sample_run) of a diffusers UNet2DModel: one forward; DDIM with its own scheduler; with
+    ``channels_last`` the inputs are given in that layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    xd = x.to(dtype).contiguous(memory_format=layout)
 
     def forward():
         return twin(xd, t, class_labels=labels).sample
@@ -187,7 +202,7 @@ def _diffusers_units(twin, diffusers, dtype, schedule, shape, x, t, labels):
         sched.set_timesteps(STEPS)
         xt = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
         for step in sched.timesteps:
-            eps = twin(xt, step, class_labels=labels).sample
+            eps = twin(xt.contiguous(memory_format=layout), step, class_labels=labels).sample
             xt = sched.step(eps.float(), step, xt.float()).prev_sample.to(dtype)
         return xt
 

@@ -89,7 +89,7 @@ def setup():
     mlp = pytest.importorskip("sklearn.neural_network").MLPClassifier
     model = load_pretrained(DEFAULT_MODEL).eval()
     schedule = load_schedule(DEFAULT_MODEL) or NoiseSchedule.linear(1000)
-    fast = model.to_fast(torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32)
+    fast = model.to_fast(ops.cpu_half_dtype())
     labels = torch.arange(max(N_RMS, N_FD)) % 10
     x_T = initial_noise((N_RMS, 1, 16, 16), 0, torch.arange(N_RMS), "cpu", torch.contiguous_format)
     ref = DDIMSampler(schedule, REF_STEPS, spacing="trailing", clip_denoised=False).sample(
@@ -127,7 +127,7 @@ def _cifar10_costs():
     """ms per image of one fast-path forward of the cifar10 preset (batch 8): whole, and shallow on cached deep
     features. (The tiny preset in the quick pass.)"""
     model = UNet(UNetConfig.from_name("cifar10" if FULL else "tiny", dropout=0.0)).eval()
-    fast = model.to_fast(torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32)
+    fast = model.to_fast(ops.cpu_half_dtype())
     size = fast.config.sample_size
     x = torch.randn(8, 3, size, size).contiguous(memory_format=torch.channels_last).to(fast.compute_dtype)
     t = torch.full((8,), 500)

@@ -142,7 +142,7 @@ def test_bound_throughput_batched_vs_eager_loop(benchmark, embedded, which):
 
     from ddpm_fast import ops
 
-    fast_dtype = torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32  # what --fp16 runs on this CPU
+    fast_dtype = ops.cpu_half_dtype()  # what --fp16 runs on this CPU
     fast = model.to_fast(fast_dtype)
 
     def batched_fast():
@@ -175,7 +175,7 @@ def test_estimate_against_the_full_bound(benchmark, embedded):
     from ddpm_fast import ops
 
     model, schedule = embedded
-    fast = model.to_fast(torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32)
+    fast = model.to_fast(ops.cpu_half_dtype())
     n = 16 if FULL else 4
     x0 = to_model_range(load_digits(16).images[100:100 + n], "cpu")
     ks = (50, 200) if FULL else (20, 50)

@@ -270,7 +270,7 @@ void group_norm_nchw(const scalar_t* x, scalar_t* y, const Params& p) {
 // The three stages of channels_last, each over one (sample, block) or one (sample, group); every way of
 // running them below does the same arithmetic in the same order, so the way never changes a bit.
 //
-// Two inputs (fp32 only): x holds the first c1 channels and x2 the other C - c1, each channels_last with rows of
+// Two inputs (fp32 and bf16): x holds the first c1 channels and x2 the other C - c1, each channels_last with rows of
 // its own width, and y is their concatenation along C, normalized. Per channel the arithmetic is the one-input
 // form's, so the result is the same bits as the kernel on the concatenated tensor, without making it.
 template <typename scalar_t>
@@ -292,7 +292,10 @@ struct ChannelsLast {
     const int64_t first = n * p.hw + b * rows;  // the block's first position
     const scalar_t* src = x + first * c1;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bf16: converted in registers, no fp32 copy
-      column_mean_m2_bf16(reinterpret_cast<const uint16_t*>(src), rows_of(b), p.c, mean, m2);
+      column_mean_m2_bf16(reinterpret_cast<const uint16_t*>(src), rows_of(b), c1, mean, m2);
+      if (x2)
+        column_mean_m2_bf16(reinterpret_cast<const uint16_t*>(x2 + first * (p.c - c1)), rows_of(b), p.c - c1,
+                            mean + c1, m2 + c1);
     } else if constexpr (std::is_same_v<scalar_t, float>) {
       column_mean_m2(src, rows_of(b), c1, mean, m2);
       if (x2) column_mean_m2(x2 + first * (p.c - c1), rows_of(b), p.c - c1, mean + c1, m2 + c1);
@@ -333,6 +336,17 @@ struct ChannelsLast {
       return;
     }
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (x2) {  // the two inputs' rows gathered side by side into one fp32 row per position
+        const int64_t c2 = p.c - c1;
+        buf.resize(rows * p.c);
+        for (int64_t i = 0; i < r; ++i) {
+          load_row(x + (first + i) * c1, buf.data() + i * p.c, c1);
+          load_row(x2 + (first + i) * c2, buf.data() + i * p.c + c1, c2);
+        }
+        affine_silu_rows(buf.data(), buf.data(), r, p.c, p.c, p.c, scale, shift, p.silu);
+        cpu::store_row(buf.data(), y + offset, r * p.c);
+        return;
+      }
       if (!p.silu) {
         affine_rows_bf16(reinterpret_cast<const uint16_t*>(x + offset), reinterpret_cast<uint16_t*>(y + offset), r,
                          p.c, scale, shift);
@@ -455,10 +469,11 @@ at::Tensor group_norm_silu_cat_cpu(const at::Tensor& x, const at::Tensor& x2, co
                                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
                                    int64_t num_groups, double eps, bool silu) {
   for (const at::Tensor* t : {&x, &x2}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 &&
+    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                    t->scalar_type() == x.scalar_type() && t->dim() == 4 &&
                     t->is_contiguous(at::MemoryFormat::ChannelsLast),
-                "group_norm_silu_cat_cpu: x and x2 must be float32 channels_last (N, C, H, W) CPU tensors, got ",
-                t->scalar_type(), " ", t->sizes(), " on ", t->device());
+                "group_norm_silu_cat_cpu: x and x2 must be float32 or bfloat16 (one dtype) channels_last (N, C, H, W) "
+                "CPU tensors, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
   }
   TORCH_CHECK(x.size(0) == x2.size(0) && x.size(2) == x2.size(2) && x.size(3) == x2.size(3),
               "group_norm_silu_cat_cpu: x ", x.sizes(), " and x2 ", x2.sizes(), " differ beyond their channels");
@@ -468,7 +483,12 @@ at::Tensor group_norm_silu_cat_cpu(const at::Tensor& x, const at::Tensor& x2, co
   const Checked k = check_args(n, c, hw, weight, bias, add, num_groups, eps, silu);
   at::Tensor y = at::empty({n, c, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (n == 0) return y;
-  group_norm_channels_last<float>(x.data_ptr<float>(), x2.data_ptr<float>(), c1, y.data_ptr<float>(), k.p);
+  if (x.scalar_type() == at::kBFloat16) {
+    group_norm_channels_last<at::BFloat16>(x.data_ptr<at::BFloat16>(), x2.data_ptr<at::BFloat16>(), c1,
+                                           y.data_ptr<at::BFloat16>(), k.p);
+  } else {
+    group_norm_channels_last<float>(x.data_ptr<float>(), x2.data_ptr<float>(), c1, y.data_ptr<float>(), k.p);
+  }
   return y;
 }
 

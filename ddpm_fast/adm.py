@@ -452,11 +452,11 @@ class FastADMResBlock(Folding, ADMResBlock):
         else:
             h = ops.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=mod, silu=True)
         conv2 = self.out_layers[3]
-        h = ops.conv3x3(self.out_layers[2](h), conv2.weight)
+        h = self.out_layers[2](h)
         if isinstance(self.skip_connection, nn.Identity):
-            return ops.residual_add(h, x, conv2.bias)
-        return ops.residual_add(h, shortcut(self, self.skip_connection.weight, x, skip),
-                                folded(self, "out_bias", torch.add, conv2.bias, self.skip_connection.bias))
+            return ops.conv3x3_residual_add(h, conv2.weight, x, conv2.bias)
+        return ops.conv3x3_residual_add(h, conv2.weight, shortcut(self, self.skip_connection.weight, x, skip),
+                                        folded(self, "out_bias", torch.add, conv2.bias, self.skip_connection.bias))
 
 
 class FastADMAttention(ADMAttention):

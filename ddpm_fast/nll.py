@@ -112,7 +112,7 @@ def _run(args, dist_ctx) -> dict | None:
     variance = default_variance(model, schedule)
     if args.fp16:
         dev = dist_ctx.device
-        dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16 if ops.cpu_has_native_bf16() else torch.float32
+        dtype = torch.float16 if dev.type == "cuda" else ops.cpu_half_dtype()
         model = model.to_fast(dtype, copy=False)  # the reference is not needed again: no second copy
     cfg = model.config
     data = load_data(args.data, cfg.sample_size, cfg.in_channels, args.max_image_pixels)

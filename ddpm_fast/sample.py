@@ -336,19 +336,24 @@ def _write(args, images, labels, num_classes):
 
 
 def _cpu_fast_dtype(args, notes: list[str]) -> torch.dtype:
-    """The fast path's dtype on a CPU. CPUs have no fast fp16 arithmetic; bf16 is their half type where they
-    compute it natively (AVX512-BF16, AMX). Without it bf16 convolutions run generic code far slower than
-    fp32, so --fp16 (asking for speed) runs the fast path in fp32 there; --bf16 (asking for bf16) gets it."""
-    if ops.cpu_has_native_bf16():
+    """The fast path's dtype on a CPU. CPUs have no fast fp16 arithmetic; bf16 is their half type. --fp16 (asking
+    for speed) runs bf16 where this CPU computes it faster than the fp32 fast path (ops.cpu_bf16_is_faster), else
+    fp32; --bf16 (asking for bf16) gets it, with a note where it is the slower choice."""
+    if ops.cpu_bf16_is_faster():
         if args.fp16:
             notes.append("--fp16 on a CPU runs bf16 (the CPU's half type)")
         return torch.bfloat16
+    native = ops.cpu_has_native_bf16()
     if args.fp16:
-        notes.append("--fp16: this CPU has no native half-precision arithmetic (no AVX512-BF16/AMX); ran the fast "
-                     "path in fp32 (channels_last, folded blocks, the extension's kernels)")
+        why = ("bf16 convolutions run slower than the fp32 fast path on this CPU (AVX512-BF16 without AMX, on a core "
+               "whose bf16 dot product runs at half its fp32 rate)" if native
+               else "this CPU has no native half-precision arithmetic (no AVX512-BF16/AMX)")
+        notes.append(f"--fp16: {why}; ran the fast path in fp32 (channels_last, folded blocks, the extension's "
+                     "kernels)")
         return torch.float32
-    notes.append("--bf16: this CPU has no native bf16 arithmetic (no AVX512-BF16/AMX); bf16 runs far slower than "
-                 "fp32 here (--fp16 picks the fastest form)")
+    notes.append("--bf16: this CPU runs bf16 slower than fp32 (" + ("no AMX, and its bf16 dot product runs at half "
+                 "the fp32 rate" if native else "no native bf16 arithmetic (no AVX512-BF16/AMX)")
+                 + "; --fp16 picks the fastest form)")
     return torch.bfloat16
 
 

@@ -360,11 +360,11 @@ class FastResnetBlock(Folding, ResnetBlock):
             temb_add = F.linear(temb, self.time_emb_proj.weight, temb_bias)
         h = ops.conv3x3(group_norm(self.norm1, x, silu=True, skip=skip), self.conv1.weight)
         h = group_norm(self.norm2, h, silu=True, add=temb_add)
-        h = ops.conv3x3(self.dropout(h), self.conv2.weight)
+        h = self.dropout(h)
         if self.conv_shortcut is None:
-            return ops.residual_add(h, x, self.conv2.bias)
+            return ops.conv3x3_residual_add(h, self.conv2.weight, x, self.conv2.bias)
         bias = folded(self, "out_bias", torch.add, self.conv2.bias, self.conv_shortcut.bias)
-        return ops.residual_add(h, shortcut(self, self.conv_shortcut.weight, x, skip), bias)
+        return ops.conv3x3_residual_add(h, self.conv2.weight, shortcut(self, self.conv_shortcut.weight, x, skip), bias)
 
 
 def _qkv_out_weight(wq, wk, wv, wo):

@@ -1,5 +1,6 @@
 """python -m ddpm_fast.train / ddpm_fast.sample end to end, on small settings."""
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -115,14 +116,15 @@ def test_same_seed_same_images_whatever_the_batch_size(tmp_path, tiny_model, sam
                 f"--batch-size {bs} {' '.join(chunk + extra)} changed the bytes"
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_sample_fp16_on_cpu_runs_the_fast_path(tmp_path, tiny_model, capsys, monkeypatch, native_bf16):
-    """On a CPU --fp16 runs bf16 where the CPU computes it natively, else the fp32 fast form; --bf16 runs bf16
-    (with a note where it is slow). Each says so once, and the summary names what ran."""
+@pytest.mark.parametrize("native_bf16, faster", [(True, True), (True, False), (False, False)])
+def test_sample_fp16_on_cpu_runs_the_fast_path(tmp_path, tiny_model, capsys, monkeypatch, native_bf16, faster):
+    """On a CPU --fp16 runs bf16 where the CPU computes it faster than fp32, else the fp32 fast form; --bf16 runs
+    bf16 (with a note where that is the slower choice). Each says so once, and the summary names what ran."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: native_bf16)
-    for flag, ran in (("--fp16", "bfloat16" if native_bf16 else "float32"), ("--bf16", "bfloat16")):
+    monkeypatch.setattr(ops, "cpu_bf16_is_faster", lambda: faster)
+    for flag, ran in (("--fp16", "bfloat16" if faster else "float32"), ("--bf16", "bfloat16")):
         out = tmp_path / flag.strip("-")
         assert _sample(["--checkpoint", tiny_model, "--num-samples", "2", "--steps", "2", "--allow-few-steps", flag,
                         "--out", str(out),
@@ -130,13 +132,28 @@ def test_sample_fp16_on_cpu_runs_the_fast_path(tmp_path, tiny_model, capsys, mon
         captured = capsys.readouterr()
         assert f"fast path {ran} on cpu" in captured.out
         if flag == "--fp16":
-            note = "--fp16 on a CPU runs bf16" if native_bf16 else "ran the fast path in fp32"
+            note = ("--fp16 on a CPU runs bf16" if faster else
+                    "bf16 convolutions run slower" if native_bf16 else "no native half-precision")
         else:
-            note = None if native_bf16 else "no native bf16 arithmetic"
+            note = None if faster else "half the fp32 rate" if native_bf16 else "no native bf16 arithmetic"
         if note:
             assert captured.err.count(note) == 1, captured.err
         else:
             assert "--bf16" not in captured.err, captured.err
+
+
+def test_cpu_half_dtype_follows_the_cpu_flags(monkeypatch):
+    """--fp16's dtype on a CPU: bf16 with AMX, or AVX512-BF16 on a core without AVX512-FP16; fp32 on an AVX512-BF16
+    core with AVX512-FP16 and no AMX (its bf16 dot product runs at half the fp32 rate), and without native bf16."""
+    registry = importlib.import_module("ddpm_fast.ops.registry")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    for native, flags, want in ((True, {"amx_bf16", "avx512_fp16"}, torch.bfloat16),
+                                (True, {"avx512_bf16"}, torch.bfloat16),
+                                (True, {"avx512_bf16", "avx512_fp16"}, torch.float32),
+                                (False, {"avx512f"}, torch.float32)):
+        monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(registry, "_cpu_flags", lambda flags=flags: flags)
+        assert registry.cpu_half_dtype() == want, flags
 
 
 def test_sample_errors_are_one_line(tmp_path, tiny_model, capsys):

@@ -77,6 +77,13 @@ def test_registered_ops_have_fake_implementations():
                                                                True)),
             (torch.ops.ddpm_fast.conv3x3_winograd.default, (x, torch.randn(8, 8, 3, 3), b, False)),
         ]
+    xb, wb = x.bfloat16(), torch.randn(6, 8, 3, 3, dtype=torch.bfloat16)
+    rb = torch.randn(2, 6, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    cases += [  # oneDNN on a packed weight: plain, with a fused residual, stride 2
+        (torch.ops.ddpm_fast.packed_conv.default, (xb, wb, b[:6].bfloat16(), None, 1, 1)),
+        (torch.ops.ddpm_fast.packed_conv.default, (xb, wb, None, rb, 1, 1)),
+        (torch.ops.ddpm_fast.packed_conv.default, (xb, wb, b[:6].bfloat16(), None, 2, 1)),
+    ]
     with ops.use_backend("native" if ops.extension() is not None else "triton"):
         for op, args in cases:
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

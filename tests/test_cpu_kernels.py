@@ -146,13 +146,14 @@ CAT_SHAPES = [(2, 5, 7, 3, 5, 4), (3, 64, 32, 33, 31, 8), (1, 96, 96, 20, 20, 32
 @pytest.mark.parametrize("n, c1, c2, h, w, groups", CAT_SHAPES)
 @pytest.mark.parametrize("with_add, silu", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("affine", ["channel", "sample", None])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 2e-2)])
 def test_group_norm_silu_cat_is_the_kernel_on_the_concatenation(n, c1, c2, h, w, groups, with_add, silu, affine,
-                                                                cpu_loops):
+                                                                dtype, atol, rtol, cpu_loops):
     """The two-input form (a decoder block's input and its skip, never concatenated) gives the same bits as the
-    one-input kernel on torch.cat([x, x2], 1), and matches the reference."""
+    one-input kernel on torch.cat([x, x2], 1), in fp32 and bf16, and matches the reference."""
     c = c1 + c2
-    x = torch.randn(n, c1, h, w).mul(2).add(0.5).contiguous(memory_format=torch.channels_last)
-    x2 = torch.randn(n, c2, h, w).mul(3).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, c1, h, w).mul(2).add(0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    x2 = torch.randn(n, c2, h, w).mul(3).to(dtype).contiguous(memory_format=torch.channels_last)
     shape = {"channel": (c,), "sample": (n, c), None: None}[affine]
     weight, bias = (None, None) if shape is None else (torch.randn(shape), torch.randn(shape))
     add = torch.randn(n, c) if with_add else None
@@ -160,22 +161,22 @@ def test_group_norm_silu_cat_is_the_kernel_on_the_concatenation(n, c1, c2, h, w,
     joined = torch.cat([x, x2], 1)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == (n, c, h, w)
     one_input = _C.group_norm_silu(joined, weight, bias, add, groups, 1e-6, silu)
+    assert got.dtype == dtype
     if joined.is_contiguous():  # 1x1 images: NCHW as well, where the one-input kernel takes its NCHW loops
-        torch.testing.assert_close(got, one_input, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, one_input, atol=atol, rtol=rtol)
     else:
         assert torch.equal(got, one_input)
     if affine != "sample":
         want = group_norm_silu_ref(joined, weight, bias, groups, 1e-6, add, silu)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 def test_group_norm_silu_cat_bad_input_is_named():
     cl = torch.channels_last
     x, x2 = torch.randn(2, 8, 4, 4).contiguous(memory_format=cl), torch.randn(2, 4, 4, 4).contiguous(memory_format=cl)
-    with pytest.raises(RuntimeError, match="float32 channels_last"):
-        _C.group_norm_silu_cat(x, x2.contiguous(), None, None, None, 4, 1e-6, True)
-    with pytest.raises(RuntimeError, match="float32 channels_last"):
-        _C.group_norm_silu_cat(x.double(), x2, None, None, None, 4, 1e-6, True)
+    for a, b in ((x, x2.contiguous()), (x.double(), x2), (x, x2.bfloat16())):
+        with pytest.raises(RuntimeError, match=r"float32 or bfloat16 \(one dtype\) channels_last"):
+            _C.group_norm_silu_cat(a, b, None, None, None, 4, 1e-6, True)
     with pytest.raises(RuntimeError, match="differ beyond their channels"):
         _C.group_norm_silu_cat(x, torch.randn(2, 4, 2, 4).contiguous(memory_format=cl), None, None, None, 4, 1e-6, True)
     with pytest.raises(RuntimeError, match="12 channels are not divisible by num_groups=5"):

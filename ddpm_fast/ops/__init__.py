@@ -4,7 +4,14 @@ See registry.py for the backends and how the choice is made.
 """
 
 from ddpm_fast.base import memory_format
-from ddpm_fast.ops.conv3x3 import conv3x3, conv3x3_ref, transformed_weight, uses_winograd, winograd_weight
+from ddpm_fast.ops.conv3x3 import (
+    conv3x3,
+    conv3x3_ref,
+    conv3x3_residual_add,
+    transformed_weight,
+    uses_winograd,
+    winograd_weight,
+)
 from ddpm_fast.ops.group_norm_silu import (
     group_norm_scale_shift_silu,
     group_norm_scale_shift_silu_ref,
@@ -13,12 +20,15 @@ from ddpm_fast.ops.group_norm_silu import (
     group_norm_silu_ref,
     joins_in_place,
 )
+from ddpm_fast.ops.packed_conv import packed_conv, packed_conv_ref, packed_weight, uses_packed_conv
 from ddpm_fast.ops.q_sample import q_sample, q_sample_ref
 from ddpm_fast.ops.registry import (
     ALIASES,
     BACKENDS,
     backend_for,
     backend_unavailable_reason,
+    cpu_bf16_is_faster,
+    cpu_half_dtype,
     cpu_has_native_bf16,
     environment_problem,
     extension,
@@ -43,6 +53,9 @@ __all__ = [
     "backend_unavailable_reason",
     "conv3x3",
     "conv3x3_ref",
+    "conv3x3_residual_add",
+    "cpu_bf16_is_faster",
+    "cpu_half_dtype",
     "cpu_has_native_bf16",
     "environment_problem",
     "extension",
@@ -55,6 +68,9 @@ __all__ = [
     "launch",
     "memory_format",
     "needs_grad",
+    "packed_conv",
+    "packed_conv_ref",
+    "packed_weight",
     "q_sample",
     "q_sample_ref",
     "requested_backend",
@@ -67,6 +83,7 @@ __all__ = [
     "triton_available",
     "triton_interpreting",
     "use_backend",
+    "uses_packed_conv",
     "uses_winograd",
     "vb_terms",
     "vb_terms_ref",

@@ -13,9 +13,10 @@ Where it runs: the extension's kernel (backend ``native``, the CPU default) for 
 ``MIN_CHANNELS`` input and output channels, in calls autograd does not record. Everything else takes the
 reference, F.conv2d: a GPU (cuDNN chooses among its own algorithms, Winograd included), half precision (oneDNN's
 bf16 kernels on CPUs that have them), training, and the thin first and last convolutions of a U-Net, whose
-transforms would outweigh the saving. Of those, a convolution to fewer than ``MIN_CHANNELS`` outputs (a U-Net's
-conv_out) under the same conditions takes ``taps_gemm_conv3x3`` (one GEMM for all nine taps, in torch). The
-kernel runs as the registered torch op ddpm_fast::conv3x3_winograd.
+transforms would outweigh the saving. Of those, bf16 convolutions on a CPU run on a weight prepacked once for
+oneDNN (ops.packed_conv; ``conv3x3_residual_add`` also fuses a ResBlock's residual add into that call), and a
+convolution to fewer than ``MIN_CHANNELS`` outputs (a U-Net's conv_out) in fp32 takes ``taps_gemm_conv3x3`` (one
+GEMM for all nine taps, in torch). The kernel runs as the registered torch op ddpm_fast::conv3x3_winograd.
 
 Precision: fp32 arithmetic; the transforms' coefficients (up to 8) give 10-20x the direct convolution's rounding
 error, ~5e-6 relative to the output's scale, inside the fast path's contract (tests/test_conv3x3.py holds the
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 
 from ddpm_fast.ops import registry
 from ddpm_fast.ops.derived import derived
+from ddpm_fast.ops.packed_conv import packed_conv, uses_packed_conv
+from ddpm_fast.ops.residual_add import residual_add
 
 MIN_CHANNELS = 8  # fewer input or output channels: the direct convolution (U-Nets' conv_in and conv_out)
 
@@ -150,6 +153,20 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     the kernel has run with."""
     _validate(x, weight, bias)
     args = (x, weight, bias, bool(upsample))
-    if CONV3X3.route(*args) == "torch" and uses_taps_gemm(x, weight, upsample):
-        return taps_gemm_conv3x3(x, weight, bias)
+    if CONV3X3.route(*args) == "torch":
+        if uses_taps_gemm(x, weight, upsample):
+            return taps_gemm_conv3x3(x, weight, bias)
+        if not upsample and uses_packed_conv(x, weight):
+            return packed_conv(x, weight, bias, padding=1)
     return CONV3X3(*args)
+
+
+def conv3x3_residual_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """residual_add(conv3x3(x, weight), residual, bias), a ResBlock's end: where ops.packed_conv runs (bf16 on a
+    CPU) one oneDNN call with the residual added as a post-op; elsewhere the two ops (Winograd, then the fused
+    add)."""
+    _validate(x, weight, bias)
+    if CONV3X3.route(x, weight, bias, False) == "torch" and uses_packed_conv(x, weight, residual):
+        return packed_conv(x, weight, bias, residual, padding=1)
+    return residual_add(conv3x3(x, weight), residual, bias)

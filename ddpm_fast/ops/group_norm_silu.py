@@ -318,16 +318,17 @@ def _group_norm_silu_cat_reference(x, x2, weight, bias, add, num_groups, eps, si
     return group_norm_silu(torch.cat([x, x2], dim=1), weight, bias, num_groups, eps, add, silu)
 
 
-# The joined kernel: fp32 on a CPU, forward-only (csrc/group_norm_silu_cpu.cpp).
+# The joined kernel: fp32 or bf16 on a CPU, forward-only (csrc/group_norm_silu_cpu.cpp).
 GROUP_NORM_SILU_CAT = registry.Op(
     "group_norm_silu_cat", {"cuda": ("torch",), "cpu": ("native", "torch")},
     kernels={"native": _group_norm_silu_cat_native}, reference=_group_norm_silu_cat_reference,
-    takes={"native": lambda x, x2, *rest: x.dtype == x2.dtype == torch.float32}, forward_only=("native",))
+    takes={"native": lambda x, x2, *rest: x.dtype == x2.dtype and x.dtype in (torch.float32, torch.bfloat16)},
+    forward_only=("native",))
 
 
 def joins_in_place(x: torch.Tensor, x2: torch.Tensor) -> bool:
-    """Whether ``group_norm_silu_cat(x, x2, ...)`` reads the two inputs in place (the native kernel: fp32 on a CPU,
-    no autograd) instead of making their concatenation."""
+    """Whether ``group_norm_silu_cat(x, x2, ...)`` reads the two inputs in place (the native kernel: fp32 or bf16 on
+    a CPU, no autograd) instead of making their concatenation."""
     return x2.device == x.device and GROUP_NORM_SILU_CAT.route(x, x2) == "native"
 
 

@@ -126,6 +126,44 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 convolutions outrun the fp32 fast path on this CPU, so ``--fp16`` (asking for speed) runs bf16.
+
+    A rule on the CPU's flags, not a timing probe (the same command must give the same images on one machine):
+    - AMX-BF16: tiles, several times fp32's rate (2.9-3.8 TFLOP/s against ~0.43 on a 2-core Xeon);
+    - AVX512-BF16 on a core without AVX512-FP16 (AMD Zen 4/5, Intel Cooper Lake): the bf16 dot product at twice
+      fp32's FMA rate (473 against 232 GFLOP/s on a 2-core EPYC);
+    - AVX512-BF16 on a core with AVX512-FP16 but no AMX in sight (Sapphire Rapids and later with AMX hidden, as
+      in some virtual machines): there the bf16 dot product issues at half fp32's FMA rate, and oneDNN's bf16
+      convolution reaches about half of fp32's (200 against 390 GFLOP/s on a 2-core Xeon; benchmarks/RESULTS.md);
+    - no native bf16: emulated, far slower.
+    """
+    if not cpu_has_native_bf16():
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is not None and bool(amx()):
+        return True
+    flags = _cpu_flags()
+    return "amx_bf16" in flags or "avx512_fp16" not in flags
+
+
+def cpu_half_dtype() -> torch.dtype:
+    """The fast path's dtype for ``--fp16`` on this CPU: bf16 where it is faster (``cpu_bf16_is_faster``), else
+    fp32 (never fp16: CPUs have no fast fp16 arithmetic)."""
+    return torch.bfloat16 if cpu_bf16_is_faster() else torch.float32
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
