@@ -9,8 +9,9 @@ DDIMScheduler), compile_reference (torch.compile of the reference), compile_fast
 ``sample --fp16 --compile`` runs: Inductor around our registered ops), compile_diffusers_fp32 / _bf16
 (torch.compile of diffusers' UNet2DModel), frozen_diffusers_fp32 / _bf16 (the same with Inductor's
 ``freezing=True`` and a channels_last model and input: weights prepacked for oneDNN, convolutions fused with
-their pointwise neighbours); compiled providers in full runs only, compile time reported;
-whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: chunks of 16 images
+their pointwise neighbours), openvino_fp32 / _bf16 (OpenVINO running UNet2DModel converted from torch, precision
+hint f32 / bf16, forward only; where openvino is installed); compiled providers in full runs only, compile time
+reported; whole runs also reference_invariant / fast_fp32_ext_invariant (``batch_invariant=True``: chunks of 16 images
 on one thread, what ``sample --batch-invariant`` runs).
 ``sample --fp16`` on a CPU runs fast_bf16_ext where the CPU computes bf16 natively, else fast_fp32_ext.
 
@@ -49,7 +50,8 @@ CIFAR_BATCH = 8 if FULL else 1
 CPU = torch.device("cpu")
 PROVIDERS = ["reference", "fast_fp32_torch", "fast_fp32_ext", "fast_bf16_torch", "fast_bf16_ext", "diffusers_fp32",
              "diffusers_bf16", "compile_reference", "compile_fast", "compile_diffusers_fp32", "compile_diffusers_bf16",
-             "frozen_diffusers_fp32", "frozen_diffusers_bf16", "reference_invariant", "fast_fp32_ext_invariant"]
+             "frozen_diffusers_fp32", "frozen_diffusers_bf16", "openvino_fp32", "openvino_bf16", "reference_invariant",
+             "fast_fp32_ext_invariant"]
 CLI_FP16 = "fast_bf16_ext" if ops.cpu_bf16_is_faster() else "fast_fp32_ext"
 CLI_FP16_DTYPE = ops.cpu_half_dtype()
 
@@ -171,6 +173,10 @@ def _providers(model, schedule, batch, compile_ok=True):
             out[f"frozen_diffusers_{tag}"] = (dtype, *_diffusers_units(twin_f, diffusers, dtype, schedule, shape, x, t,
                                                                        labels, channels_last=True),
                                               time.perf_counter() - start)
+        if FULL and compile_ok and wanted(f"openvino_{tag}"):
+            unit = _openvino_unit(model, dtype, x, t, labels)
+            if unit is not None:
+                out[f"openvino_{tag}"] = unit
     if FULL and compile_ok and wanted("compile_reference"):
         net, secs = compiled("compile_reference", lambda: torch.compile(model), "torch")
         ours("compile_reference", net, "torch", torch.float32)
@@ -185,6 +191,43 @@ def _providers(model, schedule, batch, compile_ok=True):
             raise ValueError(f"DDPM_FAST_CPU_BENCH_ONLY: unknown providers {sorted(unknown)}; known: {PROVIDERS}")
         out = {k: v for k, v in out.items() if k in ONLY or k == "reference"}
     return out
+
+
+class _Sample(torch.nn.Module):
+    """diffusers' UNet2DModel returning its ``.sample`` tensor (what OpenVINO's converter traces)."""
+
+    def __init__(self, twin, conditional: bool):
+        super().__init__()
+        self.twin, self.conditional = twin, conditional
+
+    def forward(self, x, t, labels=None):
+        return self.twin(x, t, class_labels=labels if self.conditional else None).sample
+
+
+def _openvino_unit(model, dtype, x, t, labels):
+    """(dtype, forward, None, convert + compile seconds) of OpenVINO running diffusers' UNet2DModel with the same
+    weights (converted from torch, compiled for this CPU with the precision hint f32 or bf16 and torch's thread
+    count); None where OpenVINO is not installed. Forward only (no sampling run)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    twin, _ = _diffusers_twin(model, torch.float32)
+    args = (x, t) if labels is None else (x, t, labels)
+    with torch.no_grad():
+        converted = ov.convert_model(_Sample(twin, labels is not None).eval(), example_input=args)
+    hint = "bf16" if dtype == torch.bfloat16 else "f32"
+    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    inputs = [a.numpy() for a in args]
+    request = compiled.create_infer_request()
+
+    def forward():
+        return request.infer(inputs)
+
+    forward()
+    return dtype, forward, None, time.perf_counter() - start
 
 
 def _diffusers_units(twin, diffusers, dtype, schedule, shape, x, t, labels, channels_last=False):
@@ -323,6 +366,7 @@ def test_cpu_sampling_run(benchmark, digits, peaks, batch):
     model, schedule = digits
     providers = _providers(model, schedule, batch)
     providers.pop("compile_reference", None)  # the forward table has it; our compiled fast path is the run to see
+    providers = {k: v for k, v in providers.items() if v[2] is not None}  # OpenVINO: forward only
     flops = _flops_per_img(model, batch)
     times = _interleaved({k: v[2] for k, v in providers.items()}, SAMPLE_ROUNDS)
     rows = _table(f"DDIM {STEPS} steps, whole run, digits", batch, times, batch * STEPS, flops,
