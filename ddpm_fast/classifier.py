@@ -11,7 +11,8 @@ The heads, named as openai's ``--classifier_pool``:
 
 The module tree mirrors openai's state-dict layout (input_blocks.N, middle_block, out.K), so its classifier
 ``.pt`` files load key for key (openai.load_openai_classifier). Every norm goes through the ops registry, which
-runs the reference ops for calls autograd records: the guidance gradient is an ordinary backward.
+runs the reference ops for calls autograd records: the guidance gradient is an ordinary backward. ``to_fast``
+gives FastEncoderUNet, the ADM U-Net's fast blocks in the encoder (channels_last, one time GEMM, SDPA).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from ddpm_fast.adm import (
     ADMResample,
     ADMResBlock,
     ADMStage,
+    FastADMUNet,
     adm_norm,
     normalize_levels,
 )
 from ddpm_fast.config import ConfigDict
-from ddpm_fast.fast import check_class_labels, check_x_and_t, group_norm, timestep_embedding
+from ddpm_fast.fast import FastDenoiser, check_class_labels, check_x_and_t, fast_form, group_norm, timestep_embedding
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 SPATIAL_WIDTH = 2048  # the spatial heads' hidden width (openai's, fixed)
@@ -175,16 +177,21 @@ class EncoderUNet(nn.Module):
 
     compute_dtype = None  # the reference computes in its weights' dtype
 
+    def time_features(self, t: torch.Tensor, class_labels, dtype: torch.dtype) -> torch.Tensor:
+        """SiLU(time_embed(t)): the input of every ResBlock's emb Linear (the classifier has no class input)."""
+        emb = timestep_embedding(t.float(), self.config.model_channels, flip_sin_to_cos=True, freq_shift=0)
+        return F.silu(self.time_embed[2](F.silu(self.time_embed[0](emb.to(dtype)))))
+
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         cfg = self.config
-        _, t = check_x_and_t(self, "EncoderUNet", x, t, self.input_blocks[0][0].weight, cfg.in_channels,
-                             len(cfg.channel_mult))
+        name = type(self).__name__
+        _, t = check_x_and_t(self, name, x, t, self.input_blocks[0][0].weight, cfg.in_channels, len(cfg.channel_mult))
         if x.shape[-2:] != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"EncoderUNet: x is {x.shape[-2]}x{x.shape[-1]}, the classifier takes "
+            raise ValueError(f"{name}: x is {x.shape[-2]}x{x.shape[-1]}, the classifier takes "
                              f"{cfg.image_size}x{cfg.image_size} images")
-        dtype = self.time_embed[0].weight.dtype
-        emb = timestep_embedding(t.float(), cfg.model_channels, flip_sin_to_cos=True, freq_shift=0)
-        emb = F.silu(self.time_embed[2](F.silu(self.time_embed[0](emb.to(dtype)))))
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype).contiguous(memory_format=torch.channels_last)
+        emb = self.time_features(t, None, self.time_embed[0].weight.dtype)
         spatial = cfg.pool.startswith("spatial")
         h, means = x, []
         for stage in self.input_blocks:
@@ -199,6 +206,22 @@ class EncoderUNet(nn.Module):
         if cfg.pool == "adaptive":
             return self.out[3](h.mean(dim=(2, 3), keepdim=True)).flatten(1)
         return self.out[2](h)
+
+
+    def to_fast(self, dtype: torch.dtype = torch.float32, fold: bool = True, copy: bool = True) -> FastEncoderUNet:
+        """The fast path: a FastEncoderUNet built from a copy of this classifier (this one is left untouched), the
+        ADM U-Net's fast blocks in ``dtype`` channels_last; ``copy=False`` as ADMUNet.to_fast. Its forward runs
+        under autograd (the guidance gradient): the fused ops that have no backward of their own run their
+        reference there, the 3x3 convolutions keep their fast forward and backward (ops.conv3x3)."""
+        return fast_form(self, FastEncoderUNet, dtype, fold, copy)
+
+
+class FastEncoderUNet(FastDenoiser, EncoderUNet):
+    """The classifier's fast form (fast.FastDenoiser): the ADM U-Net's fast blocks (FastADMResBlock with its slice
+    of one time GEMM, FastADMAttention) in the encoder and middle block; the pooling head as the reference has it,
+    in the fast dtype. Logits come out in that dtype (classifier_grad takes their log-softmax in fp32)."""
+
+    _fast_child = FastADMUNet._fast_child
 
 
 def classifier_grad(clf: nn.Module, x: torch.Tensor, t, y, scale: float = 1.0) -> torch.Tensor:

@@ -62,8 +62,8 @@ def load_classifier(path: str, flags: str | None = None, *, image_size: int | No
                     prog: str = "ddpm_fast"):
     """A classifier for guidance: guided-diffusion's classifier .pt with its CLASSIFIER_FLAGS (each omitted flag
     at guided-diffusion's default; ``image_size``, the diffusion model's, where the flags name none, as
-    classifier_sample.py shares it between the two), or a model folder holding one (save_pretrained). Notes go
-    to stderr."""
+    classifier_sample.py shares it between the two), or a model folder holding one (save_pretrained), in eval
+    mode with its weights fixed (requires_grad False: the guidance gradient is x's alone). Notes go to stderr."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file (--classifier)")
     if os.path.isdir(path):
@@ -83,4 +83,4 @@ def load_classifier(path: str, flags: str | None = None, *, image_size: int | No
         for w in caught:
             print(f"{prog}: note: {w.message}", file=sys.stderr)
     _check_finite(model, path)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # guidance never trains it; fixed weights keep the fast backward

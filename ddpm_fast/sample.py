@@ -170,6 +170,9 @@ def _run(args, dist_ctx) -> str | None:
                                      device=dist_ctx.device, prog="ddpm_fast.sample")
         _check_classifier_fits(classifier, model.config, args.classifier)
     model, ran = _prepare_model(args, model, dist_ctx.device, notes)
+    if classifier is not None and getattr(model, "compute_dtype", None) is not None:
+        classifier = classifier.to_fast(model.compute_dtype, copy=False)  # the fast path guides on the fast path
+        ran += ", classifier too"
     labels = _labels(args, model.config.num_classes, classifier)
     mine = torch.arange(args.num_samples)[dist_ctx.rank::dist_ctx.world]  # this rank's share of the images
     start = time.perf_counter()

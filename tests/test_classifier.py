@@ -2,6 +2,8 @@
 EncoderUNetModel: logits and guidance gradients recorded from it (tests/peers/make_openai_fixtures.py) for every
 pool type, on random weights regenerated from the case's seed; the flags, the .pt loading and its errors."""
 
+import copy
+
 import pytest
 import torch
 from peers.openai_cases import CLASSIFIER_CASES, random_state_dict, read_fixture
@@ -81,3 +83,31 @@ def test_classifier_grad_checks_its_labels():
         classifier_grad(clf, x, torch.tensor([3, 3]), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="the classifier takes 8x8 images"):
         clf(torch.randn(2, 3, 16, 16), torch.tensor([3, 3]))
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIER_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_classifier_equals_its_reference(name, dtype):
+    """to_fast: logits and the guidance gradient of the fast form (the ADM U-Net's fast blocks, channels_last, one
+    time GEMM) against the fp32 reference on the same weights: fp32 to round-off (1e-4 relative); bf16 by the
+    relative rule, no further from the fp32 reference than twice the reference computed in bf16 is."""
+    clf, f = _case(name)
+    fast = clf.to_fast(dtype)
+    assert fast.compute_dtype == dtype and clf.compute_dtype is None
+    assert fast.state_dict().keys() == clf.state_dict().keys()
+    with torch.no_grad():
+        want, got = clf(f["x"], f["t"]), fast(f["x"], f["t"])
+    grad_want = classifier_grad(clf, f["x"], f["t"], f["y"])
+    grad = classifier_grad(fast, f["x"], f["t"], f["y"])
+    assert got.dtype == dtype and grad.shape == f["x"].shape and grad.dtype == torch.float32
+    if dtype == torch.float32:
+        bounds = (1e-4, 1e-4)
+    else:
+        half = copy.deepcopy(clf).to(dtype)
+        with torch.no_grad():
+            half_logits = half(f["x"].to(dtype), f["t"])
+        half_grad = classifier_grad(half, f["x"].to(dtype), f["t"], f["y"])
+        bounds = (2 * _rel(half_logits, want) + 1e-3, 2 * _rel(half_grad, grad_want) + 1e-3)
+    print(f"{name} {dtype}: logits rel {_rel(got, want):.2e} (bound {bounds[0]:.2e}), gradient rel "
+          f"{_rel(grad, grad_want):.2e} (bound {bounds[1]:.2e})")
+    assert _rel(got, want) < bounds[0] and _rel(grad, grad_want) < bounds[1]

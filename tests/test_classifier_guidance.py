@@ -261,6 +261,27 @@ def test_sample_cli_guides_the_embedded_model_with_a_classifier_folder(tmp_path,
         assert f["arr_1"].tolist() == [0, 1, 2, 3]
 
 
+def test_sample_cli_fp16_guides_on_the_fast_classifier(tmp_path, capsys):
+    """--fp16 with --classifier runs the classifier's fast form too (its weights fixed: the guidance gradient is
+    x's alone), and the images stay those of the fp32 run, to the fast path's rounding."""
+    from ddpm_fast.checkpoint import save_pretrained
+
+    save_pretrained(_classifier(size=16, channels=1, classes=10), str(tmp_path / "clf"))
+    args = ["--classifier", str(tmp_path / "clf"), "--classifier-scale", "5", "--steps", "4", "--num-samples", "4"]
+    code, out, err = _sample([*args, "--out", str(tmp_path / "fp32")], capsys)
+    assert code == 0, err
+    code, out, err = _sample([*args, "--fp16", "--out", str(tmp_path / "fast")], capsys)
+    assert code == 0, err
+    assert "classifier too" in out
+    images = []
+    for name in ("fp32", "fast"):
+        with np.load(next((tmp_path / name).glob("samples_*.npz"))) as f:
+            images.append(f["arr_0"].astype(np.int32))
+    diff = np.abs(images[0] - images[1])
+    print("max |fast - fp32| uint8 levels:", diff.max(), "mean:", diff.mean())
+    assert diff.mean() < 2.0 and diff.max() <= 64
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--classifier-scale", "2"], "--classifier-scale needs --classifier PATH"),
     (["--classifier-flags", "--image_size 64"], "--classifier-flags needs --classifier PATH"),

@@ -193,3 +193,42 @@ def test_few_output_channels_by_one_gemm_over_the_taps(shape, c_out, with_bias):
     with torch.enable_grad():
         assert not _CONV3X3_MODULE.uses_taps_gemm(x, w.clone().requires_grad_(True))
     assert not _CONV3X3_MODULE.uses_taps_gemm(x, w, upsample=True)
+
+
+@pytest.mark.parametrize("shape, c_out, upsample", [((2, 16, 8, 8), 24, False), ((1, 8, 5, 7), 8, False),
+                                                     ((2, 12, 4, 6), 16, True), ((3, 32, 9, 9), 33, False)])
+def test_backward_through_a_frozen_weight_is_the_kernel_on_the_adjoint(shape, c_out, upsample):
+    """x's gradient through a fixed weight (a guidance classifier's): the forward and the backward both run the
+    Winograd kernel (the backward on the adjoint weight, summed over 2x2 blocks for an upsampling call), equal to
+    the float64 convolution's gradient to fp32 round-off."""
+    x, w, b = _inputs(shape, c_out)
+    x.requires_grad_(True)
+    g = torch.randn(shape[0], c_out, shape[2] * (2 if upsample else 1), shape[3] * (2 if upsample else 1))
+    assert uses_winograd(x, w)
+    out = conv3x3(x, w, b, upsample=upsample)
+    assert out.grad_fn is not None
+    (gx,) = torch.autograd.grad(out, x, g)
+    x64 = x.detach().double().requires_grad_(True)
+    want = conv3x3_ref(x64, w.double(), b.double(), upsample=upsample)
+    (gx_want,) = torch.autograd.grad(want, x64, g.double())
+    _check(out.detach(), want.detach())
+    _check(gx, gx_want)
+    assert derived.holds(w)  # the adjoint's transform is cached beside the forward's
+
+
+def test_a_weight_that_trains_takes_the_reference_and_the_op_gives_every_gradient():
+    """A weight that needs its gradient (training) runs the reference; the registered op itself still gives x's,
+    the weight's and the bias's gradients (its autograd formula), equal to the reference's."""
+    x, w, b = _inputs((2, 16, 6, 6), 16)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    assert not uses_winograd(x, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_winograd(x, w.detach())  # autocast: training's mixed precision
+    out = torch.ops.ddpm_fast.conv3x3_winograd(x, w, b, False)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), g)
+    want = torch.autograd.grad(conv3x3_ref(x, w, b), (x, w, b), g)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)

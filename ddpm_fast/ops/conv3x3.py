@@ -10,9 +10,11 @@ the weight's transform U = G g G^T (``winograd_weight``, float64 then rounded on
 version, in the one derived-weight cache (ops.derived, ``transformed_weight``).
 
 Where it runs: the extension's kernel (backend ``native``, the CPU default) for float32 CPU inputs with at least
-``MIN_CHANNELS`` input and output channels, in calls autograd does not record. Everything else takes the
-reference, F.conv2d: a GPU (cuDNN chooses among its own algorithms, Winograd included), half precision (oneDNN's
-bf16 kernels on CPUs that have them), training, and the thin first and last convolutions of a U-Net, whose
+``MIN_CHANNELS`` input and output channels, in calls autograd does not record or where it records x's gradient
+alone (a frozen network's weights, as the guidance classifier's: the backward is the same kernel on the adjoint
+weight, channels swapped and taps flipped). Everything else takes the reference, F.conv2d: a GPU (cuDNN chooses
+among its own algorithms, Winograd included), half precision (oneDNN's bf16 kernels on CPUs that have them),
+training (weights that need gradients, autocast), and the thin first and last convolutions of a U-Net, whose
 transforms would outweigh the saving. Of those, bf16 convolutions on a CPU run on a weight prepacked once for
 oneDNN (ops.packed_conv; ``conv3x3_residual_add`` also fuses a ResBlock's residual add into that call), and a
 convolution to fewer than ``MIN_CHANNELS`` outputs (a U-Net's conv_out) in fp32 takes ``taps_gemm_conv3x3`` (one
@@ -94,12 +96,22 @@ def _winograd(x, weight, bias, upsample):
                                         bias, upsample)
 
 
-# The Winograd kernel (csrc/conv3x3_cpu.cpp): fp32 on a CPU, forward-only, at least MIN_CHANNELS in and out.
+def _winograd_takes(x, weight, bias, upsample) -> bool:
+    """fp32, at least MIN_CHANNELS in and out; under autograd only for x's gradient through a fixed weight (a frozen
+    network, as a guidance classifier is: the backward is the same kernel on the adjoint weight). A weight that
+    trains, and autocast (training's mixed precision), take the reference."""
+    if not x.dtype == weight.dtype == torch.float32 or min(weight.shape[0], weight.shape[1]) < MIN_CHANNELS:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias)):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+# The Winograd kernel (csrc/conv3x3_cpu.cpp): fp32 on a CPU, at least MIN_CHANNELS in and out; its backward (x's
+# gradient) is the same kernel (see _backward).
 CONV3X3 = registry.Op(
     "conv3x3", {"cpu": ("native", "torch")}, kernels={"native": _winograd}, reference=conv3x3_ref,
-    takes={"native": lambda x, weight, bias, upsample: (x.dtype == weight.dtype == torch.float32
-                                                        and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS)},
-    forward_only=("native",))
+    takes={"native": _winograd_takes})
 
 
 def _conv3x3_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upsample: bool) -> torch.Tensor:
@@ -116,6 +128,44 @@ def _(x, weight, bias, upsample):
     n, _, h, w = x.shape
     scale = 2 if upsample else 1
     return x.new_empty((n, weight.shape[0], h * scale, w * scale)).contiguous(memory_format=torch.channels_last)
+
+
+def _adjoint(weight: torch.Tensor) -> torch.Tensor:
+    """The 3x3 convolution (padding 1) whose output is the input's gradient: channels swapped, taps flipped."""
+    return weight.transpose(0, 1).flip(2, 3)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, upsample = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.upsample = upsample
+
+
+def _backward(ctx, grad):
+    """x's gradient by the Winograd kernel on the adjoint weight (its transform cached like the forward's; for an
+    upsampling call, the upsampled image's gradient summed over each 2x2 block); the weight's and bias's, where
+    asked, by torch (the kernel runs only for fixed weights: see _winograd_takes)."""
+    x, weight = ctx.saved_tensors
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        if grad.dtype == torch.float32 and registry.extension() is not None:
+            u = derived(None, "winograd_adjoint", lambda w: winograd_weight(_adjoint(w)), weight)
+            gx = registry.extension().conv3x3(grad, u, None, False)
+        else:
+            gx = F.conv2d(grad, _adjoint(weight).to(grad.dtype), padding=1)
+        if ctx.upsample:
+            gx = F.avg_pool2d(gx, 2) * 4  # sum over the 2x2 copies of each input pixel (exact: powers of 2)
+    if ctx.needs_input_grad[1]:
+        xin = F.interpolate(x, scale_factor=2, mode="nearest") if ctx.upsample else x
+        gw = torch.ops.aten.convolution_backward(grad, xin, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                 [False, True, False])[1]
+    if ctx.needs_input_grad[2]:
+        gb = grad.sum(dim=(0, 2, 3))
+    return gx, gw, gb, None
+
+
+_conv3x3_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def uses_taps_gemm(x: torch.Tensor, weight: torch.Tensor, upsample: bool = False) -> bool:
