@@ -75,6 +75,10 @@ def test_fid_feature_pass_against_pytorch_fid(benchmark, inputs):
         np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-4, atol=1e-4 * np.abs(a["mu"]).max())
     best = {name: min(s) for name, s in seconds.items()}
     ratio = {name: best["pytorch_fid (folder)"] / s for name, s in best.items()}
+    print(f"\nFID feature pass, {N} images, {ROUNDS} round(s) (CPU, {torch.get_num_threads()} threads)\n"
+          "| command | seconds (best) | images/s | vs pytorch-fid |\n|---|---|---|---|")
+    for name, s in best.items():
+        print(f"| {name} | {s:.1f} | {N / s:.2f} | {ratio[name]:.2f}x |")
     record(benchmark, images=N, rounds=ROUNDS, threads=torch.get_num_threads(),
            seconds={k: round(v, 2) for k, v in best.items()},
            images_per_second={k: round(N / v, 2) for k, v in best.items()},

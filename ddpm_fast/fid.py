@@ -9,9 +9,10 @@ statistics ``.npz`` (``mu``, ``sigma``, as pytorch-fid writes it). The network, 
 299x299) and normalization, the feature layer and the distance are pytorch-fid's own (``pip install
 'ddpm_fast[fid]'``); this module reads our formats, streams them in batches (no whole set in memory), shards
 the feature pass over a torchrun's processes and runs the network on a faster form: each convolution with its
-batch norm folded in, channels-last, no autograd. The weights are the standard FID Inception weights
-(``pt_inception-2015-12-05-6726825d.pth``), read with ``weights_only`` from pytorch-fid's download cache
-(torch.hub's ``checkpoints`` folder) or from ``--inception-weights PATH``; nothing is downloaded.
+batch norm folded in, the 3x3 stride-1 ones by Winograd on a CPU (ops.conv3x3), channels-last, no autograd.
+The weights are the standard FID Inception weights (``pt_inception-2015-12-05-6726825d.pth``), read with
+``weights_only`` from pytorch-fid's download cache (torch.hub's ``checkpoints`` folder) or from
+``--inception-weights PATH``; nothing is downloaded.
 
 API: ``statistics(images) -> (mu, sigma)`` and ``frechet_distance(mu1, sigma1, mu2, sigma2)``.
 """
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_fast import ops
 from ddpm_fast.checkpoint import read_torch_file
 from ddpm_fast.cli import DefaultsHelpFormatter, run_command
 from ddpm_fast.distributed import Dist, parse_device
@@ -133,16 +135,40 @@ def fold_batch_norms_(net: nn.Module) -> nn.Module:
     return net
 
 
+class _Conv3x3(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 convolution through ops.conv3x3: Winograd's F(4x4, 3x3) on a CPU in fp32 (4x fewer
+    multiply-adds; ~5e-6 of the output's scale from the exact convolution), F.conv2d elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv3x3(x, self.weight, self.bias)
+
+
+def winograd_convs_(net: nn.Module) -> nn.Module:
+    """Every 3x3, stride-1, padding-1 convolution of ``net`` run by ops.conv3x3 (in place; the same parameters).
+    In the FID Inception about a fifth of the FLOPs (Conv2d_2b_3x3 and the Mixed blocks' 3x3 pairs)."""
+    for parent in list(net.modules()):
+        for name, conv in list(parent.named_children()):
+            if (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+                    and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                    and conv.padding_mode == "zeros"):
+                fast = _Conv3x3(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None,
+                                device=conv.weight.device, dtype=conv.weight.dtype)
+                fast.weight, fast.bias = conv.weight, conv.bias
+                setattr(parent, name, fast)
+    return net
+
+
 class FeatureNet(nn.Module):
     """uint8 NHWC images -> (N, dims) features, as pytorch-fid takes them (ToTensor's x / 255, its network,
-    a global average pool where the layer is spatial). ``fast`` folds the batch norms and runs channels-last."""
+    a global average pool where the layer is spatial). ``fast`` folds the batch norms, runs the 3x3 stride-1
+    convolutions by Winograd (``winograd_convs_``) and runs channels-last."""
 
     def __init__(self, dims: int = 2048, weights: str | dict | None = None, device=None, fast: bool = True):
         super().__init__()
         self.dims = dims
         net = inception_network(dims, weights)
         if fast:
-            net = fold_batch_norms_(net)
+            net = winograd_convs_(fold_batch_norms_(net))
         self.net = net.to(device or "cpu")
         if fast:
             self.net = self.net.to(memory_format=torch.channels_last)
