@@ -82,6 +82,15 @@ def in_out_folder(args, work):
         return work(args, dist_ctx)
 
 
+def command_exit(code: int):
+    """``sys.exit(code)`` for a command run as ``python -m``: its work is over (an interruption handled, its folder
+    released, the code decided), so from here on SIGINT is ignored. Otherwise a second Ctrl-C (or a signal still in
+    flight) arriving while the interpreter shuts down, after it has put the default handler back, kills the process
+    by SIGINT (exit -2) instead of the code it decided."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the command runs so that it unwinds as Ctrl-C does (folders released, nothing half
     written)."""

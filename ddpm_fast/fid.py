@@ -35,7 +35,7 @@ from torch import nn
 
 from ddpm_fast import ops
 from ddpm_fast.checkpoint import read_torch_file
-from ddpm_fast.cli import DefaultsHelpFormatter, run_command
+from ddpm_fast.cli import DefaultsHelpFormatter, command_exit, run_command
 from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.fileio import atomic_write
 
@@ -525,4 +525,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_exit(main())

@@ -20,7 +20,7 @@ import torch
 
 from ddpm_fast import ops
 from ddpm_fast.base import machine_memory_bytes
-from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, in_out_folder, run_main
+from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, command_exit, in_out_folder, run_main
 from ddpm_fast.data import MAX_IMAGE_PIXELS, load_data, to_model_range
 from ddpm_fast.fileio import atomic_write, atomic_write_text
 from ddpm_fast.likelihood import bits_per_dim, default_variance
@@ -246,4 +246,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_exit(main())

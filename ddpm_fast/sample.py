@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from ddpm_fast import engine, ops
-from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, in_out_folder, run_main
+from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, command_exit, in_out_folder, run_main
 from ddpm_fast.engine import CLASSIFIER_NOT_CAPTURED
 from ddpm_fast.families import family_of
 from ddpm_fast.images import save_grid, save_npz
@@ -414,4 +414,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_exit(main())

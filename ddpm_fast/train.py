@@ -15,7 +15,7 @@ import torch
 
 from ddpm_fast.base import keep_freed_memory
 from ddpm_fast.checkpoint import CheckpointError
-from ddpm_fast.cli import DefaultsHelpFormatter
+from ddpm_fast.cli import DefaultsHelpFormatter, command_exit
 from ddpm_fast.data import DataError
 from ddpm_fast.distributed import parse_device
 from ddpm_fast.ops import environment_problem
@@ -70,4 +70,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_exit(main())

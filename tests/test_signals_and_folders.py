@@ -78,3 +78,36 @@ def test_a_busy_ancestor_refuses_before_anything_is_made(tmp_path):
                              cwd=tmp_path)
         assert res.returncode == 2 and "another ddpm_fast process is writing" in res.stderr
         assert sorted(os.listdir(outer)) == [LOCK_NAME]
+
+
+_SHUTDOWN_SIGNALS = """
+import atexit, os, signal, sys, threading, time
+from ddpm_fast.cli import command_exit
+print("ready", flush=True)
+try:
+    while True:
+        time.sleep(1)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+
+def more():
+    while True:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.0002)
+
+atexit.register(lambda: threading.Thread(target=more, daemon=True).start())  # SIGINTs while the interpreter exits
+command_exit(130)
+"""
+
+
+def test_signals_while_a_command_shuts_down_keep_its_exit_code():
+    """Once a command has decided its exit code (here 130, after its Ctrl-C notice), SIGINTs arriving while the
+    interpreter shuts down are ignored: no KeyboardInterrupt traceback from the exit hooks, and never exit -2 (killed
+    by SIGINT after the interpreter put the default handler back)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SHUTDOWN_SIGNALS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.sep)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip() == "interrupted", err[-2000:]
