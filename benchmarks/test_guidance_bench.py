@@ -53,28 +53,27 @@ def _random(module):
     return module.eval()
 
 
+def _their_args(defaults: dict, flags: str, **fixed) -> dict:
+    """guided-diffusion's keyword arguments: its defaults, overridden by a flag string (each value typed as its
+    default is), then by ``fixed``."""
+    args = dict(defaults)
+    words = flags.split()
+    for key, value in zip(words[::2], words[1::2], strict=True):
+        name = key.lstrip("-")
+        args[name] = value == "True" if isinstance(args[name], bool) else type(args[name])(value)
+    return {**args, **fixed}
+
+
 def _openai_units(model, classifier, x, t, y):
     """guided-diffusion's own step on the same weights, or None where it is not installed."""
     try:
         from guided_diffusion import script_util
     except ImportError:
         return None
-    flags = dict(script_util.model_and_diffusion_defaults())
-    given = dict(zip(MODEL_FLAGS.split()[::2], MODEL_FLAGS.split()[1::2], strict=True))
-    for key, value in given.items():
-        name = key.lstrip("-")
-        default = flags[name]
-        flags[name] = value == "True" if isinstance(default, bool) else type(default)(value)
-    flags["use_fp16"] = False
+    flags = _their_args(script_util.model_and_diffusion_defaults(), MODEL_FLAGS, use_fp16=False)
     theirs, diffusion = script_util.create_model_and_diffusion(**flags)
     theirs.load_state_dict(model.state_dict())
-    clf_flags = dict(script_util.classifier_defaults())
-    given = dict(zip(CLASSIFIER_FLAGS.split()[::2], CLASSIFIER_FLAGS.split()[1::2], strict=True))
-    for key, value in given.items():
-        name = key.lstrip("-")
-        default = clf_flags[name]
-        clf_flags[name] = value == "True" if isinstance(default, bool) else type(default)(value)
-    clf_flags["classifier_use_fp16"] = False
+    clf_flags = _their_args(script_util.classifier_defaults(), CLASSIFIER_FLAGS, classifier_use_fp16=False)
     their_clf = script_util.create_classifier(**clf_flags)
     their_clf.load_state_dict(classifier.state_dict())
     theirs, their_clf = theirs.to(DEVICE).eval(), their_clf.to(DEVICE).eval()

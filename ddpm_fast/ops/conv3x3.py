@@ -152,7 +152,7 @@ def _backward(ctx, grad):
         if grad.dtype == torch.float32 and registry.extension() is not None:
             u = derived(None, "winograd_adjoint", lambda w: winograd_weight(_adjoint(w)), weight)
             gx = registry.extension().conv3x3(grad, u, None, False)
-        else:
+        else:  # the registered op called directly (the reference ran): its formula holds for any dtype
             gx = F.conv2d(grad, _adjoint(weight).to(grad.dtype), padding=1)
         if ctx.upsample:
             gx = F.avg_pool2d(gx, 2) * 4  # sum over the 2x2 copies of each input pixel (exact: powers of 2)
