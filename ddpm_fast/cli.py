@@ -12,6 +12,7 @@ Ctrl-C exit 130 with the command's own notice of what was kept.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -86,8 +87,18 @@ def command_exit(code: int):
     """``sys.exit(code)`` for a command run as ``python -m``: its work is over (an interruption handled, its folder
     released, the code decided), so from here on SIGINT is ignored. Otherwise a second Ctrl-C (or a signal still in
     flight) arriving while the interpreter shuts down, after it has put the default handler back, kills the process
-    by SIGINT (exit -2) instead of the code it decided."""
+    by SIGINT (exit -2) instead of the code it decided. An interrupted run (130, 143) leaves at once after its
+    streams are flushed (``os._exit``): its outputs are written atomically or not at all, so the interpreter's
+    shutdown has nothing left to do, and is not given the chance to turn the decided code into a death by SIGINT
+    (seen under load in CI, with one SIGINT sent and its notice printed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code in (130, 143):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     sys.exit(code)
 
 
