@@ -172,6 +172,9 @@ class SamplingPlan:
         self.sampler, self.model, self.shape, self.n = sampler, model, shape, shape[0]
         self.guidance_scale = run.guidance_scale
         self.classifier, self.classifier_scale = run.classifier, run.classifier_scale
+        pred = getattr(sampler, "prediction_type", "epsilon")
+        if run.classifier is not None and pred != "epsilon":  # openai's guidance shifts eps (condition_score)
+            raise ValueError(f"classifier guidance needs an epsilon-prediction model; this one predicts {pred}")
         self.classifier_labels = None
         self.fast_dtype = model.compute_dtype
         fmt = torch.channels_last if self.fast_dtype is not None else torch.contiguous_format

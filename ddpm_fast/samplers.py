@@ -15,17 +15,51 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_fast import ops
-from ddpm_fast.ops.reverse_step import LOG_VAR_MIN, NUM_COEFS, SIGMA
+from ddpm_fast.ops.reverse_step import COEF_COLUMNS, LOG_VAR_MIN, NUM_COEFS, PUSH_EPS, SIGMA
 from ddpm_fast.plan import INVARIANT_CHUNK, RunOptions, SamplingPlan, model_eps
 from ddpm_fast.schedule import SPACINGS, NoiseSchedule
 
 __all__ = ["INVARIANT_CHUNK", "SAMPLERS", "DDIMSampler", "DDPMSampler", "RunOptions", "Sampler", "SamplerRequest",
-           "SamplingPlan", "model_eps", "to_uint8"]
+           "SamplingPlan", "model_eps", "reparameterize", "to_uint8"]
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 # CLI name -> sampler class, filled by every class that declares a ``cli_name`` (see Sampler): the sample
 # command builds --sampler, --order, the defaults and the help from it, so a new solver is its class alone.
 SAMPLERS: dict[str, type[Sampler]] = {}
+
+
+_COL = {name: i for i, name in enumerate(COEF_COLUMNS)}
+
+
+def reparameterize(coefs: torch.Tensor, prediction_type: str, who: str = "this sampler") -> torch.Tensor:
+    """An eps-form coefficient table (float64) rewritten for a model that outputs ``prediction_type``.
+
+    Each row reads the output o as eps: x0 = a x - b o with a = 1/alpha, b = sigma/alpha at the row's timestep,
+    and the update weighs x0 (clipped where the step clips), x and o. With o = v (x0 = alpha x - sigma v,
+    eps = sigma x + alpha v) or o = x0 (eps = (x - alpha x0) / sigma), x0 and eps are again linear in (x, o), so
+    the same fused step runs the row with a, b replaced and eps's share of x moved into coef_xt; eps stays the
+    unclipped one (diffusers' DDIM does the same). A row that keeps eps-form history (a ring of earlier eps)
+    cannot: those solvers take epsilon models only."""
+    if prediction_type == "epsilon":
+        return coefs
+    if prediction_type not in ("v_prediction", "sample"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of epsilon, v_prediction, sample")
+    if bool((coefs[:, PUSH_EPS] != 0).any()):
+        raise ValueError(f"{who} keeps earlier eps outputs (eps-form history): it samples epsilon-prediction models "
+                         f"only, this one predicts {prediction_type}; use ddim, ddpm, dpm++ or unipc")
+    out = coefs.clone()
+    a, b = coefs[:, _COL["sqrt_recip_alphas_cumprod"]], coefs[:, _COL["sqrt_recipm1_alphas_cumprod"]]
+    alpha, sigma = 1.0 / a, b / a
+    c_eps = coefs[:, _COL["coef_eps"]]
+    if prediction_type == "v_prediction":
+        out[:, _COL["sqrt_recip_alphas_cumprod"]], out[:, _COL["sqrt_recipm1_alphas_cumprod"]] = alpha, sigma
+        out[:, _COL["coef_xt"]] += c_eps * sigma
+        out[:, _COL["coef_eps"]] = c_eps * alpha
+    else:
+        out[:, _COL["sqrt_recip_alphas_cumprod"]], out[:, _COL["sqrt_recipm1_alphas_cumprod"]] = 0.0, -1.0
+        out[:, _COL["coef_xt"]] += c_eps / sigma
+        out[:, _COL["coef_eps"]] = -c_eps * alpha / sigma
+    return out
 
 
 @dataclass(frozen=True)
@@ -104,6 +138,9 @@ class Sampler:
         self.clip_denoised = bool(clip_denoised)
         if coefs.shape[1] < NUM_COEFS:  # the columns a solver leaves out (history, log-variance, push) are 0
             coefs = torch.cat([coefs, coefs.new_zeros(coefs.shape[0], NUM_COEFS - coefs.shape[1])], dim=1)
+        # What the model outputs (the schedule's, from its config): the table is rewritten for it once here.
+        self.prediction_type = getattr(schedule, "prediction_type", "epsilon")
+        coefs = reparameterize(coefs.double(), self.prediction_type, type(self).__name__)
         self.coefs = coefs  # float64 (S, len(COEF_COLUMNS)) on the host
         if timesteps is not None:
             self.timesteps = timesteps

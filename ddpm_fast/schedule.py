@@ -19,6 +19,10 @@ SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepSchedu
                      "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                      "HeunDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
                      "DEISMultistepScheduler", "KDPM2DiscreteScheduler")
+# What the model's output is (diffusers' prediction_type): the noise eps, the velocity v = alpha eps - sigma x_0
+# (Salimans & Ho 2022), or x_0 itself. Every sampler turns its eps-form table into the model's form
+# (samplers.reparameterize), so each prediction runs on the same fused step.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 UNSUPPORTED_SCHEDULER_OPTIONS = {"rescale_betas_zero_snr": "zero-terminal-SNR rescaling of the betas",
                                  "thresholding": "dynamic thresholding"}
 
@@ -40,6 +44,7 @@ class NoiseSchedule:
         self.params = dict(params or {})  # how a named schedule was made (to_config / from_config)
         # The reverse variance a scheduler config declares (diffusers' variance_type), when it names one.
         self.variance_type: str | None = None
+        self.prediction_type = "epsilon"  # see PREDICTION_TYPES; a config's, or set by whoever trains the model
         self.num_timesteps = betas.numel()
         if timestep_map is None:
             timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
@@ -126,12 +131,12 @@ class NoiseSchedule:
         """A diffusers-style scheduler config (DDPMScheduler's keys) that from_config reads back."""
         if self.name == "trained" and bool(torch.equal(self.timestep_map, torch.arange(self.num_timesteps))):
             return {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
-                    "trained_betas": self.betas.tolist(), "prediction_type": "epsilon"}
+                    "trained_betas": self.betas.tolist(), "prediction_type": self.prediction_type}
         if self.name not in ("linear", "cosine", "scaled_linear", "sigmoid"):
             raise ValueError(f"a {self.name!r} schedule has no config; only named and trained schedules do")
         cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
                "beta_schedule": "squaredcos_cap_v2" if self.name == "cosine" else self.name,
-               "prediction_type": "epsilon"}
+               "prediction_type": self.prediction_type}
         cfg.update({k: v for k, v in self.params.items() if k in ("beta_start", "beta_end")})
         return cfg
 
@@ -139,6 +144,10 @@ class NoiseSchedule:
     def from_config(cls, cfg: dict) -> NoiseSchedule:
         """A diffusers scheduler config (see _from_config), with the variance_type it declares, if any."""
         sched = cls._from_config(cfg)
+        pred = cfg.get("prediction_type", "epsilon")
+        if pred not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {pred!r} is not supported; this engine samples {PREDICTION_TYPES}")
+        sched.prediction_type = pred
         kind = cfg.get("variance_type")
         sched.variance_type = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
                                "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
@@ -157,8 +166,6 @@ class NoiseSchedule:
             if cfg.get(key):
                 raise ValueError(f"{key}: {what} is not implemented")
         name = cfg.get("beta_schedule", "linear")
-        if cfg.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(f"prediction_type {cfg['prediction_type']!r} is not supported (epsilon only)")
         if cfg.get("trained_betas") is not None:
             sched = cls(cfg["trained_betas"], name="trained")
             steps = cfg.get("num_train_timesteps", sched.num_timesteps)
@@ -179,7 +186,9 @@ class NoiseSchedule:
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got {ts[0]}..{ts[-1]}")
         acp = self.alphas_cumprod[ts]
         prev = torch.cat([acp.new_ones(1), acp[:-1]])
-        return NoiseSchedule(1.0 - acp / prev, timestep_map=self.timestep_map[ts], name=f"{self.name}-respaced")
+        kept = NoiseSchedule(1.0 - acp / prev, timestep_map=self.timestep_map[ts], name=f"{self.name}-respaced")
+        kept.prediction_type = self.prediction_type
+        return kept
 
     def space_timesteps(self, num_steps: int, spacing: str = "leading") -> list[int]:
         """Ascending indices of ``num_steps`` kept timesteps (diffusers' spacing conventions)."""

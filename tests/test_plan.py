@@ -31,6 +31,8 @@ SAMPLERS = {
     "ddpm": lambda: DDPMSampler(NoiseSchedule.linear(20)),
     "ddim-eta1": lambda: DDIMSampler(NoiseSchedule.cosine(100), 4, eta=1.0),
     "ddim-eta0": lambda: DDIMSampler(NoiseSchedule.linear(100), 4, spacing="trailing"),
+    # A distilled student's sampler: a v-prediction model's rows (samplers.reparameterize).
+    "ddim-v": lambda: DDIMSampler(_predicting("v_prediction", NoiseSchedule.linear(100)), 2, spacing="trailing"),
     # Orders 1, 2, 3, 2, 1: both history buffers in play.
     "dpm++3m": lambda: DPMSolverSampler(NoiseSchedule.linear(100), 5, order=3),
     "dpm++sde": lambda: DPMSolverSampler(NoiseSchedule.cosine(100), 4, algorithm="sde-dpmsolver++", clip_denoised=True),
@@ -49,6 +51,11 @@ DRAWS = ["ddpm", "ddim-eta1", "ddim-eta0", "dpm++3m", "dpm++sde", "unipc3"]
 # The host-read guard: every sampler's step in bf16, the noise-drawing ones in fp16 as well.
 HOST_READ_CASES = [(torch.bfloat16, name) for name in SAMPLERS] + [
     (torch.float16, name) for name in ("ddpm", "ddim-eta1", "ddim-eta0", "dpm++3m", "dpm++sde")]
+
+
+def _predicting(prediction_type, schedule):
+    schedule.prediction_type = prediction_type
+    return schedule
 
 
 def _model(num_classes=3):
