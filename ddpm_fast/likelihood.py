@@ -246,6 +246,9 @@ def bits_per_dim(model, schedule: NoiseSchedule, x_start: torch.Tensor, *, seed:
         raise ValueError(f"bits_per_dim: batch_size must be a positive int, got {batch_size!r}")
     if engine not in ("eager", "graph"):
         raise ValueError(f"bits_per_dim: engine must be 'eager' or 'graph', got {engine!r}")
+    pred = getattr(schedule, "prediction_type", "epsilon")
+    if pred != "epsilon":  # the bound's terms read the output as eps (and a distilled student has no bound)
+        raise ValueError(f"bits_per_dim: the bound takes an epsilon-prediction model; this one predicts {pred}")
     seed = check_seed(seed)
     variance = variance or default_variance(model, schedule)
     device = next(model.parameters()).device

@@ -142,3 +142,13 @@ def test_classifier_guidance_refuses_a_v_model():
     sampler = DDIMSampler(_as(NoiseSchedule.linear(), "v_prediction"), 2)
     with pytest.raises(ValueError, match="classifier guidance needs an epsilon-prediction model"):
         sampler.plan(model, (1, 1, 8, 8), classifier=clf, class_labels=[0])
+
+
+def test_the_likelihood_bound_refuses_a_v_model():
+    from ddpm_fast import UNet, UNetConfig
+    from ddpm_fast.likelihood import bits_per_dim
+
+    model = UNet(UNetConfig(in_channels=1, out_channels=1, sample_size=8, ch=8, ch_mult=(1,), num_res_blocks=1,
+                            attn_resolutions=(), num_groups=4)).eval()
+    with pytest.raises(ValueError, match="epsilon-prediction model; this one predicts v_prediction"):
+        bits_per_dim(model, _as(NoiseSchedule.linear(10), "v_prediction"), torch.zeros(1, 1, 8, 8))
