@@ -19,18 +19,44 @@ from ddpm_fast.families import family_of
 from ddpm_fast.openai import load_openai, load_openai_classifier
 from ddpm_fast.schedule import NoiseSchedule
 
-__all__ = ["DEFAULT_MODEL", "load_classifier", "load_model"]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "load_classifier", "load_model", "model_path", "student_record"]
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digits")
+_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DEFAULT_MODEL = os.path.join(_WEIGHTS, "digits")
+# The models shipped inside the package, by the name --checkpoint takes: the digits model and its distilled
+# student (ddpm_fast.distill: 2 DDIM steps of a v-prediction model).
+EMBEDDED = {"digits": DEFAULT_MODEL, "digits-distilled": os.path.join(_WEIGHTS, "digits-distilled")}
+
+
+def model_path(checkpoint: str | None) -> str:
+    """The path --checkpoint names: the embedded digits model for None, an embedded model's folder for its name
+    (unless a file or folder of that name exists here), else the path itself."""
+    if checkpoint is None:
+        return DEFAULT_MODEL
+    if checkpoint in EMBEDDED and not os.path.exists(checkpoint):
+        return EMBEDDED[checkpoint]
+    return checkpoint
+
+
+def student_record(checkpoint: str | None) -> dict | None:
+    """A distilled student's record (NoiseSchedule.student: its sampler, spacing and step counts) from the
+    checkpoint's scheduler config, read before anything loads; None for any other model (or one that cannot be
+    read here: load_model says why)."""
+    try:
+        schedule = load_schedule(model_path(checkpoint))
+    except (CheckpointError, OSError, ValueError):
+        return None
+    return None if schedule is None else schedule.student
 
 
 def load_model(checkpoint: str | None, *, openai_flags: str | None = None, openai_repo: str = "guided-diffusion",
                device=None, prog: str = "ddpm_fast"):
     """(model, schedule) of ``checkpoint`` (None: the embedded digits model) on ``device``; notes (an openai
     flag's default taken, a train run resolved to its newest state) go to stderr as ``prog: ...``."""
-    path = checkpoint or DEFAULT_MODEL
+    path = model_path(checkpoint)
     if not os.path.exists(path):
-        what = "the embedded model is missing from this install" if checkpoint is None else "no such file"
+        embedded = checkpoint is None or checkpoint in EMBEDDED
+        what = "the embedded model is missing from this install" if embedded else "no such file"
         raise CheckpointError(f"{path}: {what}")
     schedule = None
     if openai_flags is not None:

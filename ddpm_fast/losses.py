@@ -35,11 +35,7 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels
     x_t, _ = ops.q_sample(x0, t, schedule.device_table("sqrt_alphas_cumprod", device),
                           schedule.device_table("sqrt_one_minus_alphas_cumprod", device), noise=noise)
     num_classes = getattr(model, "module", model).config.num_classes  # DistributedDataParallel wraps the model
-    dropping = class_labels is not None and cond_drop_prob > 0
-    class_labels = conditioning_labels(num_classes, class_labels, n, device, host_check=False)
-    if dropping:
-        drop = torch.rand(n, device=device, generator=generator) < cond_drop_prob
-        class_labels = torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
+    class_labels = drop_labels(num_classes, class_labels, n, device, cond_drop_prob, generator)
     out = model(x_t, t, class_labels)
     c = x0.shape[1]
     if out.shape[1] == c:
@@ -51,3 +47,30 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, class_labels
     frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
     vb = vb_terms_from_output(schedule, frozen, x0, x_t, t, clip_denoised=False, variance="learned_range")
     return mse + VLB_WEIGHT * schedule.num_timesteps * vb.mean()
+
+
+def drop_labels(num_classes, class_labels, n: int, device, cond_drop_prob: float, generator):
+    """The labels a training step feeds the model: ``class_labels`` (None: the null label where the model is
+    conditional), each replaced by the null label with probability ``cond_drop_prob`` (classifier-free
+    guidance's unconditional half). No host read."""
+    dropping = class_labels is not None and cond_drop_prob > 0
+    labels = conditioning_labels(num_classes, class_labels, n, device, host_check=False)
+    if dropping:
+        drop = torch.rand(n, device=device, generator=generator) < cond_drop_prob
+        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+    return labels
+
+
+class NoiseLoss:
+    """The Trainer's default loss object: L_simple (L_hybrid for a learned-sigma model) on ``schedule``.
+
+    A loss object is what a way of training owns (its targets and weighting): ``loss(net, x0, labels,
+    generator, cond_drop_prob)`` returns the scalar to minimize, drawing everything random from ``generator``
+    (the Trainer checkpoints its state), with no host read. The Trainer owns the rest (EMA, AMP, resume, DDP,
+    metrics); distillation (ddpm_fast.distill) brings other loss objects to the same loop."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+
+    def __call__(self, net, x0, class_labels, generator, cond_drop_prob: float) -> torch.Tensor:
+        return training_loss(net, self.schedule, x0, class_labels, cond_drop_prob=cond_drop_prob, generator=generator)

@@ -25,7 +25,7 @@ from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, command_exit, in_
 from ddpm_fast.engine import CLASSIFIER_NOT_CAPTURED
 from ddpm_fast.families import family_of
 from ddpm_fast.images import save_grid, save_npz
-from ddpm_fast.loading import load_classifier, load_model
+from ddpm_fast.loading import DEFAULT_MODEL, load_classifier, load_model, model_path, student_record
 from ddpm_fast.openai import REPOS
 from ddpm_fast.plan import MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
 from ddpm_fast.samplers import INVARIANT_CHUNK, RunOptions, SamplerRequest, to_uint8
@@ -68,11 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which openai repository --openai-flags come from (their defaults differ)")
     p.add_argument("--timestep-respacing", default=None, metavar="SPEC",
                    help="openai's respacing string for ddim/ddpm: 'ddim25', '250' or '10,15,20' (instead of --steps)")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS),
-                   help="; ".join(f"{n}: {c.cli_help}" if c.cli_help else n for n, c in SAMPLERS.items()))
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="; ".join(f"{n}: {c.cli_help}" if c.cli_help else n for n, c in SAMPLERS.items())
+                   + f" (default: {DEFAULT_SAMPLER}; a distilled student: the sampler it was trained for)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"reverse steps (default: {steps}, every timestep for ddpm; unipc on the embedded model: "
-                        f"{EMBEDDED_UNIPC_STEPS})")
+                        f"{EMBEDDED_UNIPC_STEPS}; a distilled student: the steps it was trained for, and only those)")
     p.add_argument("--allow-few-steps", action="store_true",
                    help="run --steps below the sampler's useful minimum (" + ", ".join(
                        f"{n} {c.min_steps}" for n, c in SAMPLERS.items() if c.min_steps > 1) + ")")
@@ -222,13 +223,36 @@ def _prepare_model(args, model, device, notes: list[str]):
     return model, ran
 
 
+def _student_defaults(args, parser) -> dict | None:
+    """A distilled student (its scheduler config's record, loading.student_record) samples with the sampler,
+    spacing and steps it was trained for unless told otherwise; with its own sampler, --steps must be one it was
+    trained for. Returns the record when the run is the student's own sampler (None otherwise); settles
+    args.sampler (DEFAULT_SAMPLER for any other model)."""
+    student = student_record(args.checkpoint)
+    if student is None or args.sampler not in (None, student["sampler"]):
+        args.sampler = args.sampler or DEFAULT_SAMPLER
+        return None
+    args.sampler = student["sampler"]
+    supported = student["steps"]
+    if args.steps is None:
+        args.steps = supported[0]
+    elif args.steps not in supported:
+        said = ", ".join(str(n) for n in supported)
+        parser.error(f"--steps {args.steps}: this student ({student.get('method', 'distilled')}) was trained for "
+                     f"{said} step(s) of {args.sampler} and samples only those; pass --sampler to run another "
+                     "sampler on it")
+    if args.spacing is None:
+        args.spacing = student["spacing"]
+    return student
+
+
 def _build_sampler(args, schedule, config):
     kept = None
     if args.timestep_respacing is not None:
         kept = openai_timesteps(schedule.num_timesteps, args.timestep_respacing)
     cls = SAMPLERS[args.sampler]
     steps = args.steps
-    if steps is None and args.sampler == "unipc" and args.checkpoint is None:
+    if steps is None and args.sampler == "unipc" and model_path(args.checkpoint) == DEFAULT_MODEL:
         steps = min(EMBEDDED_UNIPC_STEPS, schedule.num_timesteps)
     family = family_of(config)
     request = SamplerRequest(steps=cls.resolve_steps(steps, schedule.num_timesteps), spacing=args.spacing,
@@ -367,8 +391,9 @@ def main(argv=None) -> int:
         parser.error("--num-samples and --batch-size must be positive")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be positive")
+    student = _student_defaults(args, parser)
     cls = SAMPLERS[args.sampler]
-    if args.steps is not None and args.steps < cls.min_steps and not args.allow_few_steps:
+    if args.steps is not None and args.steps < cls.min_steps and not args.allow_few_steps and student is None:
         parser.error(f"--steps {args.steps}: below --sampler {args.sampler}'s useful minimum of {cls.min_steps} "
                      "steps (fewer land far from the sample: benchmarks/RESULTS.md, 'Few steps'); take more, or "
                      "pass --allow-few-steps to run it anyway")

@@ -45,6 +45,10 @@ class NoiseSchedule:
         # The reverse variance a scheduler config declares (diffusers' variance_type), when it names one.
         self.variance_type: str | None = None
         self.prediction_type = "epsilon"  # see PREDICTION_TYPES; a config's, or set by whoever trains the model
+        # A distilled student's record (ddpm_fast.distill): how it was made and what it samples with, e.g.
+        # {"method": "progressive", "sampler": "ddim", "spacing": "trailing", "steps": [2]}; None for a model
+        # that any sampler runs at any step count.
+        self.student: dict | None = None
         self.num_timesteps = betas.numel()
         if timestep_map is None:
             timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
@@ -130,14 +134,25 @@ class NoiseSchedule:
     def to_config(self) -> dict:
         """A diffusers-style scheduler config (DDPMScheduler's keys) that from_config reads back."""
         if self.name == "trained" and bool(torch.equal(self.timestep_map, torch.arange(self.num_timesteps))):
-            return {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
-                    "trained_betas": self.betas.tolist(), "prediction_type": self.prediction_type}
+            return self._with_student({"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
+                                       "trained_betas": self.betas.tolist(), "prediction_type": self.prediction_type})
         if self.name not in ("linear", "cosine", "scaled_linear", "sigmoid"):
             raise ValueError(f"a {self.name!r} schedule has no config; only named and trained schedules do")
         cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_timesteps,
                "beta_schedule": "squaredcos_cap_v2" if self.name == "cosine" else self.name,
                "prediction_type": self.prediction_type}
         cfg.update({k: v for k, v in self.params.items() if k in ("beta_start", "beta_end")})
+        return self._with_student(cfg)
+
+    def _with_student(self, cfg: dict) -> dict:
+        """A student's config: diffusers' DDIMScheduler on the student's spacing (so its folder samples there as
+        here), and the record under ``ddpm_fast_student``."""
+        if self.student is None:
+            return cfg
+        if self.student.get("sampler") == "ddim":
+            cfg.update({"_class_name": "DDIMScheduler", "timestep_spacing": self.student["spacing"],
+                        "set_alpha_to_one": True, "clip_sample": True})
+        cfg["ddpm_fast_student"] = dict(self.student)
         return cfg
 
     @classmethod
@@ -148,6 +163,9 @@ class NoiseSchedule:
         if pred not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {pred!r} is not supported; this engine samples {PREDICTION_TYPES}")
         sched.prediction_type = pred
+        student = cfg.get("ddpm_fast_student")
+        if student is not None:
+            sched.student = check_student(student)
         kind = cfg.get("variance_type")
         sched.variance_type = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
                                "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
@@ -187,7 +205,7 @@ class NoiseSchedule:
         acp = self.alphas_cumprod[ts]
         prev = torch.cat([acp.new_ones(1), acp[:-1]])
         kept = NoiseSchedule(1.0 - acp / prev, timestep_map=self.timestep_map[ts], name=f"{self.name}-respaced")
-        kept.prediction_type = self.prediction_type
+        kept.prediction_type, kept.student = self.prediction_type, self.student
         return kept
 
     def space_timesteps(self, num_steps: int, spacing: str = "leading") -> list[int]:
@@ -323,6 +341,21 @@ def openai_timesteps(num_timesteps: int, section_counts) -> list[int]:
         steps += [start + round(j * stride) for j in range(count)]
         start += size
     return sorted(set(steps))
+
+
+def check_student(record) -> dict:
+    """A distilled student's record as a scheduler config holds it (see NoiseSchedule.student), checked."""
+    if not isinstance(record, dict):
+        raise ValueError(f"ddpm_fast_student must be a dict, got {type(record).__name__}")
+    steps = record.get("steps")
+    if (not isinstance(steps, list) or not steps
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in steps)):
+        raise ValueError(f"ddpm_fast_student: steps must be a non-empty list of positive ints, got {steps!r}")
+    if not isinstance(record.get("sampler"), str):
+        raise ValueError(f"ddpm_fast_student: sampler must be a sampler name, got {record.get('sampler')!r}")
+    if record.get("spacing") not in SPACINGS:
+        raise ValueError(f"ddpm_fast_student: spacing must be one of {SPACINGS}, got {record.get('spacing')!r}")
+    return dict(record)
 
 
 def _check_spacing(spacing) -> None:

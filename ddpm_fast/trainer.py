@@ -45,7 +45,7 @@ from ddpm_fast.distributed import Dist, parse_device
 from ddpm_fast.families import build_model, config_to_dict, model_preset, train_presets
 from ddpm_fast.fileio import RUN_CHECKPOINT, RUN_MODEL_FOLDER, RUN_SAMPLES_FOLDER, RunFolder, atomic_write
 from ddpm_fast.images import save_grid
-from ddpm_fast.losses import training_loss
+from ddpm_fast.losses import NoiseLoss
 from ddpm_fast.metrics import LOSS_PLOT_NAME, METRICS_NAME, MetricsLog, plot_loss
 from ddpm_fast.openai import openai_betas
 from ddpm_fast.samplers import DDIMSampler, to_uint8
@@ -212,24 +212,30 @@ class Trainer:
     ``check_finite()`` and ``verify_weights()`` are the health checks a save runs first (see DIVERGED_LOSS).
     """
 
-    def __init__(self, cfg: TrainConfig, data: ImageData | FolderDataset, dist_ctx: Dist):
+    def __init__(self, cfg: TrainConfig, data: ImageData | FolderDataset, dist_ctx: Dist, *, model=None,
+                 schedule: NoiseSchedule | None = None, loss=None):
+        """``model``, ``schedule``, ``loss``: a run that starts from given weights (a distillation's student) on
+        a given schedule with its own loss object (see losses.NoiseLoss); by default the preset's fresh model on
+        the flags' schedule, trained on L_simple."""
         self.cfg, self.data, self.dist = cfg, data, dist_ctx
         self.workers, self.notes = worker_count(cfg.workers, isinstance(data, FolderDataset))
         self.device = device = dist_ctx.device
-        self.unet_config = ucfg = model_preset(cfg.config, cfg.learn_sigma)
+        self.unet_config = ucfg = model.config if model is not None else model_preset(cfg.config, cfg.learn_sigma)
         if ucfg.num_classes and data.labels is None:
             raise DataError(f"preset {cfg.config!r} is class-conditional but {cfg.data} has no labels")
         if data.labels is not None and ucfg.num_classes and data.num_classes > ucfg.num_classes:
             raise DataError(f"{cfg.data} has {data.num_classes} classes, preset {cfg.config!r} takes "
                             f"{ucfg.num_classes}")
         self.labels_used = ucfg.num_classes is not None
-        if cfg.learn_sigma:  # improved-diffusion's betas (its linear range scales with T; cosine is the same)
+        if schedule is not None:
+            self.schedule = schedule
+        elif cfg.learn_sigma:  # improved-diffusion's betas (its linear range scales with T; cosine is the same)
             self.schedule = openai_betas(cfg.schedule, cfg.num_timesteps)
         else:
             self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
 
         torch.manual_seed(cfg.seed + dist_ctx.rank)
-        model = build_model(ucfg).to(device)
+        model = (build_model(ucfg) if model is None else model).to(device).train()
         if device.type == "cuda":
             model = model.to_fast(torch.float32)  # fp32 masters, channels_last, fused blocks; autocast does fp16
         self.model = model
@@ -239,6 +245,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.gens = {"data": torch.Generator().manual_seed(cfg.seed * 1000 + dist_ctx.rank),
                      "loss": torch.Generator(device).manual_seed(cfg.seed * 1000 + 500 + dist_ctx.rank)}
+        self.loss_fn = loss if loss is not None else NoiseLoss(self.schedule)
         self.step_count = 0
         self.net = model
         if dist_ctx.world > 1:
@@ -259,8 +266,8 @@ class Trainer:
     def _loss(self, net, x0, y, generator, cond_drop_prob):
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return training_loss(net, self.schedule, x0, y if self.labels_used else None,
-                                 cond_drop_prob=cond_drop_prob if self.labels_used else 0.0, generator=generator)
+            return self.loss_fn(net, x0, y if self.labels_used else None, generator,
+                                cond_drop_prob if self.labels_used else 0.0)
 
     def step(self) -> torch.Tensor:
         """One optimizer step (batch, loss, backward, clip, update, EMA); returns the loss. No host read."""
@@ -525,33 +532,44 @@ def train(cfg: TrainConfig) -> str:
 
     Raises TrainingInterrupted after SIGINT/SIGTERM (the step boundary it stopped at is saved) and
     TrainingDiverged on non-finite values (the last good checkpoint is kept)."""
-    dist_ctx = Dist(cfg.device)
+    return train_in(cfg, Dist(cfg.device))
+
+
+def train_in(cfg: TrainConfig, dist_ctx: Dist, *, model=None, schedule: NoiseSchedule | None = None, loss=None,
+             keep_group: bool = False) -> str:
+    """``train`` in a given process group, optionally from given weights on a given schedule with a given loss
+    object (Trainer's arguments: how distillation runs each round on this loop). ``keep_group``: the
+    torchrun group stays up afterwards (the caller runs more, and closes it)."""
     with RunFolder(cfg.out, "--out", active=dist_ctx.main) as folder:  # held until the run ends
-        return _train(cfg, dist_ctx, folder)
+        return _train(cfg, dist_ctx, folder, dict(model=model, schedule=schedule, loss=loss), keep_group)
 
 
-def _train(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder) -> str:
-    cfg, trainer, outputs = _load(cfg, dist_ctx, folder)
+def _train(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder, given: dict, keep_group: bool) -> str:
+    cfg, trainer, outputs = _load(cfg, dist_ctx, folder, given)
+    close = (lambda: None) if keep_group else dist_ctx.close
     try:
         stopped = _loop(cfg, trainer, outputs, dist_ctx)
     except TrainingDiverged as exc:
-        dist_ctx.close()
+        close()
         raise TrainingDiverged(f"{exc}; {outputs.last_good()}") from None
     finally:
         trainer.close_data()
     outputs.close()
     if stopped:
-        dist_ctx.close()
+        close()
         name = signal.Signals(stopped).name
         raise TrainingInterrupted(stopped, f"{name} at step {trainer.step_count}: checkpoint saved to "
                                            f"{outputs.ckpt_path} (continue with --resume)")
-    return _export(cfg, trainer, outputs, dist_ctx)
+    export = _export(cfg, trainer, outputs, dist_ctx)
+    close()
+    return export
 
 
-def _load(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder) -> tuple[TrainConfig, Trainer, _RunOutputs]:
+def _load(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder,
+          given: dict) -> tuple[TrainConfig, Trainer, _RunOutputs]:
     """Check the output folder, read the state to resume, load the data, build the trainer."""
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
-    ucfg = model_preset(cfg.config)
+    ucfg = given["model"].config if given.get("model") is not None else model_preset(cfg.config)
     if cfg.hflip == "auto":  # resolved before it is compared or saved: the checkpoint says what ran
         cfg = dataclasses.replace(cfg, hflip="on" if ucfg.in_channels == 3 else "off")
     _prepare_out(cfg, dist_ctx, ckpt_path, folder)
@@ -560,7 +578,7 @@ def _load(cfg: TrainConfig, dist_ctx: Dist, folder: RunFolder) -> tuple[TrainCon
     if dist_ctx.main:
         for note in data.notes:
             print(note, file=sys.stderr)
-    trainer = Trainer(cfg, data, dist_ctx)
+    trainer = Trainer(cfg, data, dist_ctx, **given)
     if dist_ctx.main:
         for note in trainer.notes:
             print(note, file=sys.stderr)
@@ -612,5 +630,4 @@ def _export(cfg: TrainConfig, trainer: Trainer, outputs: _RunOutputs, dist_ctx: 
         save_pretrained(trainer.ema, export, schedule=trainer.schedule, dtype=getattr(torch, cfg.export_dtype))
         print(f"done: {trainer.step_count} steps; checkpoint {outputs.ckpt_path}; EMA model {export}")
     dist_ctx.barrier()
-    dist_ctx.close()
     return export
