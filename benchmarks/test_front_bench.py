@@ -22,10 +22,15 @@ confirmed on four draws (seeds 1-4, ``fd_mean``/``fd_sd``) against the default's
 is within two standard errors of the difference (or below) is the proposed default (printed, and in
 extra_info as ``pick``).
 
+Distilled students (ddpm_fast.distill) join the table as their own rows: the shipped ``digits-distilled``, and with
+DDPM_FAST_STUDENTS=DIR every round's student of that distillation run (DIR/round*/model), each with the DDIM it was
+trained for (unclipped for rms, as the CLI runs it for fd) on its own weights.
+
 DDPM_FAST_FRONT=full is the recorded run (about 10 minutes on 2 CPU cores; DDPM_FAST_FRONT_OUT=DIR also writes
 front.json, front.md and front.png there). By default (CI) a quick pass checks the harness on two solvers.
 """
 
+import glob
 import json
 import os
 import statistics
@@ -51,7 +56,7 @@ from ddpm_fast import (
     ops,
 )
 from ddpm_fast.checkpoint import load_pretrained, load_schedule
-from ddpm_fast.loading import DEFAULT_MODEL
+from ddpm_fast.loading import DEFAULT_MODEL, EMBEDDED
 from ddpm_fast.noise import initial_noise
 
 FULL = os.environ.get("DDPM_FAST_FRONT", "quick") == "full"
@@ -83,6 +88,29 @@ def _solvers(schedule):
     }
 
 
+def _students():
+    """(row name, model folder) of the distilled students on the front (see the module docstring)."""
+    found = [("digits-distilled", EMBEDDED["digits-distilled"])] if os.path.isdir(EMBEDDED["digits-distilled"]) else []
+    run = os.environ.get("DDPM_FAST_STUDENTS")
+    if run:
+        for folder in sorted(glob.glob(os.path.join(run, "round*", "model"))):
+            found.append((f"progressive ({os.path.basename(os.path.dirname(folder))})", folder))
+    return found
+
+
+def _student_configs():
+    configs = []
+    for name, folder in _students():
+        schedule = load_schedule(folder)
+        steps = schedule.student["steps"][0]
+        fast = load_pretrained(folder).eval().to_fast(ops.cpu_half_dtype())
+        configs.append(dict(solver=name, evals=steps, cache=None, model=fast,
+                            default=DDIMSampler(schedule, steps, spacing=schedule.student["spacing"]),
+                            ode=DDIMSampler(schedule, steps, spacing=schedule.student["spacing"],
+                                            clip_denoised=False)))
+    return configs
+
+
 @pytest.fixture(scope="module")
 def setup():
     load_digits = pytest.importorskip("sklearn.datasets").load_digits
@@ -104,8 +132,8 @@ def setup():
                 embed=embed)
 
 
-def _rms(s, sampler, cache):
-    out = sampler.sample(s["fast"], s["x_T"].shape, x_T=s["x_T"], class_labels=s["labels"][:N_RMS],
+def _rms(s, sampler, cache, model=None):
+    out = sampler.sample(model or s["fast"], s["x_T"].shape, x_T=s["x_T"], class_labels=s["labels"][:N_RMS],
                          progress=False, seed=0, cache_interval=cache)
     per_image = ((out.float() - s["ref"]) ** 2).flatten(1).mean(1)
     rms = float(per_image.mean().sqrt())
@@ -113,11 +141,11 @@ def _rms(s, sampler, cache):
     return rms, se
 
 
-def _draw_fd(s, sampler, cache, seed=1):
+def _draw_fd(s, sampler, cache, seed=1, model=None):
     """(fd, wall seconds) of a CLI-like N_FD-image run."""
     start = time.perf_counter()
-    x = sampler.sample(s["fast"], (N_FD, 1, 16, 16), class_labels=s["labels"][:N_FD], progress=False, seed=seed,
-                       cache_interval=cache)
+    x = sampler.sample(model or s["fast"], (N_FD, 1, 16, 16), class_labels=s["labels"][:N_FD], progress=False,
+                       seed=seed, cache_interval=cache)
     seconds = time.perf_counter() - start
     assert bool(torch.isfinite(x).all())
     return _frechet(s["embed"](_to_8x8(x)), s["real"]), seconds
@@ -163,7 +191,8 @@ def _confirm(s, configs, points, base_fd):
     by_point = {(c["solver"], c["evals"], c["cache"] or 1): c for c in configs}
     for p in sorted((p for p in points if p["match"] and p["front"]), key=lambda p: p["seconds_per_image"]):
         c = by_point[(p["solver"], p["evals"], p["cache_interval"])]
-        fds = [c["fd"]] + [_draw_fd(s, c["default"], c["cache"], seed=seed)[0] for seed in (2, 3, 4)]
+        fds = [c["fd"]] + [_draw_fd(s, c["default"], c["cache"], seed=seed, model=c.get("model"))[0]
+                           for seed in (2, 3, 4)]
         p["fd_mean"], p["fd_sd"] = round(statistics.mean(fds), 3), round(statistics.stdev(fds), 3)
         se = (statistics.variance(fds) / len(fds) + statistics.variance(base_fd) / len(base_fd)) ** 0.5
         p["confirmed"] = statistics.mean(fds) <= statistics.mean(base_fd) + 2 * se
@@ -191,18 +220,19 @@ def test_quality_vs_time_front(benchmark, setup):
                 if (name, evals, cache) not in seen:  # Heun makes odd counts only: 5 and 6 are both 5
                     seen.add((name, evals, cache))
                     configs.append(dict(solver=name, evals=evals, cache=cache, default=default, ode=ode))
+    configs += _student_configs()
     baseline = DDIMSampler(schedule, BASE_STEPS)
     costs = _cifar10_costs()
     # quality (deterministic given x_T, no timing)
     for c in configs:
-        c["rms"], c["rms_se"] = _rms(s, c["ode"], c["cache"])
+        c["rms"], c["rms_se"] = _rms(s, c["ode"], c["cache"], c.get("model"))
     base_rms, base_se = _rms(s, DDIMSampler(schedule, BASE_STEPS, clip_denoised=False), None)
     # fd and time, interleaved rounds over every config (and the baseline)
     times = {id(c): [] for c in configs}
     base_times, base_fd = [], []  # the default's fd on seeds 1, 2, 3 (and 4 for the confirmation)
     for r in range(ROUNDS):
         for c in configs:
-            fd, sec = _draw_fd(s, c["default"], c["cache"])
+            fd, sec = _draw_fd(s, c["default"], c["cache"], model=c.get("model"))
             c["fd"] = fd
             times[id(c)].append(sec)
         fd, sec = _draw_fd(s, baseline, None, seed=1 + r)

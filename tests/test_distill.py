@@ -16,7 +16,7 @@ from conftest import randomize_
 from ddpm_fast import NoiseSchedule, UNet, UNetConfig, save_pretrained
 from ddpm_fast import distill as distill_cli
 from ddpm_fast import trainer as trainer_lib
-from ddpm_fast.distill import ProgressiveLoss, round_schedule, student_schedule
+from ddpm_fast.distillation import ProgressiveLoss, round_schedule, student_schedule
 from ddpm_fast.schedule import space_timesteps
 
 T = 50

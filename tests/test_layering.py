@@ -126,8 +126,8 @@ LAYERS = (
     ("model families", ("fast", "unet", "adm", "classifier", "families")),
     ("weights in and out", ("checkpoint", "openai")),
     ("sampling, likelihood and losses", ("plan", "samplers", "solvers", "likelihood", "losses", "engine")),
-    ("library services", ("loading", "trainer")),
-    ("commands", ("cli", "sample", "train", "nll", "fid")),
+    ("library services", ("loading", "trainer", "distillation")),
+    ("commands", ("cli", "sample", "train", "nll", "fid", "distill")),
 )
 
 
