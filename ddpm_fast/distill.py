@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     except (CheckpointError, DataError, ValueError, FloatingPointError, OSError) as exc:
         print(f"ddpm_fast.distill: error: {exc}", file=sys.stderr)
         return 2
-    print(f"student ({rounds[-1]} steps): {export}")
+    if export is not None:  # rank 0
+        print(f"student ({rounds[-1]} steps): {export}")
     return 0
 
 

@@ -193,7 +193,8 @@ SHARED = ("data", "batch_size", "lr", "weight_decay", "warmup", "ema_decay", "am
 def distill(args, rounds: list[int]) -> str:
     """Run the distillation ``args`` describe (the command's flags: teacher, method, round_steps, and the
     Trainer's SHARED ones), one Trainer run per round of ``rounds``; returns the last student's folder. Raises as
-    trainer.train does (TrainingInterrupted after a signal: the round's step boundary is saved)."""
+    trainer.train does (TrainingInterrupted after a signal: the round's step boundary is saved). Other ranks of a
+    torchrun get None."""
     dist_ctx = Dist(args.device)
     record = _record(args, rounds)
     base = TrainConfig(**{name: getattr(args, name) for name in SHARED}, config=f"student of {record['teacher']}",
@@ -226,7 +227,7 @@ def distill(args, rounds: list[int]) -> str:
                          schedule=student_schedule(schedule, steps), keep_group=True)
                 if dist_ctx.main:
                     _note_round(args.out, k, steps, time.perf_counter() - started)
-            return export
+            return export if dist_ctx.main else None
     finally:
         dist_ctx.close()
 

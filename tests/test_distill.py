@@ -225,3 +225,19 @@ def test_one_line_errors_and_nothing_written(teacher_folder, data, tmp_path, cap
     assert "differs from the saved one: teacher" in err and len(err.strip().splitlines()) == 1
     assert distill_cli.main(_flags(teacher_folder, data, out, "--round-steps", "1")) == 2
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+
+
+def test_torchrun_distills_every_round_in_one_process_group(teacher_folder, data, tmp_path):
+    """Two processes (gloo): the group stays up across the rounds (each round a Trainer run on it) and the
+    students are written once, by rank 0."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "ddpm_fast.distill", *_flags(teacher_folder, data, tmp_path / "ddp", "--device", "cpu")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for folder in ("round1_2steps", "round2_1steps"):
+        assert (tmp_path / "ddp" / folder / "model" / "config.json").exists()
+    assert res.stdout.count("student (1 steps)") == 1
