@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ddpm_fast import load_pretrained, load_schedule
 from ddpm_fast import sample as sample_cli
-from ddpm_fast.loading import DEFAULT_MODEL
+from ddpm_fast.loading import DEFAULT_MODEL, EMBEDDED
 
 
 def test_embedded_model_is_small_and_loads():
@@ -21,12 +21,34 @@ def test_embedded_model_is_small_and_loads():
     assert load_schedule(DEFAULT_MODEL) is not None
 
 
+def test_the_embedded_student_is_an_ordinary_checkpoint_that_says_how_it_samples(tmp_path, capsys):
+    """digits-distilled (ddpm_fast.distill from digits): a v-prediction model whose scheduler config records its
+    DDIM steps; sample runs them without flags, by name, and refuses other step counts of its sampler."""
+    folder = EMBEDDED["digits-distilled"]
+    schedule = load_schedule(folder)
+    assert schedule.prediction_type == "v_prediction"
+    student = schedule.student
+    assert student["method"] == "progressive" and student["sampler"] == "ddim" and student["spacing"] == "trailing"
+    model = load_pretrained(folder)
+    assert model.config == load_pretrained(DEFAULT_MODEL).config  # the teacher's architecture
+    steps = student["steps"][0]
+    assert sample_cli.main(["--checkpoint", "digits-distilled", "--num-samples", "4", "--out", str(tmp_path / "s"),
+                            "--no-progress"]) == 0
+    assert f"ddim {steps} steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sample_cli.main(["--checkpoint", "digits-distilled", "--steps", str(steps + 1), "--out", str(tmp_path / "t")])
+    assert "samples only those" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sampler", [[], ["--sampler", "dpm++"], ["--sampler", "dpm++sde", "--order", "3"],
-                                     ["--sampler", "dpm++", "--fp16"], ["--sampler", "dpm++", "--bf16"]])
+                                     ["--sampler", "dpm++", "--fp16"], ["--sampler", "dpm++", "--bf16"],
+                                     ["--checkpoint", "digits-distilled"],
+                                     ["--checkpoint", "digits-distilled", "--fp16"]])
 def test_default_sampling_draws_the_asked_digits(tmp_path, sampler):
     """A classifier trained on scikit-learn's real digits must read the conditioning label back: with the
-    default DDIM 100 steps, with DPM-Solver++ in its default 20 steps (2M, and the 3rd-order SDE), and on the
-    fast path (on a CPU: --fp16 is bf16 or fp32 channels_last by the CPU, --bf16 is bf16)."""
+    default sampler, with DPM-Solver++ in its default 20 steps (2M, and the 3rd-order SDE), on the fast path (on a
+    CPU: --fp16 is bf16 or fp32 channels_last by the CPU, --bf16 is bf16), and with the distilled student's own
+    few DDIM steps."""
     load_digits = pytest.importorskip("sklearn.datasets").load_digits
     LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
 
