@@ -44,6 +44,13 @@ MAX_CLASS_COLUMNS = 32  # grid.png: one column per class up to this many classes
 # evaluations past DDIM at 100. Every other default comes from the sampler's class (samplers.SAMPLERS).
 DEFAULT_SAMPLER = "unipc"
 EMBEDDED_UNIPC_STEPS = 5
+# With no --checkpoint: the embedded distilled student (one DDIM step, ddpm_fast.distill), whose samples match the
+# teacher's UniPC-5 (benchmarks/RESULTS.md, "Distilled students"), unless the run asks for what only the teacher
+# does (these flags: another sampler or step count, openai respacing, classifier guidance, feature caching); then
+# the teacher, the embedded digits model.
+DEFAULT_CHECKPOINT = "digits-distilled"
+TEACHER_FLAGS = ("sampler", "steps", "timestep_respacing", "classifier", "cache_interval", "eta", "variance", "order",
+                 "spacing")
 # The flags only some samplers read, and the name each sampler class declares them by (Sampler.cli_options).
 SAMPLER_FLAGS = {"eta": "--eta", "variance": "--variance", "timestep_respacing": "--timestep-respacing"}
 
@@ -60,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     spacing = ", ".join(f"{s} for {'/'.join(names)}" for s, names in spacings.items())
     p.add_argument("--checkpoint", default=None,
                    help="a diffusers/ddpm_fast model folder, a pytorch_diffusion .ckpt, a ddpm_fast.train "
-                        "checkpoint.pt, or an openai .pt with --openai-flags (default: the embedded digits model)")
+                        "checkpoint.pt, or an openai .pt with --openai-flags; digits and digits-distilled name the "
+                        "embedded models (default: digits-distilled, its one-step student, unless a flag asks for a "
+                        "sampler, steps, respacing, classifier guidance or caching: then digits)")
     p.add_argument("--openai-flags", default=None, metavar="FLAGS",
                    help="the checkpoint is an openai .pt: its MODEL_FLAGS and DIFFUSION_FLAGS, as the repository's "
                         "README prints them (omitted flags take that repository's defaults)")
@@ -391,6 +400,10 @@ def main(argv=None) -> int:
         parser.error("--num-samples and --batch-size must be positive")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be positive")
+    if args.openai_flags is not None and args.checkpoint is None:
+        parser.error("--openai-flags describes an openai .pt: give it with --checkpoint")
+    if args.checkpoint is None:
+        args.checkpoint = "digits" if any(getattr(args, f) is not None for f in TEACHER_FLAGS) else DEFAULT_CHECKPOINT
     student = _student_defaults(args, parser)
     cls = SAMPLERS[args.sampler]
     if args.steps is not None and args.steps < cls.min_steps and not args.allow_few_steps and student is None:
@@ -405,8 +418,6 @@ def main(argv=None) -> int:
                                                 or args.spacing is not None):
         takers = " / ".join(n for n, c in SAMPLERS.items() if "timestep_respacing" in c.cli_options)
         parser.error(f"--timestep-respacing picks the steps of --sampler {takers}; it replaces --steps and --spacing")
-    if args.openai_flags is not None and args.checkpoint is None:
-        parser.error("--openai-flags describes an openai .pt: give it with --checkpoint")
     if args.order is not None and not cls.orders:
         takers = " / ".join(n for n, c in SAMPLERS.items() if c.orders)
         parser.error(f"--order applies to --sampler {takers} only (--sampler {args.sampler} has none)")

@@ -53,8 +53,17 @@ def test_every_compiled_solver_samples_from_the_cli(tmp_path, tiny_model, sample
 
 
 def test_default_sampler_is_the_fronts_pick(tmp_path, tiny_model, capsys):
-    """UniPC: 5 steps on the embedded model (its measured front), 10 on other checkpoints."""
-    assert _sample(["--num-samples", "2", "--out", str(tmp_path / "e")]) == 0
+    """No --checkpoint: the embedded student with its own DDIM steps, unless a flag asks for the teacher's
+    sampling; UniPC: 5 steps on the embedded teacher (its measured front), 10 on other checkpoints."""
+    from ddpm_fast.checkpoint import load_schedule
+    from ddpm_fast.loading import EMBEDDED
+
+    steps = load_schedule(EMBEDDED["digits-distilled"]).student["steps"][0]
+    assert _sample(["--num-samples", "2", "--out", str(tmp_path / "s")]) == 0
+    assert f"ddim {steps} steps" in capsys.readouterr().out
+    assert _sample(["--sampler", "ddim", "--num-samples", "2", "--out", str(tmp_path / "d")]) == 0
+    assert "ddim 100 steps" in capsys.readouterr().out  # the teacher: the student runs only its own steps
+    assert _sample(["--checkpoint", "digits", "--num-samples", "2", "--out", str(tmp_path / "e")]) == 0
     assert "unipc 5 steps" in capsys.readouterr().out
     assert _sample(["--checkpoint", tiny_model, "--num-samples", "2", "--out", str(tmp_path / "t")]) == 0
     assert "unipc 10 steps" in capsys.readouterr().out
