@@ -36,7 +36,7 @@ from ddpm_fast import ops
 from ddpm_fast.checkpoint import CONFIG_NAME, CheckpointError, load_pretrained, load_schedule
 from ddpm_fast.distributed import Dist
 from ddpm_fast.fileio import RUN_MODEL_FOLDER, RunFolder, atomic_write_json
-from ddpm_fast.loading import load_model
+from ddpm_fast.loading import load_model, model_path
 from ddpm_fast.losses import drop_labels
 from ddpm_fast.samplers import DDIMSampler
 from ddpm_fast.schedule import NoiseSchedule, space_timesteps
@@ -138,7 +138,7 @@ class ProgressiveLoss:
 
 def _record(args, rounds: list[int]) -> dict:
     """What defines the run: a resumed run must match it."""
-    return {"method": args.method, "teacher": os.path.abspath(args.teacher) if args.teacher else "digits",
+    return {"method": args.method, "teacher": os.path.abspath(model_path(args.teacher)),
             "openai_flags": args.openai_flags, "rounds": rounds, "round_steps": args.round_steps,
             "data": args.data, "seed": args.seed}
 

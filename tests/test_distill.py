@@ -241,3 +241,11 @@ def test_torchrun_distills_every_round_in_one_process_group(teacher_folder, data
     for folder in ("round1_2steps", "round2_1steps"):
         assert (tmp_path / "ddp" / folder / "model" / "config.json").exists()
     assert res.stdout.count("student (1 steps)") == 1
+
+
+def test_the_embedded_teacher_by_name_or_by_default_is_the_same_run():
+    from ddpm_fast.distillation import _record
+
+    parse = distill_cli.build_parser().parse_args
+    by_default, by_name = parse(["--data", "digits"]), parse(["--data", "digits", "--teacher", "digits"])
+    assert _record(by_default, [1]) == _record(by_name, [1])
