@@ -25,7 +25,7 @@ from ddpm_fast.cli import DefaultsHelpFormatter, add_run_args, command_exit, in_
 from ddpm_fast.engine import CLASSIFIER_NOT_CAPTURED
 from ddpm_fast.families import family_of
 from ddpm_fast.images import save_grid, save_npz
-from ddpm_fast.loading import DEFAULT_MODEL, load_classifier, load_model, model_path, student_record
+from ddpm_fast.loading import DEFAULT_MODEL, EMBEDDED, load_classifier, load_model, model_path, student_record
 from ddpm_fast.openai import REPOS
 from ddpm_fast.plan import MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, MAX_INVARIANT_CHUNK
 from ddpm_fast.samplers import INVARIANT_CHUNK, RunOptions, SamplerRequest, to_uint8
@@ -199,7 +199,9 @@ def _run(args, dist_ctx) -> str | None:
         print(note, file=sys.stderr)
     n = images.shape[0]
     kind = f"{args.sampler} ({sampler.variance})" if args.sampler == "ddpm" else args.sampler
-    print(f"{n} images, {kind} {sampler.num_steps} steps, {ran} on {dist_ctx.device} ({args.engine}), "
+    embedded = args.checkpoint in EMBEDDED and not os.path.exists(args.checkpoint)
+    source = f"{args.checkpoint} (embedded), " if embedded else ""
+    print(f"{n} images, {source}{kind} {sampler.num_steps} steps, {ran} on {dist_ctx.device} ({args.engine}), "
           f"{n * sampler.num_steps / max(elapsed, 1e-9):.0f} img-steps/s -> {grid_path}, {npz}")
     return npz
 
