@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_fast import losses as losses_lib
 from ddpm_fast import train as train_cli
 from ddpm_fast import trainer as trainer_lib
 from ddpm_fast.fileio import TEMP_PREFIX
@@ -213,7 +214,7 @@ def test_diverging_run_saves_nothing_bad(data, tmp_path, capfd):
 
 def test_divergence_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capfd):
     """The loss turns NaN at step 5: checkpoint.pt stays the step-4 state, equal to a healthy run's."""
-    real = trainer_lib.training_loss
+    real = losses_lib.training_loss  # what the Trainer's default loss object (losses.NoiseLoss) computes
     calls = []
 
     def loss_turning_nan(*a, **kw):
@@ -226,7 +227,7 @@ def test_divergence_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, 
 
     args = TRAIN + ["--data", data, "--save-every", "2", "--steps", "8"]
     assert train_cli.main(args + ["--steps", "4", "--out", str(tmp_path / "healthy")]) == 0
-    monkeypatch.setattr(trainer_lib, "training_loss", loss_turning_nan)
+    monkeypatch.setattr(losses_lib, "training_loss", loss_turning_nan)
     out = tmp_path / "run"
     assert train_cli.main(args + ["--out", str(out)]) == 2
     err = capfd.readouterr().err
