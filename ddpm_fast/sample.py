@@ -1,6 +1,7 @@
 """python -m ddpm_fast.sample: draw images from a DDPM and write a PNG grid plus an .npz.
 
-With no arguments it samples the embedded default model (digits). Output: OUT/grid.png and
+With no arguments it samples the embedded distilled student (digits-distilled, one model evaluation; a flag
+that asks for another sampler or step count runs its teacher, digits). Output: OUT/grid.png and
 OUT/samples_NxHxWxC.npz (uint8 NHWC in arr_0, labels in arr_1 for conditional models), the format
 FID tools read. Same seed, same draws: image k's randomness depends only on (--seed, k), whatever
 --batch-size, the number of processes or --engine; with --batch-invariant its bits do too.
