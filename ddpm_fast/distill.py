@@ -9,19 +9,11 @@ SIGTERM, torchrun, metrics). OUT/round<k>_<N>steps/model is round k's student, a
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 
-import torch
-
-from ddpm_fast.base import keep_freed_memory
-from ddpm_fast.checkpoint import CheckpointError
 from ddpm_fast.cli import DefaultsHelpFormatter, command_exit
-from ddpm_fast.data import DataError
 from ddpm_fast.distillation import METHODS, SHARED, distill, round_schedule
-from ddpm_fast.distributed import parse_device
-from ddpm_fast.ops import environment_problem
-from ddpm_fast.trainer import TrainConfig, TrainingInterrupted
+from ddpm_fast.train import add_config_flags, run_training
+from ddpm_fast.trainer import TrainConfig
 
 OWN_DEFAULTS = {"lr": 1e-4, "warmup": 0, "ema_decay": 0.99, "out": "runs/distill", "save_every": 500,
                 "batch_size": 64}
@@ -38,22 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=int, default=64, help="DDIM steps of the first round's teacher")
     p.add_argument("--student-steps", type=int, default=1, help="steps of the last round's student")
     p.add_argument("--round-steps", type=int, default=2000, help="optimizer steps per round")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name in SHARED:
-        f = fields[name]
-        kw = dict(f.metadata["argparse"])
-        if f.type in ("bool", bool):
-            kw["action"] = "store_true"
-        else:
-            kw.setdefault("type", {"int": int, "float": float}.get(str(f.type), str))
-            if not kw.get("required"):
-                kw["default"] = OWN_DEFAULTS.get(name, f.default)
-        if name == "resume":  # the run in --out, round by round: no path to name
-            p.add_argument("--resume", action="store_const", const="auto", default=None,
-                           help="continue the distillation in --out (the same teacher, method and rounds): finished "
-                                "rounds are kept, the current one resumes from its checkpoint")
-            continue
-        p.add_argument(TrainConfig.flag(name), help=f.metadata["help"], **kw)
+    add_config_flags(p, [name for name in SHARED if name != "resume"], OWN_DEFAULTS)
+    # the run in --out, round by round: no path to name
+    p.add_argument("--resume", action="store_const", const="auto", default=None,
+                   help="continue the distillation in --out (the same teacher, method and rounds): finished rounds "
+                        "are kept, the current one resumes from its checkpoint")
     return p
 
 
@@ -69,30 +50,9 @@ def main(argv=None) -> int:
     if args.openai_flags is not None and args.teacher is None:
         parser.error("--openai-flags describes an openai .pt: give it with --teacher")
     cfg = TrainConfig(**{name: getattr(args, name) for name in SHARED}, steps=args.round_steps)
-    errors = cfg.errors()
-    if errors:
-        parser.error("; ".join(errors))
-    problem = environment_problem(parse_device(args.device) or torch.device("cuda" if torch.cuda.is_available()
-                                                                             else "cpu"))
-    if problem:
-        print(f"ddpm_fast.distill: error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        keep_freed_memory()
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        export = distill(args, rounds)
-    except TrainingInterrupted as exc:
-        print(f"ddpm_fast.distill: {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("ddpm_fast.distill: aborted; files already written are intact (the last checkpoint, if any)",
-              file=sys.stderr)
-        return 130
-    except (CheckpointError, DataError, ValueError, FloatingPointError, OSError) as exc:
-        print(f"ddpm_fast.distill: error: {exc}", file=sys.stderr)
-        return 2
+    code, export = run_training("ddpm_fast.distill", parser, cfg, lambda: distill(args, rounds))
+    if code:
+        return code
     if export is not None:  # rank 0
         print(f"student ({rounds[-1]} steps): {export}")
     return 0

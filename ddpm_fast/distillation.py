@@ -23,6 +23,7 @@ round k (its checkpoint.pt and, once done, model/).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -215,7 +216,7 @@ def distill(args, rounds: list[int]) -> str:
                 if os.path.isfile(os.path.join(export, CONFIG_NAME)) and args.resume is not None:
                     continue  # a finished round
                 teacher, schedule = _load_teacher(args, k, rounds, dist_ctx.device)
-                student, _ = _load_teacher(args, k, rounds, dist_ctx.device)  # starts from the teacher's weights
+                student = copy.deepcopy(teacher)  # starts from the teacher's weights
                 resume = "auto" if os.path.isfile(os.path.join(folder, "checkpoint.pt")) and args.resume else None
                 cfg = dataclasses.replace(base, out=folder, resume=resume, overwrite=args.overwrite)
                 started = time.perf_counter()
